@@ -1,0 +1,45 @@
+# onnx-pipeline: one command to set up and run, one to test.
+# The virtual environment is created once; a stamp file makes a second `make` install nothing
+# until pyproject.toml changes.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+RECIPE   ?= configs/digits-cnn.yaml
+MODEL    ?= models:/digits-cnn@champion
+HOST     ?= 127.0.0.1
+PORT     ?= 8000
+UI_PORT  ?= 5000
+STORE    ?= sqlite:///mlruns/mlflow.db
+
+.PHONY: all install run test ui serve clean help
+
+all: $(STAMP)  ## set up, then run every stage with the default recipe
+	$(BIN)/pipeline run --recipe $(RECIPE)
+
+install: $(STAMP)  ## create .venv and install the project (idempotent)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || { echo "Creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "Installing onnx-pipeline into $(VENV) (the first time takes a few minutes)"
+	$(BIN)/python -m pip install -qq -e '.[test]'
+	@touch $@
+
+run: all
+
+test: $(STAMP)  ## run the test suite (temporary MLflow stores; never touches mlruns/)
+	$(BIN)/python -m pytest
+
+ui: $(STAMP)  ## browse runs and the model registry
+	@echo "MLflow UI: http://$(HOST):$(UI_PORT)  (store: $(STORE))"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow ui --backend-store-uri $(STORE) --host $(HOST) --port $(UI_PORT)
+
+serve: $(STAMP)  ## serve the champion over the KServe v2 protocol
+	$(BIN)/pipeline serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+clean:  ## remove run directories (keeps mlruns/ and .venv)
+	rm -rf runs
+
+help:
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/'

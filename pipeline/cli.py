@@ -1,0 +1,202 @@
+"""The `pipeline` command: one thin command per stage, `run` for all of them, and `serve`.
+
+Heavy libraries (torch, onnxruntime, mlflow) are imported inside the commands so `--help` is instant.
+User errors (a bad recipe, a missing input) print one line and exit non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="From a PyTorch model to a fast, quantized, served ONNX model, every step in MLflow.")
+log = logging.getLogger("pipeline")
+
+DEFAULT_RECIPE = Path("configs/digits-cnn.yaml")
+RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
+                                                     help="Override a recipe value, e.g. --set train.epochs=3 (repeatable).")]
+WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Run directory [default: runs/<recipe name>].")]
+NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="Do not record anything in MLflow.")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Turn errors a user can fix into one line and an exit code: 2 for the recipe, 1 otherwise."""
+    from pipeline.config import ConfigError
+    from stages.common import StageError
+
+    try:
+        yield
+    except ConfigError as e:
+        raise _fail(str(e), 2) from None
+    except StageError as e:
+        raise _fail(str(e), 1) from None
+
+
+def _load(recipe: Path, overrides: Optional[list[str]]):
+    from pipeline.config import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+def _rundir(workdir: Optional[Path]):
+    from pipeline.rundir import RunDir
+
+    return RunDir(workdir) if workdir else None
+
+
+def _print_outcomes(outcomes) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="onnx-pipeline")
+    for col in ("stage", "status", "seconds", "key metric"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for o in outcomes:
+        color = {"done": "green", "failed": "red"}.get(o.status, "yellow")
+        table.add_row(o.stage, f"[{color}]{o.status}[/{color}]", f"{o.seconds:.1f}", o.summary)
+    Console().print(table)
+
+
+def _stage_command(stage: str, recipe: Path, overrides, workdir, no_track: bool, device: str | None = None) -> None:
+    _setup_logging()
+    with _user_errors():
+        from pipeline.orchestrate import run_stage
+
+        outcome = run_stage(stage, _load(recipe, overrides), _rundir(workdir), track=not no_track, device=device)
+    _print_outcomes([outcome])
+
+
+@app.command()
+def prepare(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False):
+    """Split the bundled dataset (seeded, stratified) into data.npz + dataset.json."""
+    _stage_command("prepare", recipe, set_, workdir, no_track)
+
+
+@app.command()
+def train(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False,
+          device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda [default: the recipe's train.device].")] = None):
+    """Train the recipe's model; keep the best-on-validation checkpoint."""
+    if device not in (None, "auto", "cpu", "cuda"):
+        raise _fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
+    _stage_command("train", recipe, set_, workdir, no_track, device)
+
+
+@app.command()
+def evaluate(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False):
+    """Test accuracy, per-class precision/recall/F1 and a confusion matrix of the trained model."""
+    _stage_command("evaluate", recipe, set_, workdir, no_track)
+
+
+@app.command()
+def export(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False):
+    """Export the checkpoint to one self-describing ONNX file, verified against PyTorch."""
+    _stage_command("export", recipe, set_, workdir, no_track)
+
+
+@app.command()
+def quantize(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False):
+    """Make the quantized variants and evaluate each against the accuracy budget."""
+    _stage_command("quantize", recipe, set_, workdir, no_track)
+
+
+@app.command()
+def benchmark(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False):
+    """Time PyTorch eager and every ONNX variant per execution provider and batch size."""
+    _stage_command("benchmark", recipe, set_, workdir, no_track)
+
+
+@app.command()
+def register(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None):
+    """Register the fastest variant within budget in MLflow (alias candidate; champion if it passes the gate)."""
+    _stage_command("register", recipe, set_, workdir, False)
+
+
+@app.command()
+def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False,
+        device: Annotated[Optional[str], typer.Option(help="Training device: auto, cpu or cuda.")] = None):
+    """Run every stage in order: prepare, train, evaluate, export, quantize, benchmark, register."""
+    _setup_logging()
+    if device not in (None, "auto", "cpu", "cuda"):
+        raise _fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
+    with _user_errors():
+        from pipeline.orchestrate import PipelineFailed, run_pipeline
+
+        cfg = _load(recipe, set_)
+        try:
+            outcomes = run_pipeline(cfg, _rundir(workdir), track=not no_track, device=device)
+        except PipelineFailed as failed:
+            _print_outcomes(failed.outcomes)
+            from stages.common import StageError
+
+            if isinstance(failed.error, StageError):
+                raise _fail(f"stage {failed.outcomes[-1].stage} failed: {failed.error}") from None
+            raise failed.error
+    _print_outcomes(outcomes)
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A .onnx path or models:/NAME@ALIAS "
+                                                 "[default: models:/<recipe name>@champion].")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the v2 API [default: registered name or file stem].")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address [default: the recipe's serve.host, 127.0.0.1].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port [default: the recipe's serve.port, 8000].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None,
+):
+    """Serve a model over the KServe v2 / Open Inference Protocol with ONNX Runtime."""
+    _setup_logging()
+    overrides = list(set_ or [])
+    overrides += [f"serve.{k}={v}" for k, v in (("host", host), ("port", port), ("device", device)) if v is not None]
+    with _user_errors():
+        cfg = _load(recipe, overrides)
+    uri = model or f"models:/{cfg.register.model_name or cfg.name}@champion"
+    from pipeline import tracking
+    from stages import serve as serve_stage
+
+    lineage: dict[str, str] = {}
+    try:
+        if uri.startswith("models:/"):
+            fetched = tracking.fetch_registered_onnx(uri)
+            path, served_name, version = fetched.path, name or fetched.name, fetched.version
+            lineage = {"model_uri": uri, "registered_name": fetched.name, "registered_version": fetched.version,
+                       "run_id": fetched.run_id or "", **fetched.tags}
+        else:
+            path, served_name, version = Path(uri), name or Path(uri).stem.split(".")[0], "1"
+            if not path.is_file():
+                raise ValueError(f"model file {uri!r} not found; pass a .onnx path or models:/NAME@ALIAS")
+            lineage = {"model_path": str(path.resolve())}
+        runtime = serve_stage.load_model(path, served_name, version, device=cfg.serve.device,
+                                         intra_op_threads=cfg.serve.intra_op_threads, lineage=lineage)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    log.info("serving %s version %s from %s on %s", served_name, version, uri, runtime.predictor.providers)
+    serve_stage.serve([runtime], cfg.serve)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Recipes: a YAML file validated into a tree of frozen, typed stage configs.
+
+Each stage owns its ``Config`` (beside the code that uses it); a recipe is the tree of them plus the
+model family's config. ``--set a.b=c`` overrides are applied to the YAML before validation, so they
+are checked exactly like the file. Every problem is a ``ConfigError`` whose message names the key and
+the fix; unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+import models
+from stages import benchmark, evaluate, export, prepare, quantize, register, train
+from stages.serve import runtime as serve_runtime
+
+
+class ConfigError(ValueError):
+    """A recipe problem a user can fix; the message says what and how."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    family: str
+    config: Any  # the family's own frozen Config
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelSection
+    prepare: prepare.Config = field(default_factory=prepare.Config)
+    train: train.Config = field(default_factory=train.Config)
+    evaluate: evaluate.Config = field(default_factory=evaluate.Config)
+    export: export.Config = field(default_factory=export.Config)
+    quantize: quantize.Config = field(default_factory=quantize.Config)
+    benchmark: benchmark.Config = field(default_factory=benchmark.Config)
+    register: register.Config = field(default_factory=register.Config)
+    serve: serve_runtime.Config = field(default_factory=serve_runtime.Config)
+
+    def to_dict(self) -> dict:
+        """Plain, YAML-able form (the model section flattened back to ``family`` + its keys)."""
+        out = {"name": self.name, "model": {"family": self.model.family, **_plain(self.model.config)}}
+        for f in dataclasses.fields(self):
+            if f.name not in ("name", "model"):
+                out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    def section(self, stage: str) -> dict:
+        """The plain dict of one stage's config (what a stage's parameters and fingerprint are)."""
+        if stage == "model":
+            return self.to_dict()["model"]
+        return _plain(getattr(self, stage))
+
+
+STAGE_SECTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "model")]
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+# ---------------------------------------------------------------- loading
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe file, apply ``key.path=value`` overrides, validate. Raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} not found; pass --recipe with a path such as configs/digits-cnn.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    for item in overrides:
+        apply_override(data, item)
+    return recipe_from_dict(data)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (so 3, 0.1, [1, 2], true)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: `{'.'.join(parts[:i + 1])}` is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    data = dict(data)
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    _reject_unknown(data, known, "")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"`name` must be a short identifier such as digits-cnn, got {name!r}")
+    model_data = data.get("model")
+    if not isinstance(model_data, dict) or "family" not in model_data:
+        raise ConfigError(f"`model.family` is required; choose one of {sorted(models.FAMILIES)}")
+    model_data = dict(model_data)
+    fam_name = model_data.pop("family")
+    if fam_name not in models.FAMILIES:
+        raise ConfigError(f"`model.family` must be one of {sorted(models.FAMILIES)}, got {fam_name!r}")
+    model_cfg = build_config(models.FAMILIES[fam_name].config_class, model_data, "model")
+    kwargs: dict[str, Any] = {"name": name, "model": ModelSection(fam_name, model_cfg)}
+    hints = typing.get_type_hints(Recipe)
+    for section in STAGE_SECTIONS:
+        if section in data:
+            kwargs[section] = build_config(hints[section], data[section] or {}, section)
+    return Recipe(**kwargs)
+
+
+def _reject_unknown(data: dict, known: set[str], path: str) -> None:
+    for key in data:
+        if key not in known:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"unknown key `{where}`; valid keys{' in `' + path + '`' if path else ''}: {', '.join(sorted(known))}")
+
+
+def build_config(cls: type, data: Any, path: str) -> Any:
+    """Build the frozen dataclass ``cls`` from a mapping, converting and checking every field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"`{path}` must be a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    _reject_unknown(data, set(fields), path)
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _convert(hints[k], v, f"{path}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        msg = str(e)
+        # Configs phrase checks as "`field` must ..."; prefix the section so the message names the full key.
+        raise ConfigError(msg.replace("`", f"`{path}.", 1) if msg.startswith("`") else f"`{path}`: {msg}") from None
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"`{path}` must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (tuple, list):
+        args = get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # `--set benchmark.batch_sizes=1` means [1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"`{path}` must be a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return build_config(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"`{path}` must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"`{path}` must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"`{path}` must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"`{path}` must be a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"`{path}` must be one of {', '.join(m.value for m in tp)}; got {value!r}") from None
+    return value

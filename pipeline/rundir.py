@@ -1,0 +1,90 @@
+"""The run directory: the one place artifact file names are defined.
+
+Stages hand work to each other through these named files (the contract), never by importing each
+other. ``RunDir`` is a plain value the pipeline passes to every stage; stages import nothing from
+``pipeline`` and receive it typed by duck (attributes below).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # prepare
+    @property
+    def data(self) -> Path:
+        return self.root / "data.npz"
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "dataset.json"
+
+    # train
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def checkpoint_json(self) -> Path:
+        return self.root / "checkpoint.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.json"
+
+    # evaluate
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def confusion_matrix(self) -> Path:
+        return self.root / "confusion_matrix.png"
+
+    # export
+    @property
+    def onnx(self) -> Path:
+        return self.variant("fp32")
+
+    @property
+    def export_report(self) -> Path:
+        return self.root / "export.json"
+
+    # quantize
+    def variant(self, name: str) -> Path:
+        """ONNX file of a named variant: fp32 is model.onnx, others model.<name>.onnx."""
+        return self.root / ("model.onnx" if name == "fp32" else f"model.{name}.onnx")
+
+    @property
+    def variants(self) -> Path:
+        return self.root / "variants.json"
+
+    # benchmark
+    @property
+    def benchmark_json(self) -> Path:
+        return self.root / "benchmark.json"
+
+    @property
+    def benchmark_md(self) -> Path:
+        return self.root / "benchmark.md"
+
+    # register
+    @property
+    def registration(self) -> Path:
+        return self.root / "registration.json"
+
+    def result(self, stage: str) -> Path:
+        """Each stage's Result as JSON, so a later stage run (or command) can read it back."""
+        return self.root / "results" / f"{stage}.json"
+
+    def ensure(self) -> "RunDir":
+        (self.root / "results").mkdir(parents=True, exist_ok=True)
+        return self

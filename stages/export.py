@@ -1,0 +1,228 @@
+"""export: the trained PyTorch model -> one self-contained ONNX file, verified against PyTorch.
+
+The ``torch.export``-based exporter is tried first and the legacy TorchScript exporter second; a
+candidate file is accepted only when ONNX Runtime reproduces PyTorch's outputs on real test inputs
+at every checked batch size (names, then shapes, then values within tolerance). All mismatches are
+reported at once, each with its max absolute difference; if no exporter passes, the stage fails and
+no model.onnx is written. The file carries its labels, input layout, preprocessing and lineage in
+``metadata_props`` so an app can use it without this project.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+import models
+from stages import checkpoint, dataset
+from stages.common import PRODUCT_VERSION, StageError, atomic_path, git_state, sha256_file, write_json
+from stages.predictors import OrtPredictor
+
+if TYPE_CHECKING:
+    from pipeline.rundir import RunDir
+    from pipeline.tracking import Tracker
+
+log = logging.getLogger(__name__)
+EXPORTERS = ("dynamo", "legacy")
+
+
+@dataclass(frozen=True)
+class Config:
+    opset: int = 18
+    exporter: Literal["auto", "dynamo", "legacy"] = "auto"  # auto: dynamo, then legacy if it fails
+    check_batch_sizes: tuple[int, ...] = (1, 2, 37)
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not 13 <= self.opset <= 23:
+            raise ValueError(f"`opset` must be between 13 and 23, got {self.opset}")
+        if not self.check_batch_sizes or min(self.check_batch_sizes) < 1:
+            raise ValueError(f"`check_batch_sizes` must be positive ints, got {list(self.check_batch_sizes)}")
+        if self.atol < 0 or self.rtol < 0:
+            raise ValueError(f"`atol` and `rtol` must be >= 0, got {self.atol}, {self.rtol}")
+
+
+@dataclass(frozen=True)
+class Result:
+    exporter: str
+    max_abs_diff: float
+    size_bytes: int
+    sha256: str
+    attempts: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"{self.exporter} exporter, max |diff| {self.max_abs_diff:.1e}, {self.size_bytes / 1024:.0f} KiB"
+
+
+class ValidationError(StageError):
+    pass
+
+
+def export_onnx(model, example, path: Path, spec: "models.ExportSpec", opset: int, exporter: str) -> None:
+    """Write ``model`` to ``path`` as ONNX with a dynamic batch axis, weights inside the file."""
+    import torch
+
+    outputs = list(spec.output_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice, tracer warnings
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=1 << 20)
+            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
+                              input_names=[spec.input_name], output_names=outputs, opset_version=opset,
+                              dynamic_shapes=({0: batch},) if spec.dynamic_batch else None, verbose=False)
+        else:
+            axes = {name: {0: "batch"} for name in [spec.input_name, *outputs]} if spec.dynamic_batch else None
+            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[spec.input_name],
+                              output_names=outputs, opset_version=opset, dynamic_axes=axes, do_constant_folding=True)
+
+
+def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], atol: float, rtol: float,
+                    where: str) -> tuple[list[str], float]:
+    """Names, then shapes, then values. Returns (every mismatch as a sentence, max abs diff seen)."""
+    problems, worst = [], 0.0
+    missing = [n for n in expected if n not in actual]
+    extra = [n for n in actual if n not in expected]
+    if missing or extra:
+        problems.append(f"{where}: output names differ: missing {missing}, unexpected {extra}")
+    for name in expected:
+        if name not in actual:
+            continue
+        e, a = expected[name], actual[name]
+        if e.shape != a.shape:
+            problems.append(f"{where}: output '{name}' has shape {list(a.shape)}, PyTorch gives {list(e.shape)}")
+            continue
+        diff = float(np.max(np.abs(e.astype(np.float64) - a.astype(np.float64)))) if e.size else 0.0
+        worst = max(worst, diff)
+        if not np.allclose(a, e, atol=atol, rtol=rtol):
+            problems.append(f"{where}: output '{name}' max |diff| {diff:.3e} exceeds atol {atol:g} + rtol {rtol:g}")
+    return problems, worst
+
+
+def validate(onnx_path: Path, model, x: np.ndarray, spec: "models.ExportSpec", config: Config) -> tuple[list[str], dict]:
+    """Compare ONNX Runtime (CPU) with PyTorch on real inputs at each checked batch size."""
+    import torch
+
+    session = OrtPredictor(onnx_path, device="cpu")
+    problems, report = [], {}
+    for bs in config.check_batch_sizes:
+        xb = np.resize(x, (bs, *x.shape[1:])).astype(np.float32)  # real samples, repeated if the split is short
+        with torch.inference_mode():
+            out = model(torch.from_numpy(xb))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        expected = {name: t.numpy() for name, t in zip(spec.output_names, out)}
+        try:
+            actual = session.run({spec.input_name: xb})
+        except Exception as e:  # e.g. a batch axis that was baked in as a constant
+            problems.append(f"batch {bs}: ONNX Runtime failed: {str(e).splitlines()[0][:300]}")
+            continue
+        found, worst = compare_outputs(expected, actual, config.atol, config.rtol, f"batch {bs}")
+        problems += found
+        report[str(bs)] = {"max_abs_diff": worst, "ok": not found}
+    return problems, report
+
+
+def metadata(meta: dict, spec: "models.ExportSpec", exporter: str, opset: int, test_metrics: dict | None) -> dict[str, str]:
+    """What an app needs to use the file alone, as ONNX metadata_props (string values, JSON where structured)."""
+    norm = meta["normalization"]
+    shape = [-1 if spec.dynamic_batch else 1, *meta["model"]["input_shape"]]
+    props = {
+        "onnx_pipeline.version": PRODUCT_VERSION,
+        "model.family": meta["model"]["family"],
+        "labels": json.dumps(meta["label_names"]),
+        "num_classes": str(len(meta["label_names"])),
+        "input.name": spec.input_name,
+        "input.dtype": "float32",
+        "input.shape": json.dumps(shape),
+        "input.layout": meta["input_layout"],
+        "preprocessing": json.dumps({
+            "steps": ["cast to float32", f"x = (x - {norm['mean']:.6f}) / {norm['std']:.6f}"],
+            "mean": norm["mean"], "std": norm["std"], "applied_in_graph": False,
+            "raw_input": "pixel intensities 0..16 (8x8 digits)" if meta["dataset_source"].endswith("load_digits") else "raw features",
+        }),
+        "output.names": json.dumps(list(spec.output_names)),
+        "output.meaning": "logits over labels (unnormalized); argmax is the class index into `labels`, softmax gives probabilities",
+        "lineage.training_run_id": str(meta.get("run_id") or ""),
+        "lineage.dataset_sha256": meta["dataset_sha256"],
+        "lineage.dataset_source": meta["dataset_source"],
+        "lineage.recipe": str(meta.get("recipe", {}).get("name", "")),
+        "lineage.checkpoint_epoch": str(meta["epoch"]),
+        "lineage.git_commit": git_state()["git.commit"],
+        "export.exporter": exporter,
+        "export.opset": str(opset),
+    }
+    if test_metrics:
+        props["metrics.test_accuracy"] = f"{test_metrics['accuracy']:.6f}"
+    return props
+
+
+def stamp(onnx_path: Path, props: dict[str, str], doc: str) -> None:
+    """Add metadata_props and a doc string in place, then check the model fully."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in props.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            model.metadata_props.add(key=k, value=v)
+    model.doc_string = doc
+    model.producer_name = "onnx-pipeline"
+    model.producer_version = PRODUCT_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(onnx_path))
+
+
+def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
+    tracker.log_params(config.__dict__)
+    model, meta = checkpoint.load(rundir.checkpoint)
+    spec = models.family(meta["model"]["family"]).export
+    x_test, _ = dataset.load(rundir.data, rundir.dataset).split("test")
+    test_metrics = json.loads(rundir.metrics.read_text()) if rundir.metrics.is_file() else None
+
+    order = EXPORTERS if config.exporter == "auto" else (config.exporter,)
+    attempts: list[dict] = []
+    with atomic_path(rundir.onnx) as tmp:
+        for exporter in order:
+            try:
+                export_onnx(model, torch_example(x_test), tmp, spec, config.opset, exporter)
+                problems, report = validate(tmp, model, x_test, spec, config)
+            except Exception as e:
+                problems, report = [f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"], {}
+            attempts.append({"exporter": exporter, "ok": not problems, "problems": problems, "batches": report})
+            if not problems:
+                break
+            log.warning("%s exporter rejected: %s", exporter, "; ".join(problems))
+        else:
+            raise ValidationError("ONNX export does not reproduce PyTorch; no model.onnx was written:\n  "
+                                  + "\n  ".join(f"[{a['exporter']}] {p}" for a in attempts for p in a["problems"]))
+        if any(p.name.endswith(".data") for p in tmp.parent.glob(tmp.name + "*")):
+            raise StageError("the exporter wrote external weight data; expected a single self-contained file")
+        stamp(tmp, metadata(meta, spec, exporter, config.opset, test_metrics),
+              f"{meta['model']['family']} classifier exported by onnx-pipeline; see metadata_props")
+    accepted = attempts[-1]
+    result = Result(exporter=accepted["exporter"], max_abs_diff=max(b["max_abs_diff"] for b in accepted["batches"].values()),
+                    size_bytes=rundir.onnx.stat().st_size, sha256=sha256_file(rundir.onnx), attempts=attempts)
+    write_json(rundir.export_report, {"exporter": result.exporter, "opset": config.opset, "atol": config.atol,
+                                      "rtol": config.rtol, "max_abs_diff": result.max_abs_diff,
+                                      "size_bytes": result.size_bytes, "sha256": result.sha256, "attempts": attempts})
+    log.info("exported %s with the %s exporter (max |diff| %.2e)", rundir.onnx, result.exporter, result.max_abs_diff)
+    tracker.set_tags({"export.exporter": result.exporter, "onnx.sha256": result.sha256})
+    tracker.log_metrics({"max_abs_diff": result.max_abs_diff, "onnx_size_bytes": result.size_bytes})
+    tracker.log_artifact(rundir.onnx)
+    tracker.log_artifact(rundir.export_report)
+    return result
+
+
+def torch_example(x: np.ndarray):
+    import torch
+
+    # Batch 2: torch.export specializes sizes 0 and 1, so a batch of 1 would pin the axis.
+    return torch.from_numpy(np.resize(x, (2, *x.shape[1:])).astype(np.float32))

@@ -1,0 +1,226 @@
+"""Each stage on tiny data (NullTracker, temporary run directories): what it writes and what it refuses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline.rundir import RunDir
+from pipeline.tracking import NullTracker
+from stages import benchmark, checkpoint, dataset, export, prepare, quantize, register, train
+from stages.common import StageError
+from stages.predictors import OrtPredictor, TorchPredictor
+
+
+# ---------------------------------------------------------------- prepare
+
+def test_prepare_writes_a_stratified_seeded_split(prepared):
+    info = json.loads(prepared.dataset.read_text())
+    assert info["source"] == "sklearn.datasets.load_digits"
+    assert sum(info["splits"].values()) == 1797
+    assert info["input_shape"] == [1, 8, 8] and info["input_layout"] == "NCHW"
+    assert info["label_names"] == [str(i) for i in range(10)]
+    data = dataset.load(prepared.data, prepared.dataset)
+    x_train, y_train = data.split("train", normalized=False)
+    # normalization statistics come from the training split alone
+    assert info["normalization"]["mean"] == pytest.approx(float(x_train.mean()), rel=1e-6)
+    assert info["normalization"]["std"] == pytest.approx(float(x_train.std()), rel=1e-6)
+    # stratified: every split holds every class in about the overall proportion
+    for split in ("train", "val", "test"):
+        counts = np.asarray(info["class_counts"][split])
+        assert counts.min() > 0 and counts.max() / counts.min() < 1.3
+
+
+def test_prepare_is_deterministic_and_the_hash_tracks_content(tmp_path):
+    a, b, c = (RunDir(tmp_path / n).ensure() for n in "abc")
+    ra = prepare.run(prepare.Config(seed=0), a, NullTracker())
+    rb = prepare.run(prepare.Config(seed=0), b, NullTracker())
+    rc = prepare.run(prepare.Config(seed=1), c, NullTracker())
+    assert ra.sha256 == rb.sha256 != rc.sha256
+
+
+def test_corrupt_data_file_is_one_clear_error(prepared, copy_of):
+    rd = copy_of(prepared)
+    rd.data.write_bytes(b"not a zip")
+    with pytest.raises(StageError, match="corrupt.*pipeline prepare"):
+        dataset.load(rd.data, rd.dataset)
+
+
+# ---------------------------------------------------------------- train
+
+def test_checkpoint_rebuilds_the_model_without_the_recipe(trained):
+    raw = torch.load(trained.checkpoint, map_location="cpu", weights_only=True)  # no pickled code needed
+    assert raw["model"]["family"] == "cnn" and raw["label_names"][0] == "0"
+    model, meta = checkpoint.load(trained.checkpoint)
+    x, _ = dataset.load(trained.data, trained.dataset).split("val")
+    acc = (TorchPredictor(model).predict(x).argmax(1) == dataset.load(trained.data, trained.dataset).split("val")[1]).mean()
+    assert acc == pytest.approx(meta["val_accuracy"], abs=1e-6)
+    assert json.loads(trained.checkpoint_json.read_text())["epoch"] == meta["epoch"]
+
+
+def test_training_is_seeded(tiny_recipe, prepared, copy_of):
+    rd = copy_of(prepared)
+    kwargs = dict(family="cnn", model_config=tiny_recipe.model.config)
+    cfg = tiny_recipe.train.__class__(**{**tiny_recipe.train.__dict__, "epochs": 2})
+    first = train.run(cfg, rd, NullTracker(), **kwargs)
+    history = json.loads(rd.history.read_text())
+    second = train.run(cfg, rd, NullTracker(), **kwargs)
+    assert json.loads(rd.history.read_text()) == history
+    assert (first.val_accuracy, first.val_loss) == (second.val_accuracy, second.val_loss)
+
+
+def test_training_learns(trained):
+    history = json.loads(trained.history.read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert max(h["val_accuracy"] for h in history) > 0.8
+
+
+def test_corrupt_checkpoint_is_one_clear_error(trained, copy_of):
+    rd = copy_of(trained)
+    rd.checkpoint.write_bytes(b"garbage")
+    with pytest.raises(StageError, match="corrupt or not a checkpoint"):
+        checkpoint.load(rd.checkpoint)
+
+
+# ---------------------------------------------------------------- evaluate
+
+def test_evaluate_writes_metrics_and_a_confusion_matrix(evaluated):
+    m = json.loads(evaluated.metrics.read_text())
+    assert 0.8 < m["accuracy"] <= 1.0
+    assert set(m["per_class"]) == {str(i) for i in range(10)}
+    assert sum(map(sum, m["confusion_matrix"])) == m["samples"]
+    assert evaluated.confusion_matrix.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- export
+
+def test_export_is_one_checked_self_describing_file_with_a_dynamic_batch(exported):
+    assert not list(exported.root.glob("*.data")), "weights must live inside model.onnx"
+    model = onnx.load(str(exported.onnx))
+    onnx.checker.check_model(model, full_check=True)
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value, "batch axis must be symbolic"
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["labels"]) == [str(i) for i in range(10)]
+    assert props["input.layout"] == "NCHW" and json.loads(props["input.shape"]) == [-1, 1, 8, 8]
+    assert "mean" in json.loads(props["preprocessing"])
+    assert "lineage.training_run_id" in props and props["export.opset"] == "18"
+    assert any(o.domain in ("", "ai.onnx") and o.version == 18 for o in model.opset_import)
+    report = json.loads(exported.export_report.read_text())
+    assert report["attempts"][-1]["ok"] and set(report["attempts"][-1]["batches"]) == {"1", "2", "37"}
+
+
+def test_exported_model_matches_torch_at_odd_batch(exported):
+    model, _ = checkpoint.load(exported.checkpoint)
+    x, _ = dataset.load(exported.data, exported.dataset).split("test")
+    x = x[:37]
+    np.testing.assert_allclose(OrtPredictor(exported.onnx).predict(x), TorchPredictor(model).predict(x), atol=1e-4)
+
+
+def test_compare_outputs_reports_every_mismatch_at_once():
+    a = {"logits": np.zeros((2, 3), np.float32), "probs": np.zeros((2, 3), np.float32), "gone": np.zeros(1)}
+    b = {"logits": np.full((2, 3), 0.5, np.float32), "probs": np.zeros((3, 3), np.float32)}
+    problems, worst = export.compare_outputs(a, b, atol=1e-4, rtol=1e-3, where="batch 2")
+    text = "\n".join(problems)
+    assert len(problems) == 3
+    assert "missing ['gone']" in text
+    assert "'probs' has shape [3, 3], PyTorch gives [2, 3]" in text
+    assert "'logits' max |diff| 5.000e-01" in text and worst == 0.5
+
+
+def test_failed_validation_raises_names_the_output_and_keeps_the_previous_file(exported, copy_of, tiny_recipe):
+    rd = copy_of(exported)
+    before = rd.onnx.read_bytes()
+    # Tolerance zero: ONNX Runtime's float arithmetic differs from PyTorch's in the last bits.
+    strict = export.Config(atol=0.0, rtol=0.0, exporter="legacy")
+    with pytest.raises(export.ValidationError, match=r"\[legacy\] batch \d+: output 'logits' max \|diff\|"):
+        export.run(strict, rd, NullTracker())
+    assert rd.onnx.read_bytes() == before, "a failed export must not replace the last good model"
+    assert not [p for p in rd.root.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- quantize
+
+def test_quantize_makes_and_evaluates_every_variant(quantized):
+    report = json.loads(quantized.variants.read_text())
+    variants = report["variants"]
+    assert set(variants) == {"fp32", "int8-static", "int8-dynamic"}
+    for name, v in variants.items():
+        assert v["ok"], v
+        assert quantized.variant(name).is_file()
+        assert v["delta_points"] == pytest.approx((v["accuracy"] - report["fp32_accuracy"]) * 100)
+        if name != "fp32":
+            assert v["size_bytes"] < variants["fp32"]["size_bytes"]
+    # static INT8 is QDQ: the graph holds QuantizeLinear/DequantizeLinear pairs
+    ops = {n.op_type for n in onnx.load(str(quantized.variant("int8-static"))).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # the budget flag follows the recipe's budget (the tiny model is under-trained, so either outcome is real)
+    for v in variants.values():
+        assert v["within_budget"] == (-v["delta_points"] <= report["accuracy_budget_points"] + 1e-9)
+
+
+# ---------------------------------------------------------------- benchmark
+
+def test_benchmark_covers_torch_and_every_variant_with_the_provider_used(benchmarked):
+    data = json.loads(benchmarked.benchmark_json.read_text())
+    rows = data["rows"]
+    seen = {(r["variant"], r["batch_size"]) for r in rows}
+    for v in ("torch", "fp32", "int8-static", "int8-dynamic"):
+        assert {(v, 1), (v, 8)} <= seen
+    for r in rows:
+        assert r["median_ms"] > 0 and r["p99_ms"] >= r["median_ms"] * 0.999 and r["samples_per_s"] > 0
+        assert r["runs"] >= 5
+        assert r["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider", "torch-cpu", "torch-cuda")
+    assert data["environment"]["git.commit"] and data["environment"]["onnxruntime-gpu" if "onnxruntime-gpu" in data["environment"] else "onnxruntime"]
+    md = benchmarked.benchmark_md.read_text()
+    assert "| variant | engine | provider |" in md and "int8-static" in md
+
+
+# ---------------------------------------------------------------- register (the choice; registration is end to end)
+
+def _rows(**ms):
+    return [{"variant": v, "engine": "onnxruntime", "provider": "CPUExecutionProvider", "batch_size": 1,
+             "median_ms": t} for v, t in ms.items()]
+
+
+def test_register_picks_the_fastest_variant_within_budget():
+    variants = {"fp32": {"ok": True, "within_budget": True}, "int8-static": {"ok": True, "within_budget": True},
+                "int8-dynamic": {"ok": True, "within_budget": False}}
+    name, why = register.choose(variants, _rows(fp32=0.06, **{"int8-static": 0.05, "int8-dynamic": 0.01}),
+                                register.Config())
+    assert name == "int8-static" and "not eligible: int8-dynamic" in why
+    name, _ = register.choose(variants, _rows(fp32=0.04, **{"int8-static": 0.05}), register.Config())
+    assert name == "fp32"
+
+
+def test_register_refuses_a_forced_variant_outside_the_budget():
+    variants = {"fp32": {"ok": True, "within_budget": True}, "int8-dynamic": {"ok": True, "within_budget": False}}
+    with pytest.raises(StageError, match="not an eligible variant"):
+        register.choose(variants, _rows(fp32=1.0), register.Config(variant="int8-dynamic"))
+    with pytest.raises(StageError, match="add 64 to benchmark.batch_sizes"):
+        register.choose(variants, _rows(fp32=1.0), register.Config(target_batch_size=64))
+
+
+# ---------------------------------------------------------------- providers
+
+def test_cuda_request_without_a_gpu_is_reported_not_hidden(exported, caplog):
+    from stages.predictors import cuda_available
+
+    if cuda_available():
+        pytest.skip("a GPU is present: the CUDA provider is expected to be active here")
+    p = OrtPredictor(exported.onnx, device="cuda")
+    assert p.providers == ["CPUExecutionProvider"] and p.cuda_fell_back
+    assert "CUDA was requested" in caplog.text
+
+
+def test_cuda_provider_is_active_on_a_gpu(exported):
+    from stages.predictors import cuda_available
+
+    if not cuda_available():
+        pytest.skip("no CUDA GPU on this machine; run on the GPU machine to exercise the CUDA provider")
+    p = OrtPredictor(exported.onnx, device="cuda")
+    assert p.providers[0] == "CUDAExecutionProvider"
