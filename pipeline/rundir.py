@@ -40,6 +40,10 @@ class RunDir:
     def history(self) -> Path:
         return self.root / "history.json"
 
+    @property
+    def training_curves(self) -> Path:
+        return self.root / "training_curves.png"
+
     # evaluate
     @property
     def metrics(self) -> Path:

@@ -25,12 +25,39 @@ def classification_metrics(y_true: np.ndarray, logits: np.ndarray, labels: list[
     }
 
 
-def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def plot_history(history: list[dict], path: Path) -> Path:
+    """Loss and accuracy per epoch, train beside validation."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
+    for split in ("train", "val"):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], label=split)
+        ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax_loss.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> Path:
+    plt = _pyplot()
     cm = np.asarray(matrix)
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(labels), 0.8 + 0.5 * len(labels)), dpi=120)
     ax.imshow(cm, cmap="Blues")
@@ -45,7 +72,4 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import models
 from stages import checkpoint, dataset
 from stages.common import seed_everything, write_json
+from stages.metrics import plot_history
 from stages.predictors import torch_device
 
 if TYPE_CHECKING:
@@ -158,10 +159,12 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, family: str, mo
 
     seconds = time.perf_counter() - t0
     write_json(rundir.history, history)
+    plot_history(history, rundir.training_curves)
     tracker.log_metrics({"best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
                          "train_seconds": seconds,
                          "train_samples_per_s": config.epochs * len(x_train) / seconds})
     tracker.set_tags({"device": device})
+    tracker.log_artifact(rundir.training_curves)
     tracker.log_artifact(rundir.checkpoint_json)
     tracker.log_artifact(rundir.checkpoint)
     return Result(best_epoch=best["epoch"], val_accuracy=best["val_accuracy"], val_loss=best["val_loss"],
