@@ -31,6 +31,8 @@ def _setup_logging(verbose: bool = False) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
     for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The torch.export-based exporter warns about every torchvision op it cannot register; we use none.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:

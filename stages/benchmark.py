@@ -54,7 +54,8 @@ class Result:
     def summary(self) -> str:
         best = min((r for r in self.rows if r["batch_size"] == min(x["batch_size"] for x in self.rows)),
                    key=lambda r: r["median_ms"])
-        return f"{len(self.rows)} rows; fastest at batch {best['batch_size']}: {best['variant']} on {best['provider']} {best['median_ms']:.3f} ms"
+        where = best["provider"].replace("ExecutionProvider", "")
+        return f"{len(self.rows)} rows; batch {best['batch_size']}: {best['variant']} {best['median_ms']:.3f} ms ({where})"
 
 
 def time_calls(fn, x: np.ndarray, config: Config) -> dict:
@@ -128,12 +129,14 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
         for dev in devices:
             engines.append((name, "onnxruntime", dev, lambda name=name, dev=dev: OrtPredictor(rundir.variant(name), dev)))
 
-    rows = []
+    rows, fallbacks = [], []
     for variant, engine, dev, factory in engines:
         predictor = factory()
         provider = predictor.provider
         if engine == "onnxruntime" and dev == "cuda" and provider != CUDA_EP:
+            # Requested CUDA, got CPU: never report CPU numbers under a CUDA label.
             log.warning("skipping %s on CUDA: ONNX Runtime fell back to %s", variant, provider)
+            fallbacks.append(variant)
             continue
         for bs in config.batch_sizes:
             x = np.resize(x_test, (bs, *x_test.shape[1:])).astype(np.float32)
@@ -148,7 +151,11 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
 
     write_json(rundir.benchmark_json, {"environment": env, "config": config.__dict__, "rows": rows})
     write_text(rundir.benchmark_md, markdown(rows, env))
-    tracker.set_tags({"benchmark.cpu": env["cpu"], **({"benchmark.gpu": env["gpu"]} if "gpu" in env else {})})
+    tracker.set_tags({"benchmark.cpu": env["cpu"], **({"benchmark.gpu": env["gpu"]} if "gpu" in env else {}),
+                      "providers.requested": ",".join(sorted({"CUDAExecutionProvider" if d == "cuda" else "CPUExecutionProvider"
+                                                              for d in devices})),
+                      "providers.active": ",".join(sorted({r["provider"] for r in rows if r["engine"] == "onnxruntime"})),
+                      "providers.cuda_fallback": ",".join(fallbacks) or "none"})
     tracker.log_artifact(rundir.benchmark_json)
     tracker.log_artifact(rundir.benchmark_md)
     return Result(rows=rows)

@@ -118,3 +118,23 @@ def git_state() -> dict[str, str]:
                 "git.dirty": str(bool(run("status", "--porcelain", "--untracked-files=no")))}
     except Exception:
         return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def stamp_onnx(path: Path, props: dict[str, str], doc: str | None = None) -> None:
+    """Set ``metadata_props`` (and optionally the doc string) of an ONNX file in place, then check it."""
+    import onnx
+
+
+    model = onnx.load(str(path))
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in props.items():
+        if k in existing:
+            existing[k].value = str(v)
+        else:
+            model.metadata_props.add(key=k, value=str(v))
+    if doc is not None:
+        model.doc_string = doc
+    model.producer_name = "onnx-pipeline"
+    model.producer_version = PRODUCT_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))

@@ -21,7 +21,7 @@ import numpy as np
 
 import models
 from stages import checkpoint, dataset
-from stages.common import PRODUCT_VERSION, StageError, atomic_path, git_state, sha256_file, write_json
+from stages.common import PRODUCT_VERSION, StageError, atomic_path, git_state, sha256_file, stamp_onnx, write_json
 from stages.predictors import OrtPredictor
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class Result:
     attempts: list[dict] = field(default_factory=list)
 
     def summary(self) -> str:
-        return f"{self.exporter} exporter, max |diff| {self.max_abs_diff:.1e}, {self.size_bytes / 1024:.0f} KiB"
+        return f"{self.exporter}, max |diff| {self.max_abs_diff:.1e}, {self.size_bytes / 1024:.0f} KiB"
 
 
 class ValidationError(StageError):
@@ -156,28 +156,11 @@ def metadata(meta: dict, spec: "models.ExportSpec", exporter: str, opset: int, t
         "lineage.git_commit": git_state()["git.commit"],
         "export.exporter": exporter,
         "export.opset": str(opset),
+        "variant": "fp32",
     }
     if test_metrics:
         props["metrics.test_accuracy"] = f"{test_metrics['accuracy']:.6f}"
     return props
-
-
-def stamp(onnx_path: Path, props: dict[str, str], doc: str) -> None:
-    """Add metadata_props and a doc string in place, then check the model fully."""
-    import onnx
-
-    model = onnx.load(str(onnx_path))
-    existing = {p.key: p for p in model.metadata_props}
-    for k, v in props.items():
-        if k in existing:
-            existing[k].value = v
-        else:
-            model.metadata_props.add(key=k, value=v)
-    model.doc_string = doc
-    model.producer_name = "onnx-pipeline"
-    model.producer_version = PRODUCT_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(onnx_path))
 
 
 def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
@@ -205,7 +188,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
                                   + "\n  ".join(f"[{a['exporter']}] {p}" for a in attempts for p in a["problems"]))
         if any(p.name.endswith(".data") for p in tmp.parent.glob(tmp.name + "*")):
             raise StageError("the exporter wrote external weight data; expected a single self-contained file")
-        stamp(tmp, metadata(meta, spec, exporter, config.opset, test_metrics),
+        stamp_onnx(tmp, metadata(meta, spec, exporter, config.opset, test_metrics),
               f"{meta['model']['family']} classifier exported by onnx-pipeline; see metadata_props")
     accepted = attempts[-1]
     result = Result(exporter=accepted["exporter"], max_abs_diff=max(b["max_abs_diff"] for b in accepted["batches"].values()),

@@ -49,7 +49,7 @@ class Result:
     num_classes: int
 
     def summary(self) -> str:
-        return f"{sum(self.sizes.values())} samples ({'/'.join(str(self.sizes[s]) for s in SPLITS)}), sha256 {self.sha256[:12]}"
+        return f"{sum(self.sizes.values())} samples ({'/'.join(str(self.sizes[s]) for s in SPLITS)}) {self.sha256[:8]}"
 
 
 def load_source(name: str) -> tuple[np.ndarray, np.ndarray, list[str], dict]:

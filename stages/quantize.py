@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal
 import numpy as np
 
 from stages import dataset
-from stages.common import StageError, atomic_path, require, sha256_file, write_json
+from stages.common import StageError, atomic_path, require, sha256_file, stamp_onnx, write_json
 from stages.metrics import classification_metrics
 from stages.predictors import OrtPredictor, predict_batched
 
@@ -158,6 +158,10 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
                     variant.make(rundir.onnx, tmp, ctx)
             predictor = OrtPredictor(path)
             acc = classification_metrics(y_test, predict_batched(predictor, x_test), data.labels)["accuracy"]
+            if variant.make is not None:
+                # The file says what it is: quantizers keep the exporter's metadata_props, not its metrics.
+                stamp_onnx(path, {"variant": name, "variant.description": variant.description,
+                                  "metrics.test_accuracy": f"{acc:.6f}"})
         except Exception as e:
             if name == "fp32":
                 raise StageError(f"{path} cannot be evaluated ({e}); rerun `pipeline export`") from e

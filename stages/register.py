@@ -48,7 +48,7 @@ class Result:
     aliases: list[str]
 
     def summary(self) -> str:
-        where = f"{self.name} v{self.version} @{','.join(self.aliases)}" if self.version else "not registered (tracking off)"
+        where = f"{self.name} v{self.version} @{','.join(self.aliases)}" if self.version else "not registered (no tracking)"
         return f"{self.variant} -> {where}"
 
 
@@ -126,7 +126,9 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     result = Result(variant=name, reason=why, accuracy=chosen["accuracy"], name=registered_name,
                     version=registered["version"] if registered else None, aliases=aliases)
     write_json(rundir.registration, {**result.__dict__, "gate_passed": gate, "registered": registered, "tags": tags})
-    tracker.set_tags({"registered.name": registered_name, "registered.version": str(result.version),
+    tracker.set_tags({"providers.requested": ",".join(predictor.requested_providers),
+                      "providers.active": ",".join(predictor.providers),
+                      "registered.name": registered_name, "registered.version": str(result.version),
                       "registered.variant": name, "registered.aliases": ",".join(aliases)})
     tracker.log_metrics({"registered_accuracy": chosen["accuracy"]})
     tracker.log_artifact(rundir.registration)

@@ -72,6 +72,9 @@ def test_one_parent_run_with_a_nested_run_per_stage(client):
     # the dataset is an MLflow dataset input with its digest
     inputs = children["prepare"].inputs.dataset_inputs
     assert inputs and inputs[0].dataset.name == "digits"
+    # the providers ONNX Runtime actually used are on record, not only the requested ones
+    assert "CPUExecutionProvider" in children["benchmark"].data.tags["providers.active"]
+    assert children["register"].data.tags["providers.active"]
     artifacts = {a.path for a in client.list_artifacts(children["export"].info.run_id)}
     assert "model.onnx" in artifacts
 

@@ -156,8 +156,12 @@ def test_quantize_makes_and_evaluates_every_variant(quantized):
         if name != "fp32":
             assert v["size_bytes"] < variants["fp32"]["size_bytes"]
     # static INT8 is QDQ: the graph holds QuantizeLinear/DequantizeLinear pairs
-    ops = {n.op_type for n in onnx.load(str(quantized.variant("int8-static"))).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    static = onnx.load(str(quantized.variant("int8-static")))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in static.graph.node}
+    # each variant file still describes itself, and says which variant it is and how accurate
+    props = {p.key: p.value for p in static.metadata_props}
+    assert props["variant"] == "int8-static" and "labels" in props
+    assert float(props["metrics.test_accuracy"]) == pytest.approx(variants["int8-static"]["accuracy"], abs=1e-6)
     # the budget flag follows the recipe's budget (the tiny model is under-trained, so either outcome is real)
     for v in variants.values():
         assert v["within_budget"] == (-v["delta_points"] <= report["accuracy_budget_points"] + 1e-9)
