@@ -145,3 +145,25 @@ def test_serve_the_champion_over_http(store, pipeline_run, client):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_failing_stage_fails_its_runs_and_registers_nothing(tmp_path, tiny_yaml):
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    # Zero tolerance: ONNX Runtime and PyTorch differ in the last float bits, so validation must refuse.
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--recipe", str(tiny_yaml), "--workdir",
+                        str(tmp_path / "run"), "--set", "export.atol=0", "--set", "export.rtol=0",
+                        "--set", "train.epochs=1"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": store},
+                       timeout=600)
+    assert p.returncode == 1
+    assert "stage export failed" in p.stderr and "output 'logits' max |diff|" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert "failed" in p.stdout  # the summary table shows where it stopped
+    assert not (tmp_path / "run" / "model.onnx").exists()
+    client = MlflowClient(store, store)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])}
+    assert runs["pipeline"].info.status == "FAILED" and runs["export"].info.status == "FAILED"
+    assert runs["train"].info.status == "FINISHED" and "register" not in runs
+    assert not client.search_registered_models()
