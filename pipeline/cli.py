@@ -6,9 +6,12 @@ User errors (a bad recipe, a missing input) print one line and exit non-zero, wi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -79,12 +82,35 @@ def _print_outcomes(outcomes) -> None:
     Console().print(table)
 
 
+def _print_benchmark(rundir) -> None:
+    """The benchmark's rows as a table: every variant x provider x batch size."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rundir.benchmark_json.is_file():
+        return
+    rows = json.loads(rundir.benchmark_json.read_text())["rows"]
+    table = Table(title=f"benchmark ({rundir.benchmark_md})")
+    for col in ("variant", "provider", "batch", "median ms", "p99 ms", "samples/s"):
+        table.add_column(col, justify="left" if col in ("variant", "provider") else "right")
+    for r in rows:
+        table.add_row(r["variant"], r["provider"], str(r["batch_size"]), f"{r['median_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                      f"{r['samples_per_s']:,.0f}")
+    Console().print(table)
+
+
 def _stage_command(stage: str, recipe: Path, overrides, workdir, no_track: bool, device: str | None = None) -> None:
     _setup_logging()
     with _user_errors():
-        from pipeline.orchestrate import run_stage
+        from pipeline.orchestrate import default_rundir, run_stage
 
-        outcome = run_stage(stage, _load(recipe, overrides), _rundir(workdir), track=not no_track, device=device)
+        cfg = _load(recipe, overrides)
+        rundir = _rundir(workdir) or default_rundir(cfg)
+        outcome = run_stage(stage, cfg, rundir, track=not no_track, device=device)
+    if stage == "benchmark":
+        _print_benchmark(rundir)
     _print_outcomes([outcome])
 
 
@@ -141,11 +167,12 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
     if device not in (None, "auto", "cpu", "cuda"):
         raise _fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
     with _user_errors():
-        from pipeline.orchestrate import PipelineFailed, run_pipeline
+        from pipeline.orchestrate import PipelineFailed, default_rundir, run_pipeline
 
         cfg = _load(recipe, set_)
+        rundir = _rundir(workdir) or default_rundir(cfg)
         try:
-            outcomes = run_pipeline(cfg, _rundir(workdir), track=not no_track, device=device)
+            outcomes = run_pipeline(cfg, rundir, track=not no_track, device=device)
         except PipelineFailed as failed:
             _print_outcomes(failed.outcomes)
             from stages.common import StageError
@@ -153,6 +180,7 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
             if isinstance(failed.error, StageError):
                 raise _fail(f"stage {failed.outcomes[-1].stage} failed: {failed.error}") from None
             raise failed.error
+    _print_benchmark(rundir)
     _print_outcomes(outcomes)
 
 
@@ -179,7 +207,9 @@ def serve(
     lineage: dict[str, str] = {}
     try:
         if uri.startswith("models:/"):
-            fetched = tracking.fetch_registered_onnx(uri)
+            download = Path(tempfile.mkdtemp(prefix="onnx-pipeline-serve-"))
+            atexit.register(shutil.rmtree, download, ignore_errors=True)
+            fetched = tracking.fetch_registered_onnx(uri, download)
             path, served_name, version = fetched.path, name or fetched.name, fetched.version
             lineage = {"model_uri": uri, "registered_name": fetched.name, "registered_version": fetched.version,
                        "run_id": fetched.run_id or "", **fetched.tags}

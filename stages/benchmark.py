@@ -37,12 +37,15 @@ class Config:
     max_seconds: float = 10.0
     devices: Literal["auto", "cpu"] = "auto"  # auto: CPU, plus CUDA when a GPU is usable
     include_torch: bool = True
+    threads: int = 0  # intra-op threads for torch and ONNX Runtime alike; 0: torch's default (one per core)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"`batch_sizes` must be positive ints, got {list(self.batch_sizes)}")
         if self.warmup_runs < 0 or self.min_runs < 1:
             raise ValueError(f"`warmup_runs` must be >= 0 and `min_runs` >= 1, got {self.warmup_runs}, {self.min_runs}")
+        if self.threads < 0:
+            raise ValueError(f"`threads` must be >= 0 (0: one per core), got {self.threads}")
         if not 0 < self.min_seconds <= self.max_seconds:
             raise ValueError(f"`min_seconds` must be > 0 and <= max_seconds, got {self.min_seconds}")
 
@@ -101,7 +104,7 @@ def environment() -> dict:
 
 
 def markdown(rows: list[dict], env: dict) -> str:
-    lines = [f"# Benchmark\n\nCPU: {env['cpu']} ({env['cpu_count']} cores){'; GPU: ' + env['gpu'] if 'gpu' in env else ''}; "
+    lines = [f"# Benchmark\n\nCPU: {env['cpu']} ({env['cpu_count']} cores, {env['threads']} threads per engine){'; GPU: ' + env['gpu'] if 'gpu' in env else ''}; "
              f"onnxruntime {env.get('onnxruntime-gpu') or env.get('onnxruntime')}, torch {env.get('torch')}, "
              f"commit {env['git.commit'][:12]}\n",
              "| variant | engine | provider | batch | median ms | p99 ms | samples/s | runs |",
@@ -117,7 +120,12 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     variants = read_json(rundir.variants, "quantize")["variants"]
     x_test, _ = dataset.load(rundir.data, rundir.dataset).split("test")
     devices = ["cpu", "cuda"] if config.devices == "auto" and cuda_available() else ["cpu"]
-    env = environment()
+    import torch
+
+    # Same thread budget for both engines, or the comparison measures thread counts, not engines.
+    threads = config.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    env = {**environment(), "threads": threads}
 
     engines = []  # (variant, engine, device, predictor factory)
     if config.include_torch:
@@ -127,7 +135,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
         if not info.get("ok"):
             continue
         for dev in devices:
-            engines.append((name, "onnxruntime", dev, lambda name=name, dev=dev: OrtPredictor(rundir.variant(name), dev)))
+            engines.append((name, "onnxruntime", dev, lambda name=name, dev=dev: OrtPredictor(rundir.variant(name), dev, intra_op_threads=threads)))
 
     rows, fallbacks = [], []
     for variant, engine, dev, factory in engines:

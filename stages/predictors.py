@@ -36,7 +36,9 @@ def torch_device(device: Device) -> str:
     if device == "auto":
         return "cuda" if cuda_available() else "cpu"
     if device == "cuda" and not cuda_available():
-        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu or auto")
+        from stages.common import StageError
+
+        raise StageError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu or auto")
     return device
 
 
