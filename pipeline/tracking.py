@@ -272,7 +272,8 @@ def fetch_registered_onnx(uri: str, dest: Path | None = None) -> RegisteredOnnx:
             name, _, version = body.partition("/")
             mv = client.get_model_version(name, version)
     except MlflowException as e:
-        raise ValueError(f"cannot resolve {uri!r} in the store {tracking_uri()}: {e.message}") from None
+        raise ValueError(f"cannot resolve {uri!r} in the store {tracking_uri()}: {e.message}; "
+                         "run `make all` (or `pipeline run`) to register a model, or pass --model PATH.onnx") from None
     dest = Path(dest or tempfile.mkdtemp(prefix="onnx-pipeline-serve-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dest)))
     found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]

@@ -98,3 +98,14 @@ def test_cli_help_lists_every_stage():
     assert p.returncode == 0
     for cmd in ("prepare", "train", "evaluate", "export", "quantize", "benchmark", "register", "run", "serve"):
         assert cmd in p.stdout
+
+
+@pytest.mark.parametrize("model, fragment", [
+    ("missing.onnx", "model file 'missing.onnx' not found"),
+    ("bad.onnx", "not a valid ONNX model"),
+    ("models:/nobody@champion", "run `make all` (or `pipeline run`) to register a model"),
+])
+def test_cli_serve_refuses_a_bad_model_in_one_line(tmp_path, model, fragment):
+    (tmp_path / "bad.onnx").write_bytes(b"garbage")
+    p = _cli("serve", "--model", model, "--recipe", str(DEFAULT), cwd=tmp_path)
+    assert p.returncode == 1 and fragment in p.stderr and "Traceback" not in p.stderr
