@@ -55,12 +55,6 @@ class Recipe:
                 out[f.name] = _plain(getattr(self, f.name))
         return out
 
-    def section(self, stage: str) -> dict:
-        """The plain dict of one stage's config (what a stage's parameters and fingerprint are)."""
-        if stage == "model":
-            return self.to_dict()["model"]
-        return _plain(getattr(self, stage))
-
 
 STAGE_SECTIONS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "model")]
 
