@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import enum
 import logging
 import shutil
 import sys
@@ -27,6 +28,12 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY
                                                      help="Override a recipe value, e.g. --set train.epochs=3 (repeatable).")]
 WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Run directory [default: runs/<recipe name>].")]
 NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="Do not record anything in MLflow.")]
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -122,11 +129,9 @@ def prepare(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Wo
 
 @app.command()
 def train(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False,
-          device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda [default: the recipe's train.device].")] = None):
+          device: Annotated[Optional[Device], typer.Option(help="Training device [default: the recipe's train.device].")] = None):
     """Train the recipe's model; keep the best-on-validation checkpoint."""
-    if device not in (None, "auto", "cpu", "cuda"):
-        raise _fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
-    _stage_command("train", recipe, set_, workdir, no_track, device)
+    _stage_command("train", recipe, set_, workdir, no_track, device.value if device else None)
 
 
 @app.command()
@@ -161,18 +166,16 @@ def register(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: W
 
 @app.command()
 def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False,
-        device: Annotated[Optional[str], typer.Option(help="Training device: auto, cpu or cuda.")] = None):
+        device: Annotated[Optional[Device], typer.Option(help="Training device [default: the recipe's train.device].")] = None):
     """Run every stage in order: prepare, train, evaluate, export, quantize, benchmark, register."""
     _setup_logging()
-    if device not in (None, "auto", "cpu", "cuda"):
-        raise _fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
     with _user_errors():
         from pipeline.orchestrate import PipelineFailed, default_rundir, run_pipeline
 
         cfg = _load(recipe, set_)
         rundir = _rundir(workdir) or default_rundir(cfg)
         try:
-            outcomes = run_pipeline(cfg, rundir, track=not no_track, device=device)
+            outcomes = run_pipeline(cfg, rundir, track=not no_track, device=device.value if device else None)
         except PipelineFailed as failed:
             _print_outcomes(failed.outcomes)
             from stages.common import StageError
@@ -191,13 +194,13 @@ def serve(
     name: Annotated[Optional[str], typer.Option(help="Model name in the v2 API [default: registered name or file stem].")] = None,
     host: Annotated[Optional[str], typer.Option(help="Bind address [default: the recipe's serve.host, 127.0.0.1].")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port [default: the recipe's serve.port, 8000].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="ONNX Runtime device [default: the recipe's serve.device].")] = None,
     recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None,
 ):
     """Serve a model over the KServe v2 / Open Inference Protocol with ONNX Runtime."""
     _setup_logging()
     overrides = list(set_ or [])
-    overrides += [f"serve.{k}={v}" for k, v in (("host", host), ("port", port), ("device", device)) if v is not None]
+    overrides += [f"serve.{k}={v}" for k, v in (("host", host), ("port", port), ("device", device.value if device else None)) if v is not None]
     with _user_errors():
         cfg = _load(recipe, overrides)
     uri = model or f"models:/{cfg.register.model_name or cfg.name}@champion"

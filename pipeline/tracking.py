@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
 
-from stages.common import git_state
+from stages.common import git_state, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,8 @@ def experiment_id(name: str) -> str:
 
 def environment_tags() -> dict[str, str]:
     """Where and with what a run ran: git commit, host, library versions, device."""
-    import importlib.metadata as md
-
     tags = {"host": socket.gethostname(), "python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("torch", "onnx", "onnxruntime-gpu", "onnxruntime", "mlflow", "numpy"):
-        try:
-            tags[f"version.{dist}"] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
+    tags.update({f"version.{dist}": v for dist, v in library_versions().items()})
     tags.update(git_state())
     try:
         import torch

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from stages import checkpoint, dataset
-from stages.common import git_state, read_json, write_json, write_text
+from stages.common import git_state, library_versions, read_json, write_json, write_text
 from stages.predictors import CUDA_EP, OrtPredictor, TorchPredictor, cuda_available
 
 if TYPE_CHECKING:
@@ -81,8 +81,6 @@ def time_calls(fn, x: np.ndarray, config: Config) -> dict:
 
 
 def environment() -> dict:
-    import importlib.metadata as md
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -91,11 +89,7 @@ def environment() -> dict:
         pass
     env = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
            "python": platform.python_version(), **git_state()}
-    for dist in ("torch", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
+    env.update(library_versions(("torch", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy")))
     if cuda_available():
         import torch
 

@@ -107,6 +107,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def library_versions(dists=("torch", "onnx", "onnxruntime-gpu", "onnxruntime", "mlflow", "numpy")) -> dict[str, str]:
+    """Installed versions of the libraries whose versions change the numbers; absent ones left out."""
+    import importlib.metadata as md
+
+    found = {}
+    for dist in dists:
+        try:
+            found[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
 def git_state() -> dict[str, str]:
     """The commit of the code that ran, and whether the working tree had uncommitted changes."""
     import subprocess

@@ -93,7 +93,9 @@ def make_int8_static(src: Path, dst: Path, ctx: Context) -> None:
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[ctx.config.calibration_method]
     with preprocessed(src) as pre:
-        input_name = OrtPredictor(pre, device="cpu").input_name
+        import onnx
+
+        input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
         quantize_static(str(pre), str(dst), CalibrationReader(input_name, ctx.calibration),
                         quant_format=QuantFormat.QDQ, per_channel=ctx.config.per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
