@@ -11,7 +11,7 @@ import torch
 
 from pipeline.rundir import RunDir
 from pipeline.tracking import NullTracker
-from stages import benchmark, checkpoint, dataset, export, prepare, quantize, register, train
+from stages import benchmark, checkpoint, conversion, dataset, export, prepare, quantize, register, train
 from stages.common import StageError
 from stages.predictors import OrtPredictor, TorchPredictor
 
@@ -124,7 +124,7 @@ def test_exported_model_matches_torch_at_odd_batch(exported):
 def test_compare_outputs_reports_every_mismatch_at_once():
     a = {"logits": np.zeros((2, 3), np.float32), "probs": np.zeros((2, 3), np.float32), "gone": np.zeros(1)}
     b = {"logits": np.full((2, 3), 0.5, np.float32), "probs": np.zeros((3, 3), np.float32)}
-    problems, worst = export.compare_outputs(a, b, atol=1e-4, rtol=1e-3, where="batch 2")
+    problems, worst = conversion.compare_outputs(a, b, atol=1e-4, rtol=1e-3, where="batch 2")
     text = "\n".join(problems)
     assert len(problems) == 3
     assert "missing ['gone']" in text
