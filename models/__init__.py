@@ -1,8 +1,12 @@
-"""Model registry: family name -> builder, config class and export spec.
+"""Model registry: family name -> builder, config class, export spec and the tasks it supports.
 
 A model family is one file in this package with an ``nn.Module``, its frozen ``Config`` and an
 ``ExportSpec``. Nothing here does I/O or training: the stages build models through ``build`` and
 rebuild them from a checkpoint's plain-dict description through ``rebuild``.
+
+A task is one of ``TASKS``. The run's task comes from the dataset (dataset.json ``task``), except for
+families that define their own (the VAE's task is always "vae"); ``resolve_task`` says which, and
+``export_spec`` gives the ONNX output names that go with it.
 """
 
 from __future__ import annotations
@@ -13,16 +17,48 @@ from typing import Any, Callable
 
 from torch import nn
 
-from models import cnn, mlp
+from models import cnn, cnn1d, linear, mlp, rnn, transformer, vae
+
+TASKS: tuple[str, ...] = ("classification", "regression", "vae")
+# Input layouts: images (N, C, H, W), signals (N, C, L), feature vectors (N, F).
+LAYOUTS: tuple[str, ...] = ("NCHW", "NCL", "NF")
+
+# What the ONNX outputs are called, per task (the order the module's forward returns them in).
+OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
+    "classification": ("logits",),
+    "regression": ("prediction",),
+    "vae": ("reconstruction", "mu", "logvar"),
+}
+
+
+class TaskError(ValueError):
+    """A family cannot do the dataset's task; the message names the families that can."""
+
+
+@dataclass(frozen=True)
+class ExportPart:
+    """An extra ONNX file exported from a submodule, written as ``<name>.onnx`` beside model.onnx.
+
+    ``input_shape_fn(model, input_shape)`` gives the part's per-sample input shape (no batch axis)
+    from the built model and the whole model's per-sample input shape, e.g. the VAE decoder's
+    ``(latent_dim,)``. The part's forward returns its outputs in ``output_names`` order.
+    """
+
+    name: str
+    attribute: str
+    input_name: str
+    output_names: tuple[str, ...]
+    input_shape_fn: Callable[[nn.Module, tuple[int, ...]], tuple[int, ...]]
 
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """How a family appears in ONNX: tensor names and which axes are dynamic."""
+    """How a family appears in ONNX: tensor names, which axes are dynamic, extra part files."""
 
     input_name: str = "input"
     output_names: tuple[str, ...] = ("logits",)
     dynamic_batch: bool = True
+    parts: tuple[ExportPart, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -32,12 +68,33 @@ class Family:
     builder: Callable[..., nn.Module]
     export: ExportSpec
     description: str
+    tasks: tuple[str, ...] = ("classification",)
+    layouts: tuple[str, ...] = LAYOUTS  # input layouts (dataset.json `input_layout`) it accepts
 
 
-FAMILIES: dict[str, Family] = {
-    "cnn": Family("cnn", cnn.Config, cnn.build, ExportSpec(), "2-D convolutional classifier"),
-    "mlp": Family("mlp", mlp.Config, mlp.build, ExportSpec(), "multi-layer perceptron classifier"),
-}
+# The VAE: model.onnx is the whole deterministic autoencoder; encoder.onnx and decoder.onnx beside it.
+VAE_EXPORT = ExportSpec(output_names=OUTPUT_NAMES["vae"], parts=(
+    ExportPart("encoder", "encoder", "input", ("mu", "logvar"), lambda model, input_shape: tuple(input_shape)),
+    ExportPart("decoder", "decoder", "latent", ("reconstruction",), lambda model, input_shape: (model.latent_dim,)),
+))
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("linear", linear.Config, linear.build, ExportSpec(),
+           "logistic regression (classification) / linear regression (regression)",
+           ("classification", "regression")),
+    Family("mlp", mlp.Config, mlp.build, ExportSpec(), "multi-layer perceptron",
+           ("classification", "regression")),
+    Family("cnn", cnn.Config, cnn.build, ExportSpec(), "2-D convolutional classifier for (N, C, H, W) images",
+           layouts=("NCHW",)),
+    Family("cnn1d", cnn1d.Config, cnn1d.build, ExportSpec(), "1-D convolutional classifier for (N, C, L) signals",
+           layouts=("NCL",)),
+    Family("rnn", rnn.Config, rnn.build, ExportSpec(), "GRU / LSTM sequence classifier (rows of an image as steps)",
+           layouts=("NCL", "NCHW")),
+    Family("transformer", transformer.Config, transformer.build, ExportSpec(),
+           "small Transformer encoder classifier over patches", layouts=("NCL", "NCHW")),
+    Family("vae", vae.Config, vae.build, VAE_EXPORT,
+           "variational autoencoder (MLP encoder/decoder for any input, conv for images)", ("vae",)),
+)}
 
 
 def family(name: str) -> Family:
@@ -47,23 +104,64 @@ def family(name: str) -> Family:
         raise KeyError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}") from None
 
 
-def build(name: str, config: Any, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build a fresh model. ``input_shape`` excludes the batch axis, e.g. (1, 8, 8)."""
-    return family(name).builder(config, tuple(input_shape), int(num_classes))
+def resolve_task(name: str, dataset_task: str) -> str:
+    """The run's task: the family's own when it has exactly one non-dataset task (vae), else the dataset's.
+
+    Raises TaskError when the family cannot learn the dataset's task.
+    """
+    fam = family(name)
+    if fam.tasks == ("vae",):
+        return "vae"
+    if dataset_task not in fam.tasks:
+        able = sorted(f.name for f in FAMILIES.values() if dataset_task in f.tasks)
+        raise TaskError(f"model family {name!r} does {', '.join(fam.tasks)}, but the dataset's task is "
+                        f"{dataset_task!r}; choose one of {able}")
+    return dataset_task
 
 
-def describe(name: str, config: Any, input_shape: tuple[int, ...], num_classes: int) -> dict:
+def check_layout(name: str, layout: str) -> None:
+    """Raise TaskError when the family cannot read inputs of ``layout``, naming the families that can."""
+    fam = family(name)
+    if layout not in fam.layouts:
+        able = sorted(f.name for f in FAMILIES.values() if layout in f.layouts)
+        raise TaskError(f"model family {name!r} reads {', '.join(fam.layouts)} inputs, but the dataset's layout is "
+                        f"{layout}; choose one of {able}")
+
+
+def export_spec(name: str, task: str) -> ExportSpec:
+    """The family's export spec with the output names of ``task`` (mlp/linear serve two tasks)."""
+    spec = family(name).export
+    return dataclasses.replace(spec, output_names=OUTPUT_NAMES[task])
+
+
+def build(name: str, config: Any, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """Build a fresh model. ``input_shape`` excludes the batch axis, e.g. (1, 8, 8).
+
+    ``num_outputs``: classes (classification), targets (regression); the VAE ignores it (its latent
+    size is in its config).
+    """
+    return family(name).builder(config, tuple(input_shape), int(num_outputs))
+
+
+def describe(name: str, config: Any, input_shape: tuple[int, ...], num_outputs: int) -> dict:
     """The plain-dict description a checkpoint stores so the model can be rebuilt without a recipe."""
     return {
         "family": name,
         "config": dataclasses.asdict(config),
         "input_shape": list(input_shape),
-        "num_classes": int(num_classes),
+        "num_outputs": int(num_outputs),
+        "num_classes": int(num_outputs),  # the name older checkpoints used; kept for their readers
     }
+
+
+def config_from_dict(name: str, values: dict) -> Any:
+    """A family's frozen Config from plain values (lists become tuples, as the dataclasses declare)."""
+    return family(name).config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def rebuild(description: dict) -> nn.Module:
     """Inverse of ``describe``: a fresh (untrained) model with the described architecture."""
-    fam = family(description["family"])
-    cfg = fam.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in description["config"].items()})
-    return fam.builder(cfg, tuple(description["input_shape"]), int(description["num_classes"]))
+    name = description["family"]
+    outputs = description.get("num_outputs", description.get("num_classes"))
+    return family(name).builder(config_from_dict(name, description["config"]),
+                                tuple(description["input_shape"]), int(outputs))

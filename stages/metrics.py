@@ -1,12 +1,80 @@
-"""Classification metrics and the confusion-matrix plot, for any predictor's logits."""
+"""Quality metrics per task and their plots, for any predictor's outputs.
+
+``score(task, y_true, outputs, labels)`` is the one entry point: it always returns a ``primary``
+entry (name, value, higher_is_better) that evaluate, quantize's budget and register compare on:
+classification accuracy (higher is better), regression r2 (higher), vae reconstruction_mse (lower).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
 from stages.common import atomic_path
+
+PRIMARY = {  # task -> (metric name, higher is better)
+    "classification": ("accuracy", True),
+    "regression": ("r2", True),
+    "vae": ("reconstruction_mse", False),
+}
+
+
+def score(task: str, y_true: np.ndarray, outputs: Any, labels: Sequence[str]) -> dict:
+    """Metrics of ``outputs`` against the truth, with a ``primary`` entry.
+
+    classification: ``outputs`` are logits (N, C), ``y_true`` class indices, ``labels`` class names.
+    regression: ``outputs`` are predictions (N, T) (or (N,)), ``y_true`` (N, T), ``labels`` target names.
+    vae: ``outputs`` is (reconstruction, mu, logvar) (a sequence, or a dict with those names) and
+    ``y_true`` the (normalized) inputs themselves; ``labels`` is unused.
+    """
+    if task == "classification":
+        metrics = classification_metrics(y_true, np.asarray(outputs), list(labels))
+    elif task == "regression":
+        metrics = regression_metrics(y_true, np.asarray(outputs), list(labels))
+    elif task == "vae":
+        metrics = vae_metrics(y_true, outputs)
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(PRIMARY)}")
+    name, higher = PRIMARY[task]
+    return {"task": task, "primary": {"name": name, "value": metrics[name], "higher_is_better": higher}, **metrics}
+
+
+def regression_metrics(y_true: np.ndarray, predictions: np.ndarray, target_names: list[str]) -> dict:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    y = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
+    p = np.asarray(predictions, dtype=np.float64).reshape(len(predictions), -1)
+    if y.shape != p.shape:
+        raise ValueError(f"predictions have shape {list(p.shape)} but targets {list(y.shape)}")
+    names = list(target_names) or [f"target_{i}" for i in range(y.shape[1])]
+    return {
+        "r2": float(r2_score(y, p)),  # uniform average over targets
+        "mse": float(mean_squared_error(y, p)),
+        "mae": float(mean_absolute_error(y, p)),
+        "samples": int(len(y)),
+        "per_target": {names[i]: {"r2": float(r2_score(y[:, i], p[:, i])),
+                                  "mse": float(mean_squared_error(y[:, i], p[:, i])),
+                                  "mae": float(mean_absolute_error(y[:, i], p[:, i]))} for i in range(y.shape[1])},
+    }
+
+
+def vae_metrics(x: np.ndarray, outputs: Any) -> dict:
+    if isinstance(outputs, dict):
+        outputs = (outputs["reconstruction"], outputs["mu"], outputs["logvar"])
+    rec, mu, logvar = (np.asarray(o, dtype=np.float64) for o in outputs)
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    sse = ((rec - x) ** 2).reshape(n, -1).sum(axis=1)  # per sample
+    kl = -0.5 * (1 + logvar - mu ** 2 - np.exp(logvar)).reshape(n, -1).sum(axis=1)
+    return {
+        "reconstruction_mse": float(((rec - x) ** 2).mean()),  # per input element, in normalized units
+        "kl": float(kl.mean()),
+        # Gaussian (unit variance) log-likelihood up to its constant, minus KL; per sample, higher is better.
+        "elbo": float(-(sse + kl).mean()),
+        "samples": int(n),
+    }
 
 
 def classification_metrics(y_true: np.ndarray, logits: np.ndarray, labels: list[str]) -> dict:
@@ -71,5 +139,48 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_regression(y_true: np.ndarray, predictions: np.ndarray, target_names: list[str], path: Path,
+                    title: str) -> Path:
+    """Predicted against true, one panel per target, with the identity line."""
+    plt = _pyplot()
+    y = np.asarray(y_true).reshape(len(y_true), -1)
+    p = np.asarray(predictions).reshape(len(predictions), -1)
+    k = y.shape[1]
+    fig, axes = plt.subplots(1, k, figsize=(4 * k, 4), dpi=120, squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.scatter(y[:, i], p[:, i], s=8, alpha=0.6)
+        lo, hi = float(min(y[:, i].min(), p[:, i].min())), float(max(y[:, i].max(), p[:, i].max()))
+        ax.plot([lo, hi], [lo, hi], color="gray", linewidth=1)
+        ax.set(xlabel=f"true {target_names[i] if i < len(target_names) else ''}".strip(), ylabel="predicted")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, path: Path, title: str,
+                         count: int = 8) -> Path:
+    """Originals (top row) above their reconstructions (bottom row); images (N, C, H, W) show their first
+    channel, signals (N, C, L) and feature vectors are drawn as lines."""
+    plt = _pyplot()
+    count = min(count, len(originals))
+    fig, axes = plt.subplots(2, count, figsize=(1.3 * count, 2.8), dpi=120, squeeze=False)
+    for j in range(count):
+        for row, arr in enumerate((originals, reconstructions)):
+            ax = axes[row][j]
+            item = np.asarray(arr[j])
+            if item.ndim == 3:
+                ax.imshow(item[0], cmap="gray")
+            else:
+                ax.plot(item.reshape(-1) if item.ndim != 2 else item[0])
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][j].set_title(str(j), fontsize=7)
+    axes[0][0].set_ylabel("original")
+    axes[1][0].set_ylabel("reconstruction")
+    fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)

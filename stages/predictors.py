@@ -111,10 +111,16 @@ class TorchPredictor:
         self._torch = torch
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        """First output (logits, predictions, or a VAE's reconstruction) for a batch."""
+        return self.outputs(x)[0]
+
+    def outputs(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Every output of the model's forward, in order (a VAE: reconstruction, mu, logvar)."""
         torch = self._torch
         with torch.inference_mode():
             out = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
-        return out.float().cpu().numpy()  # .cpu() synchronizes a CUDA stream
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return tuple(o.float().cpu().numpy() for o in out)  # .cpu() synchronizes a CUDA stream
 
 
 def predict_batched(predictor, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
