@@ -12,8 +12,12 @@ HOST     ?= 127.0.0.1
 PORT     ?= 8000
 UI_PORT  ?= 5000
 STORE    ?= sqlite:///mlruns/mlflow.db
+# Triton's Python client, for the serve tests only: it pins protobuf and ml_dtypes versions that onnx
+# and mlflow refuse, so it lives in its own small venv and runs as a separate process.
+TRITON_VENV  ?= .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: all install run test ui serve clean help
+.PHONY: all install run test ui serve bench-serve clean help
 
 all: $(STAMP)  ## set up, then run every stage with the default recipe
 	$(BIN)/pipeline run --recipe $(RECIPE)
@@ -28,8 +32,13 @@ $(STAMP): pyproject.toml
 
 run: all
 
-test: $(STAMP)  ## run the test suite (temporary MLflow stores; never touches mlruns/)
+test: $(STAMP) $(TRITON_STAMP)  ## run the test suite (temporary MLflow stores; never touches mlruns/)
 	$(BIN)/python -m pytest
+
+$(TRITON_STAMP):
+	@test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -qq 'tritonclient[http]>=2.40' numpy
+	@touch $@
 
 ui: $(STAMP)  ## browse runs and the model registry
 	@echo "MLflow UI: http://$(HOST):$(UI_PORT)  (store: $(STORE))"
@@ -37,6 +46,9 @@ ui: $(STAMP)  ## browse runs and the model registry
 
 serve: $(STAMP)  ## serve the champion over the KServe v2 protocol
 	$(BIN)/pipeline serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+bench-serve: $(STAMP)  ## load benchmark: our server vs mlflow models serve (about 2 minutes)
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:  ## remove run directories (keeps mlruns/ and .venv)
 	rm -rf runs

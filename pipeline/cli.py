@@ -189,44 +189,74 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
 
 @app.command()
 def serve(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A .onnx path or models:/NAME@ALIAS "
-                                                 "[default: models:/<recipe name>@champion].")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Model name in the v2 API [default: registered name or file stem].")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="A .onnx path or models:/NAME@ALIAS "
+                                                       "(repeatable) [default: models:/<recipe name>@champion unless "
+                                                       "--model-repository is given].")] = None,
+    model_repository: Annotated[Optional[Path], typer.Option(
+        "--model-repository", help="A Triton-layout directory: <repo>/<model>/<version>/model.onnx (+ config.pbtxt).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name in the v2 API, with a single --model "
+                                                "[default: registered name or file stem].")] = None,
     host: Annotated[Optional[str], typer.Option(help="Bind address [default: the recipe's serve.host, 127.0.0.1].")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port [default: the recipe's serve.port, 8000].")] = None,
     device: Annotated[Optional[Device], typer.Option(help="ONNX Runtime device [default: the recipe's serve.device].")] = None,
+    require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Refuse to start unless ONNX Runtime really "
+                                              "runs on CUDA (it falls back to CPU silently otherwise).")] = False,
     recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None,
 ):
-    """Serve a model over the KServe v2 / Open Inference Protocol with ONNX Runtime."""
+    """Serve models over the KServe v2 / Open Inference Protocol with ONNX Runtime and dynamic batching."""
     _setup_logging()
     overrides = list(set_ or [])
-    overrides += [f"serve.{k}={v}" for k, v in (("host", host), ("port", port), ("device", device.value if device else None)) if v is not None]
+    overrides += [f"serve.{k}={v}" for k, v in (("host", host), ("port", port), ("device", device.value if device else None))
+                  if v is not None]
+    if require_gpu:
+        overrides.append("serve.require_gpu=true")
     with _user_errors():
         cfg = _load(recipe, overrides)
-    uri = model or f"models:/{cfg.register.model_name or cfg.name}@champion"
-    from pipeline import tracking
-    from stages import serve as serve_stage
+    if name and len(model or []) != 1:
+        raise _fail("--name renames a single --model; with a repository or several models, names come from them")
+    from stages.serve import runtime as serve_runtime
+    from stages.serve.repository import RepositoryError, load_sources, scan_repository
 
-    lineage: dict[str, str] = {}
     try:
-        if uri.startswith("models:/"):
-            download = Path(tempfile.mkdtemp(prefix="onnx-pipeline-serve-"))
-            atexit.register(shutil.rmtree, download, ignore_errors=True)
-            fetched = tracking.fetch_registered_onnx(uri, download)
-            path, served_name, version = fetched.path, name or fetched.name, fetched.version
-            lineage = {"model_uri": uri, "registered_name": fetched.name, "registered_version": fetched.version,
-                       "run_id": fetched.run_id or "", **fetched.tags}
-        else:
-            path, served_name, version = Path(uri), name or Path(uri).stem.split(".")[0], "1"
-            if not path.is_file():
-                raise ValueError(f"model file {uri!r} not found; pass a .onnx path or models:/NAME@ALIAS")
-            lineage = {"model_path": str(path.resolve())}
-        runtime = serve_stage.load_model(path, served_name, version, device=cfg.serve.device,
-                                         intra_op_threads=cfg.serve.intra_op_threads, lineage=lineage)
-    except ValueError as e:
+        serve_runtime.check_gpu_required(cfg.serve)
+        sources = []
+        if model_repository is not None:
+            from stages.serve.batcher import BatchSettings
+
+            default = BatchSettings(enabled=cfg.serve.dynamic_batching, max_batch_size=cfg.serve.max_batch_size,
+                                    max_queue_delay_ms=cfg.serve.max_queue_delay_ms)
+            sources += scan_repository(model_repository, default)
+        uris = list(model or ([] if model_repository else [f"models:/{cfg.register.model_name or cfg.name}@champion"]))
+        sources += [_model_source(uri, name) for uri in uris]
+        runtimes, batching = load_sources(sources, cfg.serve)
+    except (ValueError, RepositoryError) as e:
         raise _fail(str(e)) from None
-    log.info("serving %s version %s from %s on %s", served_name, version, uri, runtime.predictor.providers)
-    serve_stage.serve([runtime], cfg.serve)
+    from stages.serve.app import serve as run_server
+
+    try:
+        run_server(runtimes, cfg.serve, batching)
+    except ValueError as e:  # two sources with the same name and version
+        raise _fail(str(e)) from None
+
+
+def _model_source(uri: str, name: Optional[str]):
+    """A --model value (a .onnx path or a models:/ URI) -> what to load, with its lineage."""
+    from stages.serve.repository import ModelSource
+
+    if uri.startswith("models:/"):
+        from pipeline import tracking
+
+        download = Path(tempfile.mkdtemp(prefix="onnx-pipeline-serve-"))
+        atexit.register(shutil.rmtree, download, ignore_errors=True)
+        fetched = tracking.fetch_registered_onnx(uri, download)
+        lineage = {"model_uri": uri, "registered_name": fetched.name, "registered_version": fetched.version,
+                   "run_id": fetched.run_id or "", **fetched.tags}
+        return ModelSource(path=fetched.path, name=name or fetched.name, version=fetched.version, lineage=lineage)
+    path = Path(uri)
+    if not path.is_file():
+        raise ValueError(f"model file {uri!r} not found; pass a .onnx path or models:/NAME@ALIAS")
+    return ModelSource(path=path, name=name or path.stem.split(".")[0], version="1",
+                       lineage={"model_path": str(path.resolve())})
 
 
 def main() -> None:

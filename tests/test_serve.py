@@ -2,10 +2,14 @@
 
 The HTTP tests export a tiny CNN to ONNX, start uvicorn on a free loopback port in a background
 thread and talk to it with httpx, comparing every answer with an in-process ONNX Runtime session.
+Binary tensors, datatypes, batching, metrics and repositories are in test_serve_extensions.py;
+the CLI (repository, --require-gpu, Triton's client, graceful shutdown) in test_serve_cli.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import socket
 import threading
@@ -60,26 +64,40 @@ def reference(onnx_path):
 @pytest.fixture(scope="module")
 def client(runtime):
     import httpx
-    import uvicorn
 
-    from stages.serve import create_app
+    config = Config(port=free_port(), max_request_mb=0.01)  # 10 KiB: lets a test hit the 413 cheaply
+    with running_server([runtime], config) as base, httpx.Client(base_url=base, timeout=10) as http:
+        yield http
 
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = Config(port=port, max_request_mb=0.01)  # 10 KiB: lets a test hit the 413 cheaply
-    server = uvicorn.Server(uvicorn.Config(create_app([runtime], config), host=config.host, port=port,
-                                           log_level="warning", lifespan="off"))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(models, config, batching=None):
+    """uvicorn (as `pipeline serve` configures it) on a loopback port in a thread; yields the base URL
+    and the app. Stops it (graceful shutdown: batchers drain) on exit."""
+    import uvicorn
+
+    from stages.serve.app import create_app, uvicorn_config
+
+    app = create_app(models, config, batching)
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
+    server.config.install_signal_handlers = False  # not the main thread
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-        yield http
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
 
 
 def request_body(x: np.ndarray, datatype: str = "FP32", name: str = "input", nested: bool = False, **extra) -> dict:
@@ -169,9 +187,10 @@ def test_infer_response_encodes_flat_data_and_echoes_id():
 
 # --- Config -----------------------------------------------------------------------------------
 
-def test_config_defaults_bind_loopback():
+def test_config_defaults_bind_loopback_and_batch():
     c = Config()
     assert (c.host, c.port, c.device, c.intra_op_threads, c.max_request_mb) == ("127.0.0.1", 8000, "auto", 0, 32.0)
+    assert c.dynamic_batching and c.max_batch_size == 64 and c.max_queue_delay_ms == 0 and not c.require_gpu
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -181,6 +200,10 @@ def test_config_defaults_bind_loopback():
     ({"max_request_mb": 0}, "`max_request_mb` must be a finite number > 0, got 0"),
     ({"device": "gpu"}, "`device` must be one of auto, cpu, cuda, got 'gpu'"),
     ({"host": ""}, "`host` must be a non-empty"),
+    ({"max_batch_size": 0}, "`max_batch_size` must be an int >= 1, got 0"),
+    ({"max_queue_delay_ms": -1}, "`max_queue_delay_ms` must be a finite number >= 0, got -1"),
+    ({"require_gpu": True, "device": "cpu"}, "`require_gpu` cannot hold with `device` cpu"),
+    ({"dynamic_batching": "yes"}, "`dynamic_batching` must be true or false"),
 ])
 def test_config_validation_names_the_field(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -221,10 +244,10 @@ def test_health_and_server_metadata(client):
     assert client.get(f"/v2/models/{MODEL}/ready").status_code == 200
     assert client.get(f"/v2/models/{MODEL}/versions/3/ready").status_code == 200
     meta = client.get("/v2").json()
-    assert meta["name"] == "onnx-pipeline" and meta["extensions"] == [] and meta["version"]
+    assert meta["name"] == "onnx-pipeline" and meta["extensions"] == ["binary_tensor_data"] and meta["version"]
 
 
-def test_model_metadata(client):
+def test_model_metadata(client, onnx_path):
     for url in (f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/versions/3"):
         r = client.get(url)
         assert r.status_code == 200
@@ -236,6 +259,12 @@ def test_model_metadata(client):
         assert {k: params[k] for k in PROPS} == PROPS
         assert params["model_uri"] == "models:/digits@champion"
         assert json.loads(params["execution_providers"]) == ["CPUExecutionProvider"]
+        assert params["execution_provider"] == "CPUExecutionProvider" and params["io_binding"] is False
+        # Lineage: what the file says, and the file's own hash.
+        assert params["lineage.mlflow_run_id"] == "run-123"
+        assert params["lineage.onnx_sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+        for key in ("lineage.registered_version", "lineage.dataset_sha256", "lineage.variant"):
+            assert key in params
 
 
 @pytest.mark.parametrize("n", [1, 5])
@@ -286,7 +315,10 @@ def test_unknown_model_version_route_and_large_body(client):
     assert client.get("/v2/models/nope/ready").status_code == 404
     r = client.get(f"/v2/models/{MODEL}/versions/9")
     assert r.status_code == 404 and "version '9' not found" in r.json()["error"]
-    assert client.get("/v2/nothing").json() == {"error": "Not Found"}
+    r = client.get("/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"].startswith("no route /v2/nothing")
+    r = client.get(f"/v2/models/{MODEL}/infer")
+    assert r.status_code == 405 and "use POST" in r.json()["error"]
     r = client.post(f"/v2/models/{MODEL}/infer", json=request_body(batch(16)))  # ~20 KiB > 10 KiB
     assert r.status_code == 413 and "max_request_mb" in r.json()["error"]
 
@@ -301,7 +333,7 @@ def test_unexpected_failure_is_500_and_logged(client, runtime, monkeypatch, capl
     def broken(*args, **kwargs):
         raise RuntimeError("session exploded")
 
-    monkeypatch.setattr(runtime.predictor, "run", broken)
+    monkeypatch.setattr(runtime, "run", broken)
     with caplog.at_level("ERROR", logger="stages.serve.app"):
         r = client.post(f"/v2/models/{MODEL}/infer", json=request_body(batch(1)))
     assert r.status_code == 500 and "session exploded" in r.json()["error"]

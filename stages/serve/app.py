@@ -1,46 +1,51 @@
-"""The HTTP transport: KServe v2 / Open Inference Protocol REST routes over ``ModelRuntime``.
+"""The HTTP transport: KServe v2 / Open Inference Protocol REST routes, as a lean ASGI app.
 
-Routes only translate HTTP. They read the raw body (so a bad request gets this protocol's
-``{"error": ...}`` with a message naming the field, never FastAPI's own 422 document), hand it to
-``protocol`` to decode, to ``ModelRuntime.infer`` to run, and write the answer back. Status codes:
-400 for a request that breaks the protocol or does not fit the model, 404 for an unknown model or
-version, 413 for a body above ``max_request_mb``, 500 (logged, server keeps running) for anything
-else. Decoding and inference are blocking, so they run in the thread pool, off the event loop.
+Routes only translate HTTP: read the body (bounded), hand it to ``protocol`` to decode, to the
+model's ``ModelRuntime`` to check, to its ``Batcher`` to run, and write the answer back. Status
+codes: 400 for a request that breaks the protocol or does not fit the model (the JSON ``error``
+names the field), 404 for an unknown model, version or route, 405 for a wrong method, 413 for a
+body above ``max_request_mb``, 503 while not ready, 500 (logged, server keeps running) for anything
+else.
+
+Why a bare ASGI callable and not FastAPI routing: on the infer hot path, FastAPI's dependency
+injection, Starlette's Request object and a thread-pool hop cost more than decoding a one-sample
+request. Here a request costs a dict lookup to route; small bodies are decoded on the event loop
+(tens of microseconds) and only bodies above ``INLINE_DECODE_BYTES`` go to a thread so a large
+request cannot stall the others; inference waits on the batcher's own thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Sequence
-
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from urllib.parse import unquote
 
 from stages.common import PRODUCT_VERSION
 from stages.serve import protocol
+from stages.serve.batcher import Batcher, BatchSettings
+from stages.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from stages.serve.metrics import ServerMetrics
 from stages.serve.runtime import Config, ModelRuntime
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "onnx-pipeline"
+EXTENSIONS = ["binary_tensor_data"]
+INLINE_DECODE_BYTES = 256 * 1024  # larger bodies are decoded (and answers encoded) in a worker thread
+_JSON = [(b"content-type", b"application/json")]
+_HEADER_LENGTH = b"inference-header-content-length"
 
 
-class _NotFound(Exception):
-    pass
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+class HttpError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class ModelRepository:
-    """The served models by name and version; the first version given for a name is its default."""
+    """The served models by name and version; the highest version (as Triton) is a name's default."""
 
     def __init__(self, models: Sequence[ModelRuntime]):
         if not models:
@@ -51,117 +56,271 @@ class ModelRepository:
             if m.version in versions:
                 raise ValueError(f"model {m.name!r} version {m.version!r} is given twice")
             versions[m.version] = m
+        self.default = {name: max(vs.values(), key=lambda m: (m.version.isdigit(), int(m.version) if m.version.isdigit()
+                                                              else 0, m.version))
+                        for name, vs in self.by_name.items()}
 
     def get(self, name: str, version: str | None = None) -> ModelRuntime:
         versions = self.by_name.get(name)
         if versions is None:
-            raise _NotFound(f"model {name!r} not found; served models: {sorted(self.by_name)}")
+            raise HttpError(404, f"model {name!r} not found; served models: {sorted(self.by_name)}")
         if version is None:
-            return next(iter(versions.values()))
+            return self.default[name]
         if version not in versions:
-            raise _NotFound(f"model {name!r} version {version!r} not found; served versions: {list(versions)}")
+            raise HttpError(404, f"model {name!r} version {version!r} not found; served versions: {list(versions)}")
         return versions[version]
 
     def all(self) -> list[ModelRuntime]:
         return [m for versions in self.by_name.values() for m in versions.values()]
 
 
-def create_app(models: Sequence[ModelRuntime], config: Config) -> FastAPI:
-    """A FastAPI app serving ``models`` (already loaded and warm) over the v2 REST API."""
-    repo = ModelRepository(models)
-    max_bytes = config.max_request_bytes
-    app = FastAPI(title=SERVER_NAME, version=PRODUCT_VERSION,
-                  description="KServe v2 / Open Inference Protocol over ONNX Runtime")
-    app.state.models = repo
+class _Served:
+    """What the transport holds per model version: runtime, batcher, metric series."""
 
-    @app.exception_handler(_NotFound)
-    async def not_found(request: Request, exc: _NotFound) -> JSONResponse:
-        return _error(404, str(exc))
+    __slots__ = ("runtime", "batcher", "metrics")
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Unknown routes and wrong methods answer in the protocol's {"error": ...} shape too.
-        return _error(exc.status_code, str(exc.detail))
+    def __init__(self, runtime, batcher, metrics):
+        self.runtime, self.batcher, self.metrics = runtime, batcher, metrics
 
-    @app.get("/v2")
-    async def server_metadata() -> dict:
-        return {"name": SERVER_NAME, "version": PRODUCT_VERSION, "extensions": []}
 
-    @app.get("/v2/health/live")
-    async def live() -> dict:
-        return {"live": True}
+class App:
+    """The ASGI application (HTTP + lifespan). Batchers start on lifespan startup (or on the first
+    request when the server runs without lifespan) and drain on shutdown."""
 
-    @app.get("/v2/health/ready")
-    async def ready() -> JSONResponse:
-        # Models are warmed up before the app exists, so this is 200 unless one was unloaded.
-        ok = all(m.ready for m in repo.all())
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    def __init__(self, models: Sequence[ModelRuntime], config: Config,
+                 batching: dict[tuple[str, str], BatchSettings] | None = None):
+        self.repo = ModelRepository(models)
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.max_bytes = config.max_request_bytes
+        default = BatchSettings(enabled=config.dynamic_batching, max_batch_size=config.max_batch_size,
+                                max_queue_delay_ms=config.max_queue_delay_ms)
+        self.served: dict[int, _Served] = {}
+        for m in self.repo.all():
+            mm = self.metrics.for_model(m.name, m.version, m.provider)
+            settings = (batching or {}).get((m.name, m.version), default)
+            self.served[id(m)] = _Served(m, Batcher(m, settings, mm), mm)
+        self._started = False
+        self._static = {"/v2": protocol.dumps({"name": SERVER_NAME, "version": PRODUCT_VERSION,
+                                               "extensions": EXTENSIONS}),
+                        "/v2/health/live": b'{"live":true}'}
 
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def model_metadata(name: str, version: str | None = None) -> dict:
-        model = repo.get(name, version)
-        return {**model.metadata(), "versions": list(repo.by_name[name])}
+    # --- lifecycle -------------------------------------------------------------------------------
 
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str | None = None) -> JSONResponse:
-        # The spec asks for a non-200 when not ready; 503 is what load balancers expect.
-        model = repo.get(name, version)
-        return JSONResponse({"name": model.name, "version": model.version, "ready": model.ready},
-                            status_code=200 if model.ready else 503)
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            for s in self.served.values():
+                s.batcher.start()
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        model = repo.get(name, version)
+    def stop(self) -> None:
+        for s in self.served.values():
+            s.batcher.stop(timeout=self.config.graceful_shutdown_s)
+
+    @property
+    def ready(self) -> bool:
+        return all(s.runtime.ready for s in self.served.values())
+
+    def batcher(self, name: str, version: str | None = None) -> Batcher:
+        return self.served[id(self.repo.get(name, version))].batcher
+
+    # --- ASGI ------------------------------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                # uvicorn has already waited for in-flight requests; the queues are empty or draining.
+                await asyncio.get_running_loop().run_in_executor(None, self.stop)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope, receive, send) -> None:
+        if not self._started:
+            self.start()
+        path = scope["path"]
+        method = scope["method"]
         try:
-            body = await _read_body(request, max_bytes)
-        except _TooLarge as e:
-            return _error(413, str(e))
+            static = self._static.get(path)
+            if static is not None:
+                _allow(method, "GET")
+                return await _send(send, 200, static)
+            if path == "/v2/health/ready":
+                _allow(method, "GET")
+                ok = self.ready
+                return await _send(send, 200 if ok else 503, b'{"ready":true}' if ok else b'{"ready":false}')
+            if path == "/metrics":
+                _allow(method, "GET")
+                return await _send(send, 200, self.metrics.render(),
+                                   [(b"content-type", METRICS_CONTENT_TYPE.encode())])
+            parts = path.split("/")
+            # ["", "v2", "models", name, ("versions", v), (action)]
+            if len(parts) < 4 or parts[1] != "v2" or parts[2] != "models" or not parts[3]:
+                raise HttpError(404, f"no route {path}; see /v2, /v2/health/live|ready, /v2/models/NAME[/versions/V]"
+                                     "[/ready|/infer], /metrics")
+            name, rest, version = unquote(parts[3]), parts[4:], None
+            if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
+                version, rest = unquote(rest[1]), rest[2:]
+            if rest == ["infer"]:
+                _allow(method, "POST")
+                return await self._infer(scope, receive, send, name, version)
+            model = self.repo.get(name, version)
+            if not rest:
+                _allow(method, "GET")
+                doc = {**model.metadata(), "versions": list(self.repo.by_name[name])}
+                return await _send(send, 200, protocol.dumps(doc))
+            if rest == ["ready"]:
+                _allow(method, "GET")
+                ok = model.ready and self.served[id(model)].batcher.alive
+                return await _send(send, 200 if ok else 503, protocol.dumps(
+                    {"name": model.name, "version": model.version, "ready": ok}))
+            raise HttpError(404, f"no route {path}")
+        except HttpError as e:
+            await _send(send, e.status, protocol.dumps({"error": str(e)}))
+
+    async def _infer(self, scope, receive, send, name: str, version: str | None) -> None:
+        start = time.perf_counter()
+        served = self.served[id(self.repo.get(name, version))]  # 404 before reading the body
+        model = served.runtime
         try:
-            payload = await run_in_threadpool(_infer_json, model, body)
+            body = await _read_body(scope, receive, self.max_bytes)
+            header_length = _header_length(scope)
+            if len(body) > INLINE_DECODE_BYTES:
+                parsed, feeds, names = await asyncio.get_running_loop().run_in_executor(
+                    None, _decode, model, body, header_length)
+            else:
+                parsed, feeds, names = _decode(model, body, header_length)
+            outputs = await served.batcher.infer(feeds)
+            tensors = [protocol.Tensor(n, outputs[n]) for n in names]
+            binary = [parsed.wants_binary(n) for n in names]
+            if len(body) > INLINE_DECODE_BYTES:
+                payload, json_length = await asyncio.get_running_loop().run_in_executor(
+                    None, protocol.encode_infer_response, model.name, model.version, tensors, binary, parsed.id)
+            else:
+                payload, json_length = protocol.encode_infer_response(model.name, model.version, tensors, binary,
+                                                                      parsed.id)
+        except HttpError as e:
+            served.metrics.failure.inc()
+            return await _send(send, e.status, protocol.dumps({"error": str(e)}))
         except protocol.ProtocolError as e:
-            return _error(400, str(e))
+            served.metrics.failure.inc()
+            return await _send(send, 400, protocol.dumps({"error": str(e)}))
         except Exception as e:
+            served.metrics.failure.inc()
             log.exception("inference on model %r version %s failed", model.name, model.version)
-            return _error(500, f"inference failed: {type(e).__name__}: {e}")
-        return Response(payload, media_type="application/json")
-
-    return app
-
-
-def _infer_json(model: ModelRuntime, body: bytes) -> bytes:
-    """Decode, run and encode in one thread-pool hop: all three block (JSON and numpy work grow
-    with the tensor), so none of them runs on the event loop."""
-    parsed = protocol.parse_infer_request(body)
-    # A dynamic batcher will sit here, wrapping model.infer; the route stays the same.
-    outputs = model.infer(parsed.inputs, parsed.outputs)
-    return protocol.dumps(protocol.infer_response(model.name, model.version, outputs, parsed.id))
+            return await _send(send, 500, protocol.dumps({"error": f"inference failed: {type(e).__name__}: {e}"}))
+        if json_length is None:
+            await _send(send, 200, payload)
+        else:
+            await _send(send, 200, payload, [(b"content-type", b"application/octet-stream"),
+                                             (_HEADER_LENGTH, str(json_length).encode())])
+        served.metrics.success.inc()
+        served.metrics.request_seconds.observe(time.perf_counter() - start)
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused as soon as it is known to exceed ``max_bytes`` (before it is all read
-    when the client sends Content-Length, else while streaming it)."""
+def _decode(model: ModelRuntime, body: bytes, header_length: int | None):
+    """Body -> (request, checked feeds, output names); every problem a ProtocolError naming the field."""
+    parsed = protocol.parse_infer_request(body, header_length)
+    problems = []
+    feeds = names = None
+    try:
+        feeds = model.check_inputs(parsed.inputs)
+    except protocol.ProtocolError as e:
+        problems.append(str(e))
+    try:
+        names = model.check_outputs(parsed.outputs)
+    except protocol.ProtocolError as e:
+        problems.append(str(e))
+    if problems:
+        raise protocol.ProtocolError("; ".join(problems))
+    return parsed, feeds, names
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
+        raise HttpError(405, f"method {method} not allowed here; use {allowed}")
+
+
+def _header_length(scope) -> int | None:
+    for key, value in scope["headers"]:
+        if key == _HEADER_LENGTH:
+            try:
+                return int(value)
+            except ValueError:
+                raise protocol.ProtocolError(f"Inference-Header-Content-Length: expected an integer byte count, "
+                                             f"got {value.decode('latin-1')!r}") from None
+    return None
+
+
+async def _read_body(scope, receive, max_bytes: int) -> bytes:
+    """The body, refused as soon as it is known to exceed ``max_bytes`` (before reading it when the
+    client sends Content-Length, else while it streams in)."""
     too_large = f"request body exceeds max_request_mb ({max_bytes / 2**20:g} MiB)"
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _TooLarge(f"{too_large}: Content-Length is {int(declared)} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    for key, value in scope["headers"]:
+        if key == b"content-length" and value.isdigit() and int(value) > max_bytes:
+            raise HttpError(413, f"{too_large}: Content-Length is {int(value)} bytes")
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body"):
+        if len(body) > max_bytes:
+            raise HttpError(413, too_large)
+        return body
+    chunks, size = [body], len(body)
+    while message.get("more_body"):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise HttpError(400, "client disconnected before the body was complete")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
-            raise _TooLarge(too_large)
+            raise HttpError(413, too_large)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def serve(models: Sequence[ModelRuntime], config: Config) -> None:
-    """Run the v2 server until interrupted (Ctrl-C / SIGTERM: uvicorn finishes in-flight requests)."""
+async def _send(send, status: int, body: bytes, headers: list | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*(headers or _JSON), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(models: Sequence[ModelRuntime], config: Config,
+               batching: dict[tuple[str, str], BatchSettings] | None = None) -> App:
+    """The ASGI app serving ``models`` (already loaded and warm) over the v2 REST API."""
+    return App(models, config, batching)
+
+
+def uvicorn_config(app: App, config: Config, log_level: str = "info"):
+    """uvicorn settings for serving: uvloop + httptools where installed, no access log (a log line
+    per request costs as much as a small inference), graceful shutdown bounded."""
+    import importlib.util
+
     import uvicorn
 
-    app = create_app(models, config)
+    fast = importlib.util.find_spec("uvloop") is not None and importlib.util.find_spec("httptools") is not None
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=False,
+                          loop="uvloop" if fast else "asyncio", http="httptools" if fast else "h11",
+                          interface="asgi3", lifespan="on", backlog=2048,
+                          timeout_graceful_shutdown=config.graceful_shutdown_s)
+
+
+def serve(models: Sequence[ModelRuntime], config: Config,
+          batching: dict[tuple[str, str], BatchSettings] | None = None) -> None:
+    """Run the v2 server until SIGTERM / Ctrl-C; in-flight requests finish first (up to graceful_shutdown_s)."""
+    import uvicorn
+
+    app = create_app(models, config, batching)
     host = f"[{config.host}]" if ":" in config.host else config.host
     log.info("KServe v2 server at http://%s:%d/v2 serving %s", host, config.port,
-             ", ".join(f"{m.name} v{m.version}" for m in models))
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+             ", ".join(f"{m.name} v{m.version} on {m.provider}" for m in models))
+    uvicorn.Server(uvicorn_config(app, config)).run()

@@ -1,23 +1,32 @@
-"""The KServe v2 / Open Inference Protocol JSON data plane: schemas and the tensor codec.
+"""The KServe v2 / Open Inference Protocol data plane: schemas and the tensor codec, JSON and binary.
 
-This module knows JSON and numpy and nothing about HTTP or ONNX Runtime sessions. It turns an infer
-request body into named numpy arrays and an answer back into the v2 response document. Every
+This module knows JSON, bytes and numpy and nothing about HTTP or ONNX Runtime sessions. It turns an
+infer request body into named numpy arrays and an answer back into the v2 response body. Every
 problem raises ``ProtocolError`` whose message starts with the field at fault
 (``inputs[0].data: ...``) so a client can fix its request without reading server logs; where a
 request has several problems they are all reported at once.
 
 Datatypes follow the v2 table (BOOL, UINT8..64, INT8..64, FP16/32/64, BYTES); ``DATATYPES`` maps
 each to its numpy dtype and to the ONNX Runtime type string, and is the only place that does.
+
+The binary tensor data extension (Triton's, which its clients use by default): the body is the JSON
+header (``header_length`` bytes, from the ``Inference-Header-Content-Length`` HTTP header) followed
+by the raw little-endian tensors, in input order, of every input whose ``parameters`` carry
+``binary_data_size``. BOOL is one byte per element; BYTES elements are a 4-byte little-endian length
+then the bytes. Outputs come back binary when the request output says ``binary_data: true`` or the
+request says ``binary_data_output: true`` (a per-output ``binary_data`` wins).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass
 from typing import Annotated, Any, Sequence
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
@@ -91,27 +100,27 @@ class RequestInput(BaseModel):
     name: str
     shape: list[Annotated[int, Field(ge=0)]]
     datatype: str
-    parameters: Parameters | None = None
-    data: list[Any]
+    parameters: Parameters | None = None  # binary_data_size: the tensor is in the binary section
+    data: list[Any] | None = None
 
 
 class RequestOutput(BaseModel):
     model_config = _STRICT
     name: str
-    parameters: Parameters | None = None  # e.g. binary_data (extension not implemented yet)
+    parameters: Parameters | None = None  # binary_data: answer this output in the binary section
 
 
 class InferRequestBody(BaseModel):
     model_config = _STRICT
     id: str | None = None
-    parameters: Parameters | None = None
+    parameters: Parameters | None = None  # binary_data_output: every output binary by default
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = None
 
 
 @dataclass(frozen=True)
 class Tensor:
-    """A named array: what flows between the codec, the runtime and (later) the batcher."""
+    """A named array: what flows between the codec, the runtime and the batcher."""
 
     name: str
     array: np.ndarray
@@ -129,12 +138,32 @@ class InferRequest:
     outputs: list[str] | None  # None: every model output
     id: str | None = None
     parameters: Parameters | None = None
+    binary_outputs: dict[str, bool] | None = None  # per requested output; absent: binary_output_default
+    binary_output_default: bool = False
+
+    def wants_binary(self, output_name: str) -> bool:
+        if self.binary_outputs and output_name in self.binary_outputs:
+            return self.binary_outputs[output_name]
+        return self.binary_output_default
 
 
 # --- decoding --------------------------------------------------------------------------------
 
-def parse_infer_request(body: bytes | str) -> InferRequest:
-    """Parse and check an infer request body; every array has its declared dtype and shape."""
+def parse_infer_request(body: bytes | str, header_length: int | None = None) -> InferRequest:
+    """Parse and check an infer request body; every array has its declared dtype and shape.
+
+    ``header_length`` (the ``Inference-Header-Content-Length`` header) says the JSON stops there
+    and binary tensor data follows; None means the whole body is JSON.
+    """
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    binary = memoryview(b"")
+    if header_length is not None:
+        if not 0 < header_length <= len(body):
+            raise ProtocolError(f"Inference-Header-Content-Length: expected the JSON header's size in bytes, "
+                                f"between 1 and the body's {len(body)} bytes, got {header_length}")
+        binary = memoryview(body)[header_length:]
+        body = body[:header_length]
     try:
         doc = InferRequestBody.model_validate_json(body)
     except ValidationError as e:
@@ -142,30 +171,62 @@ def parse_infer_request(body: bytes | str) -> InferRequest:
     problems: list[str] = []
     tensors: list[Tensor] = []
     seen: set[str] = set()
+    offset = 0  # into the binary section
     for i, inp in enumerate(doc.inputs):
+        where = f"inputs[{i}]"
         if inp.name in seen:
-            problems.append(f"inputs[{i}].name: input {inp.name!r} is given twice")
+            problems.append(f"{where}.name: input {inp.name!r} is given twice")
         seen.add(inp.name)
+        size = (inp.parameters or {}).get("binary_data_size")
         try:
-            tensors.append(Tensor(inp.name, decode_tensor(inp, f"inputs[{i}]")))
+            if size is None:
+                if inp.data is None:
+                    raise ProtocolError(f"{where}.data: Field required (or parameters.binary_data_size with "
+                                        "the tensor in the binary section after the JSON)")
+                tensors.append(Tensor(inp.name, decode_tensor(inp, where)))
+                continue
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ProtocolError(f"{where}.parameters.binary_data_size: expected a byte count >= 0, got {size!r}")
+            if inp.data is not None:
+                raise ProtocolError(f"{where}.data: give either data or parameters.binary_data_size, not both")
+            if header_length is None:
+                raise ProtocolError(f"{where}.parameters.binary_data_size: binary tensor data needs the "
+                                    "Inference-Header-Content-Length header (the JSON header's size in bytes)")
+            if offset + size > len(binary):
+                raise ProtocolError(f"{where}.parameters.binary_data_size: {size} bytes from offset {offset} "
+                                    f"overrun the binary section ({len(binary)} bytes after the JSON header)")
+            chunk = binary[offset:offset + size]
+            offset += size
+            tensors.append(Tensor(inp.name, decode_binary(chunk, inp.datatype, inp.shape, where)))
         except ProtocolError as e:
             problems.append(str(e))
-    outputs = None
+    if not problems and offset != len(binary):
+        problems.append(f"binary data: {len(binary)} bytes follow the JSON header but the inputs' "
+                        f"binary_data_size add up to {offset}")
+    default_binary = (doc.parameters or {}).get("binary_data_output", False)
+    if not isinstance(default_binary, bool):
+        problems.append(f"parameters.binary_data_output: expected true or false, got {default_binary!r}")
+    outputs = binary_outputs = None
     if doc.outputs is not None:
-        outputs = [o.name for o in doc.outputs]
-        for j, name in enumerate(outputs):
-            if name in outputs[:j]:
-                problems.append(f"outputs[{j}].name: output {name!r} is requested twice")
+        outputs, binary_outputs = [], {}
+        for j, o in enumerate(doc.outputs):
+            if o.name in outputs:
+                problems.append(f"outputs[{j}].name: output {o.name!r} is requested twice")
+            outputs.append(o.name)
+            flag = (o.parameters or {}).get("binary_data")
+            if flag is not None:
+                if not isinstance(flag, bool):
+                    problems.append(f"outputs[{j}].parameters.binary_data: expected true or false, got {flag!r}")
+                binary_outputs[o.name] = bool(flag)
     if problems:
         raise ProtocolError("; ".join(problems))
-    return InferRequest(inputs=tensors, outputs=outputs, id=doc.id, parameters=doc.parameters)
+    return InferRequest(inputs=tensors, outputs=outputs, id=doc.id, parameters=doc.parameters,
+                        binary_outputs=binary_outputs, binary_output_default=default_binary)
 
 
 def decode_tensor(inp: RequestInput, where: str) -> np.ndarray:
     """``data`` (flat or nested lists, row-major) -> an array of ``datatype`` shaped ``shape``."""
-    dt = DATATYPES.get(inp.datatype)
-    if dt is None:
-        raise ProtocolError(f"{where}.datatype: unknown datatype {inp.datatype!r}; expected one of {list(DATATYPES)}")
+    dt = _datatype(inp.datatype, where)
     needed = math.prod(inp.shape)
     try:
         raw = np.asarray(inp.data, dtype=object if dt.name == "BYTES" else None)
@@ -186,6 +247,54 @@ def decode_tensor(inp: RequestInput, where: str) -> np.ndarray:
     if needed:
         _check_values(raw, dt, where)
     return raw.astype(dt.numpy, copy=False).reshape(inp.shape)
+
+
+def decode_binary(chunk: memoryview, datatype: str, shape: Sequence[int], where: str) -> np.ndarray:
+    """One tensor's bytes from the binary section -> an array of ``datatype`` shaped ``shape``."""
+    dt = _datatype(datatype, where)
+    needed = math.prod(shape)
+    if dt.name == "BYTES":
+        items, pos = [], 0
+        while pos < len(chunk):
+            if pos + 4 > len(chunk):
+                raise ProtocolError(f"{where}: BYTES element {len(items)} has a truncated 4-byte length prefix")
+            (length,) = struct.unpack_from("<I", chunk, pos)
+            pos += 4
+            if pos + length > len(chunk):
+                raise ProtocolError(f"{where}: BYTES element {len(items)} claims {length} bytes, "
+                                    f"only {len(chunk) - pos} left in binary_data_size")
+            try:
+                items.append(bytes(chunk[pos:pos + length]).decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ProtocolError(f"{where}: BYTES element {len(items)} is not UTF-8 text "
+                                    "(ONNX string tensors hold text)") from None
+            pos += length
+        if len(items) != needed:
+            raise ProtocolError(f"{where}.parameters.binary_data_size: shape {format_shape(shape)} needs {needed} "
+                                f"BYTES elements, the binary data holds {len(items)}")
+        return np.array(items, dtype=object).reshape(shape)
+    expected = needed * dt.numpy.itemsize
+    if len(chunk) != expected:
+        raise ProtocolError(f"{where}.parameters.binary_data_size: shape {format_shape(shape)} of {dt.name} needs "
+                            f"{expected} bytes ({needed} x {dt.numpy.itemsize}), got {len(chunk)}")
+    if dt.name == "BOOL":
+        raw = np.frombuffer(chunk, dtype=np.uint8)
+        if needed and raw.max() > 1:
+            raise ProtocolError(f"{where}: BOOL binary data must be bytes 0 or 1, got {int(raw.max())}")
+        return raw.view(np.bool_).reshape(shape)
+    # The wire is little-endian; astype is a no-op on little-endian hosts. frombuffer of a body
+    # slice may be misaligned for the dtype, and ONNX Runtime wants aligned memory: copy then.
+    array = np.frombuffer(chunk, dtype=dt.numpy.newbyteorder("<")).astype(dt.numpy, copy=False)
+    if not array.flags.aligned:
+        array = array.copy()
+    return array.reshape(shape)
+
+
+def _datatype(name: str, where: str) -> DataType:
+    dt = DATATYPES.get(name)
+    if dt is None:
+        raise ProtocolError(f"{where}.datatype: unknown datatype {name!r}; expected one of {list(DATATYPES)}")
+    return dt
 
 
 def _check_values(raw: np.ndarray, dt: DataType, where: str) -> None:
@@ -239,17 +348,35 @@ def _first_line(e: Exception) -> str:
 
 # --- encoding --------------------------------------------------------------------------------
 
+def _json_data(array: np.ndarray) -> Any:
+    """What goes in ``data``: a flat numpy array that orjson writes natively, or a list."""
+    if array.dtype.kind in "OSU":  # BYTES come back from ONNX Runtime as str or bytes objects
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.ravel()]
+    return np.ascontiguousarray(array).ravel()
+
+
+def tensor_bytes(array: np.ndarray) -> bytes:
+    """The binary-extension encoding of one tensor (little-endian, row-major; BYTES length-prefixed)."""
+    if array.dtype.kind in "OSU":
+        parts = []
+        for v in array.ravel():
+            b = v if isinstance(v, bytes) else str(v).encode("utf-8")
+            parts += (struct.pack("<I", len(b)), b)
+        return b"".join(parts)
+    if array.dtype.kind == "b":
+        return np.ascontiguousarray(array).view(np.uint8).tobytes()
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
 def encode_tensor(tensor: Tensor) -> dict:
-    array = tensor.array
-    if array.dtype.kind in "OS":  # BYTES come back from ONNX Runtime as str or bytes objects
-        data = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.ravel()]
-    else:
-        data = array.ravel().tolist()  # Python floats/ints/bools: json can write them directly
-    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(array.shape), "data": data}
+    """The JSON form of one output tensor (data as a plain list)."""
+    data = _json_data(tensor.array)
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.array.shape),
+            "data": data if isinstance(data, list) else data.tolist()}
 
 
 def infer_response(model_name: str, model_version: str, outputs: Sequence[Tensor], id: str | None = None) -> dict:
-    """The v2 infer response document; ``id`` is echoed only when the request had one."""
+    """The v2 infer response document, all outputs as JSON; ``id`` is echoed only when the request had one."""
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if id is not None:
         doc["id"] = id
@@ -257,7 +384,47 @@ def infer_response(model_name: str, model_version: str, outputs: Sequence[Tensor
     return doc
 
 
+def encode_infer_response(model_name: str, model_version: str, outputs: Sequence[Tensor],
+                          binary: Sequence[bool], id: str | None = None) -> tuple[bytes, int | None]:
+    """The response body and, when some outputs travel binary, the JSON header's length (for the
+    ``Inference-Header-Content-Length`` header); None means the body is all JSON."""
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if id is not None:
+        doc["id"] = id
+    entries, blobs, finite = [], [], True
+    for t, as_binary in zip(outputs, binary):
+        entry = {"name": t.name, "datatype": t.datatype, "shape": list(t.array.shape)}
+        if as_binary:
+            blob = tensor_bytes(t.array)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(t.array)
+            if t.array.dtype.kind == "f" and not np.isfinite(t.array).all():
+                finite = False
+        entries.append(entry)
+    doc["outputs"] = entries
+    header = dumps(doc) if finite else _dumps_non_finite(doc)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
 def dumps(doc: Any) -> bytes:
-    # allow_nan: a model that emits NaN/inf should still answer; Python, numpy and Triton's clients
-    # read the NaN/Infinity tokens, although strict JSON parsers refuse them.
-    return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode("utf-8")
+    """Compact JSON; numpy arrays are written natively (no Python float per element)."""
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _dumps_non_finite(doc: Any) -> bytes:
+    # orjson writes NaN/inf as null; a model that emits them should still say so. Python, numpy and
+    # Triton's clients read the NaN/Infinity tokens, although strict JSON parsers refuse them.
+    def plain(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return json.dumps(plain(doc), separators=(",", ":"), allow_nan=True).encode("utf-8")

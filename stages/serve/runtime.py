@@ -1,31 +1,42 @@
 """The serving runtime: one ONNX Runtime session per served model, its v2 metadata and its checks.
 
-``ModelRuntime.infer`` is the data-plane call the HTTP routes make (and that a dynamic batcher
-will wrap): it checks the request's tensors against the session's declared inputs, reporting every
-mismatch at once in the field-naming style of ``protocol.ProtocolError``, runs the session and
-returns named output arrays. ``load_model`` builds one from an .onnx file and warms it up, so a
-server that says it is ready answers its first request at full speed. The session itself comes
-from ``stages.predictors.OrtPredictor``, which picks the execution providers and records the ones
-actually in use (ONNX Runtime falls back to CPU silently).
+``ModelRuntime`` owns a session and nothing about HTTP or batching: ``check_inputs`` matches a
+request's tensors to the session's declared inputs (every mismatch reported at once, in the
+field-naming style of ``protocol.ProtocolError``), ``run`` executes one (possibly merged) batch and
+``warm_up`` runs the batch sizes the batcher will use, so a server that says it is ready answers its
+first request at full speed. ``load_model`` builds a warm one from an .onnx file.
+
+Providers: CUDA (with I/O binding: inputs copied to the device once per merged batch, outputs
+allocated there and copied back once) when a GPU is usable, CPU otherwise. ONNX Runtime falls back
+to CPU silently when CUDA libraries are missing, so the providers really in use are read back from
+the session, reported in the metadata and the metrics, and ``require_gpu`` refuses to serve on CPU.
+
+Threads (CPU): the batcher calls ``run`` from one thread and the HTTP event loop needs a core of its
+own, so on small machines intra-op threads are cores - 1 and do not spin-wait (a spinning worker
+takes the event loop's core; on 2 cores ORT's defaults made `mlflow models serve` burn 1.8 cores at
+concurrency 1).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, get_args
 
 import numpy as np
 
-from stages.predictors import OrtPredictor
 from stages.serve.protocol import DataType, ProtocolError, Tensor, format_shape, from_onnx
 
 log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -35,8 +46,14 @@ class Config:
     host: str = "127.0.0.1"  # loopback unless told otherwise: the server has no authentication
     port: int = 8000
     device: Device = "auto"
-    intra_op_threads: int = 0  # 0: predictors.default_intra_op_threads()
+    require_gpu: bool = False  # refuse to start unless CUDA is the provider really in use
+    intra_op_threads: int = 0  # 0: chosen for the machine (see default_intra_op_threads)
     max_request_mb: float = 32.0  # request bodies above this are refused with 413
+    # Dynamic batching (stages/serve/batcher.py); a model repository's config.pbtxt overrides these per model.
+    dynamic_batching: bool = True
+    max_batch_size: int = 64  # rows merged into one session run at most
+    max_queue_delay_ms: float = 0.0  # extra wait for more rows; 0: merge what queued while the last batch ran
+    graceful_shutdown_s: float = 30.0  # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip():
@@ -45,21 +62,64 @@ class Config:
             raise ValueError(f"`port` must be between 1 and 65535, got {self.port!r}")
         if self.device not in get_args(Device):
             raise ValueError(f"`device` must be one of {', '.join(get_args(Device))}, got {self.device!r}")
+        for key in ("require_gpu", "dynamic_batching"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"`{key}` must be true or false, got {getattr(self, key)!r}")
+        if self.require_gpu and self.device == "cpu":
+            raise ValueError("`require_gpu` cannot hold with `device` cpu; use device auto or cuda")
         if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int) \
                 or self.intra_op_threads < 0:
             raise ValueError(f"`intra_op_threads` must be an int >= 0 (0: automatic), got {self.intra_op_threads!r}")
-        if isinstance(self.max_request_mb, bool) or not isinstance(self.max_request_mb, (int, float)) \
-                or not self.max_request_mb > 0 or math.isinf(self.max_request_mb):
-            raise ValueError(f"`max_request_mb` must be a finite number > 0, got {self.max_request_mb!r}")
+        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ValueError(f"`max_batch_size` must be an int >= 1, got {self.max_batch_size!r}")
+        for key in ("max_request_mb", "max_queue_delay_ms", "graceful_shutdown_s"):
+            v = getattr(self, key)
+            lowest_ok = key != "max_request_mb"  # a delay or grace of 0 is fine; a 0-byte limit is not
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isinf(v) or math.isnan(v) \
+                    or v < 0 or (v == 0 and not lowest_ok):
+                raise ValueError(f"`{key}` must be a finite number {'>= 0' if lowest_ok else '> 0'}, got {v!r}")
 
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * 1024 * 1024)
 
 
+class GpuRequired(ValueError):
+    """--require-gpu was given but CUDA is not (or would not be) the provider in use."""
+
+
+def default_intra_op_threads() -> int:
+    """Leave the HTTP event loop a core on small machines; cap at 8 (a small model gains nothing more)."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if cores <= 4 else min(cores - 1, 8)
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used here, or None when it can (as far as we can tell before a session)."""
+    import onnxruntime as ort
+
+    from stages.predictors import cuda_available
+
+    if CUDA_EP not in ort.get_available_providers():
+        return (f"this onnxruntime build ({ort.__version__}) has no CUDA execution provider; "
+                "install onnxruntime-gpu (never beside onnxruntime)")
+    if not cuda_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False: no GPU, no driver or CUDA_VISIBLE_DEVICES hides it)"
+    return None
+
+
+def check_gpu_required(config: Config) -> None:
+    """Refuse early (before loading anything) when --require-gpu cannot be met on this machine."""
+    if config.require_gpu:
+        problem = cuda_problem()
+        if problem:
+            raise GpuRequired(f"--require-gpu: CUDAExecutionProvider is not available, the server would run on "
+                              f"CPUExecutionProvider: {problem}")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """One declared session input or output; ``shape`` uses -1 for dynamic dims, ``dims`` keeps
+    """A model input or output as the v2 metadata describes it: ``shape`` has -1 for dynamic dims, ``dims`` keeps
     ONNX's own dims (int, a symbolic name such as "batch", or None) for cross-input checks."""
 
     name: str
@@ -72,6 +132,10 @@ class TensorSpec:
         dims = tuple(arg.shape or ())
         return cls(arg.name, from_onnx(arg.type), tuple(d if isinstance(d, int) else -1 for d in dims), dims)
 
+    @property
+    def dynamic_batch(self) -> bool:
+        return bool(self.dims) and not isinstance(self.dims[0], int)
+
     def describe(self) -> dict:
         return {"name": self.name, "datatype": self.datatype.name, "shape": list(self.shape)}
 
@@ -81,30 +145,43 @@ class ModelRuntime:
 
     platform = "onnxruntime_onnx"  # the v2 / Triton name for an ONNX Runtime backend
 
-    def __init__(self, name: str, version: str, predictor: OrtPredictor, lineage: Mapping[str, Any] | None = None):
+    def __init__(self, name: str, version: str, session, path: Path, lineage: Mapping[str, Any] | None = None,
+                 io_binding: bool = True):
         self.name = name
         self.version = str(version)
-        self.predictor = predictor
-        self.lineage = dict(lineage or {})
+        self.session = session
+        self.path = Path(path)
+        self.providers: list[str] = session.get_providers()
+        self.provider = self.providers[0]
         try:
-            self.inputs = [TensorSpec.from_node_arg(a) for a in predictor.inputs]
-            self.outputs = [TensorSpec.from_node_arg(a) for a in predictor.outputs]
+            self.inputs = [TensorSpec.from_node_arg(a) for a in session.get_inputs()]
+            self.outputs = [TensorSpec.from_node_arg(a) for a in session.get_outputs()]
         except ProtocolError as e:
-            raise ValueError(f"{predictor.path} cannot be served over the v2 JSON protocol: {e}") from None
+            raise ValueError(f"{path} cannot be served over the v2 protocol: {e}") from None
         self._inputs = {s.name: s for s in self.inputs}
-        self._output_names = [s.name for s in self.outputs]
-        # What the exporter wrote (labels, layout, normalization, training run id): strings only.
-        self.metadata_props = dict(predictor.session.get_modelmeta().custom_metadata_map)
+        self.output_names = [s.name for s in self.outputs]
+        # Rows of several requests can be stacked only if every input and output has a free first dim.
+        self.batchable = all(s.dynamic_batch for s in (*self.inputs, *self.outputs))
+        # I/O binding pays on CUDA (one host->device copy per merged batch, outputs allocated on the
+        # device); string tensors cannot live there.
+        self.io_binding = io_binding and self.provider == CUDA_EP and \
+            all(s.datatype.name != "BYTES" for s in (*self.inputs, *self.outputs))
+        # What the exporter wrote (labels, layout, normalization, lineage): strings only.
+        self.metadata_props = dict(session.get_modelmeta().custom_metadata_map)
+        self.lineage = lineage_of(self.metadata_props, dict(lineage or {}), sha256_file(self.path))
+        self.warm_batch_sizes: list[int] = []
         self.ready = False
 
     def metadata(self) -> dict:
-        """The v2 model metadata document."""
+        """The v2 model metadata document (plus parameters: the file's metadata, lineage, provider)."""
         # v2 parameter values are scalars, so structured values travel as JSON strings, the same
         # convention the exporter uses for metadata_props ("labels": "[\"0\", ...]").
         parameters: dict[str, Any] = dict(self.metadata_props)
         parameters.update({k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
                            for k, v in self.lineage.items()})
-        parameters["execution_providers"] = json.dumps(self.predictor.providers)
+        parameters["execution_provider"] = self.provider
+        parameters["execution_providers"] = json.dumps(self.providers)
+        parameters["io_binding"] = self.io_binding
         return {
             "name": self.name,
             "versions": [self.version],
@@ -152,53 +229,149 @@ class ModelRuntime:
             raise ProtocolError("; ".join(problems))
         return feeds
 
-    def infer(self, tensors: Sequence[Tensor], requested_outputs: Sequence[str] | None = None) -> list[Tensor]:
-        """Check, run, and return the requested outputs (all of them when None), in request order.
+    def check_outputs(self, requested: Sequence[str] | None) -> list[str]:
+        """The output names to answer (all of them when None); unknown names are a ProtocolError."""
+        if not requested:
+            return self.output_names
+        unknown = [f"outputs[{j}].name: unknown output {n!r}; model {self.name!r} has {self.output_names}"
+                   for j, n in enumerate(requested) if n not in self.output_names]
+        if unknown:
+            raise ProtocolError("; ".join(unknown))
+        return list(requested)
 
-        Blocking: the HTTP layer calls this off its event loop. ONNX Runtime sessions are safe to
-        run from several threads at once.
-        """
-        names = list(requested_outputs) if requested_outputs else self._output_names
-        unknown = [f"outputs[{j}].name: unknown output {n!r}; model {self.name!r} has {self._output_names}"
-                   for j, n in enumerate(names) if n not in self._output_names]
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output for one batch. Blocking; the batcher calls it from its own thread."""
+        if self.io_binding:
+            binding = self.session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            for name in self.output_names:
+                binding.bind_output(name, "cuda")
+            self.session.run_with_iobinding(binding)
+            return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+        return dict(zip(self.output_names, self.session.run(self.output_names, dict(feeds))))
+
+    def infer(self, tensors: Sequence[Tensor], requested_outputs: Sequence[str] | None = None) -> list[Tensor]:
+        """Check, run (unbatched) and return the requested outputs, in request order."""
+        problems = []
         try:
             feeds = self.check_inputs(tensors)
         except ProtocolError as e:
-            raise ProtocolError("; ".join([str(e), *unknown])) from None
-        if unknown:
-            raise ProtocolError("; ".join(unknown))
-        results = self.predictor.run(feeds, names)
+            problems.append(str(e))
+        try:
+            names = self.check_outputs(requested_outputs)
+        except ProtocolError as e:
+            problems.append(str(e))
+        if problems:
+            raise ProtocolError("; ".join(problems))
+        results = self.run(feeds)
         return [Tensor(n, results[n]) for n in names]
 
-    def warm_up(self) -> None:
-        """One batch-1 inference on zeros: first runs allocate memory and pick kernels (on CUDA, the
-        first call can take seconds), which the first client should not pay for."""
-        self.infer([Tensor(s.name, np.full([d if d >= 0 else 1 for d in s.shape],
-                                           "" if s.datatype.name == "BYTES" else 0, dtype=s.datatype.numpy))
-                    for s in self.inputs])
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run zeros at every batch size the batcher will form: first runs allocate memory and pick
+        kernels (on CUDA, a new shape can take seconds), which no client should pay for."""
+        sizes = sorted(set(batch_sizes)) if self.batchable else [1]
+        for n in sizes:
+            feeds = {}
+            for s in self.inputs:
+                shape = [n if axis == 0 and self.batchable else (d if d >= 0 else 1) for axis, d in enumerate(s.shape)]
+                feeds[s.name] = np.full(shape, "" if s.datatype.name == "BYTES" else 0, dtype=s.datatype.numpy)
+            self.run(feeds)
+        self.warm_batch_sizes = sizes
         self.ready = True
 
 
+def warm_up_sizes(max_batch_size: int, preferred: Sequence[int] = ()) -> list[int]:
+    """1, powers of two up to ``max_batch_size``, the maximum itself and any preferred sizes."""
+    sizes = {1, max_batch_size, *preferred}
+    n = 2
+    while n < max_batch_size:
+        sizes.add(n)
+        n *= 2
+    return sorted(s for s in sizes if 1 <= s <= max_batch_size)
+
+
+# Lineage keys the metadata always carries (empty when unknown), and where each may come from:
+# the registry (MLflow tags / version), else the ONNX file's own metadata_props.
+_LINEAGE_SOURCES = {
+    "lineage.mlflow_run_id": ("run_id", "lineage.training_run_id", "lineage.mlflow_run_id"),
+    "lineage.registered_name": ("registered_name",),
+    "lineage.registered_version": ("registered_version",),
+    "lineage.dataset_sha256": ("lineage.dataset_sha256", "dataset_sha256", "dataset.sha256"),
+    "lineage.variant": ("variant", "lineage.variant"),
+}
+
+
+def lineage_of(props: Mapping[str, str], given: Mapping[str, Any], onnx_sha256: str) -> dict[str, Any]:
+    """Lineage for the metadata: what the caller resolved (registry URI, tags) wins over the file's props."""
+    out: dict[str, Any] = dict(given)
+    for key, sources in _LINEAGE_SOURCES.items():
+        value = next((given[s] for s in sources if given.get(s)), None) or \
+            next((props[s] for s in sources if props.get(s)), "")
+        out[key] = str(value)
+    out["lineage.onnx_sha256"] = onnx_sha256
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_session(path: Path, device: Device, intra_op_threads: int = 0):
+    """An ONNX Runtime session with providers and threads chosen for serving on this machine."""
+    import onnxruntime as ort
+
+    from stages.predictors import ort_providers
+
+    opts = ort.SessionOptions()
+    cores = os.cpu_count() or 1
+    opts.intra_op_num_threads = intra_op_threads or default_intra_op_threads()
+    opts.inter_op_num_threads = 1  # sequential execution: a small graph has no parallel branches worth a pool
+    if cores <= 4:
+        # Spin-waiting intra-op workers would take the core the event loop needs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3  # errors only: a provider fallback is reported by us, plainly
+    providers = ort_providers(device)
+    session = ort.InferenceSession(str(path), opts, providers=providers)
+    session.requested_providers = providers  # what we asked for, beside get_providers(): what we got
+    return session
+
+
 def load_model(path: Path | str, name: str, version: str = "1", device: Device = "auto",
-               intra_op_threads: int = 0, lineage: Mapping[str, Any] | None = None) -> ModelRuntime:
+               intra_op_threads: int = 0, lineage: Mapping[str, Any] | None = None,
+               warm_batch_sizes: Sequence[int] = (1,), require_gpu: bool = False) -> ModelRuntime:
     """Open ``path`` in ONNX Runtime, warm it up and return the runtime that serves it as ``name``.
 
     ``lineage`` (say, the registry URI and version it was resolved from) is added to the model's
-    metadata parameters next to the file's own ``metadata_props``.
+    metadata parameters next to the file's own ``metadata_props``. With ``require_gpu``, a session
+    that did not get the CUDA provider is refused (GpuRequired) instead of served on CPU.
     """
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model file {path} not found")
+    if require_gpu and device == "auto":
+        device = "cuda"
     try:
-        predictor = OrtPredictor(path, device=device, intra_op_threads=intra_op_threads)
+        session = make_session(path, device, intra_op_threads)
     except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NotImplemented) as e:
         raise ValueError(f"{path} is not a valid ONNX model that ONNX Runtime can load: {e}") from None
-    runtime = ModelRuntime(name, version, predictor, lineage)
+    runtime = ModelRuntime(name, version, session, path, lineage)
+    if require_gpu and runtime.provider != CUDA_EP:
+        raise GpuRequired(f"--require-gpu: model {name!r} got {runtime.provider}, not {CUDA_EP} "
+                          f"(ONNX Runtime could not start CUDA: {cuda_problem() or 'CUDA/cuDNN libraries not found?'})")
+    if CUDA_EP in session.requested_providers and runtime.provider != CUDA_EP:
+        log.warning("CUDA was asked for model %r but ONNX Runtime runs it on %s", name, runtime.provider)
     try:
-        runtime.warm_up()
+        runtime.warm_up(warm_batch_sizes)
     except Exception as e:
         raise ValueError(f"{path} loaded but a warm-up inference on zeros failed: {e}") from e
-    log.info("model %r version %s ready from %s on %s", name, runtime.version, path, ", ".join(predictor.providers))
+    log.info("model %r version %s ready from %s on %s (warm at batch sizes %s)", name, runtime.version, path,
+             ", ".join(runtime.providers), runtime.warm_batch_sizes)
     return runtime
+

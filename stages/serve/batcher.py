@@ -1,0 +1,207 @@
+"""Dynamic batching: requests queued, merged into one session run, split back per request, in order.
+
+One ``Batcher`` per served model owns one worker thread. The HTTP event loop calls
+``await batcher.infer(feeds)``: the request's arrays join a FIFO queue and the coroutine waits on an
+asyncio future; there is no thread-pool hop per request. The worker takes the oldest request and
+merges the requests behind it while they fit:
+
+- same input names, dtypes and per-row shapes (rows are stacked along dim 0),
+- at most ``max_batch_size`` rows in all (a single larger request runs alone, never split),
+- waiting at most ``max_queue_delay_ms`` after the oldest request arrived for more rows to come.
+
+With the default delay of 0 nothing waits on purpose: whatever queued while the previous batch ran
+is merged, so a lone client pays no delay and a crowd is served in large batches (the batch grows
+with the load, which is what a closed-loop load at concurrency 32 shows). The worker concatenates,
+runs the session once, checks that every output has one row per input row, slices each request its
+rows (in queue order) and resolves all the futures of the batch with a single hand-over to the event
+loop. A model without a free batch dim, or a request that merges badly, runs alone. An exception
+fails only the requests of its batch; the worker never dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How one model batches (the recipe's serve section, or the model's config.pbtxt)."""
+
+    enabled: bool = True
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()  # only warmed up; the merge rule is max size / delay
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"`max_batch_size` must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"`max_queue_delay_ms` must be >= 0, got {self.max_queue_delay_ms}")
+
+
+class _Item:
+    __slots__ = ("feeds", "rows", "key", "future", "loop", "enqueued")
+
+    def __init__(self, feeds, rows, key, future, loop):
+        self.feeds, self.rows, self.key, self.future, self.loop = feeds, rows, key, future, loop
+        self.enqueued = time.perf_counter()
+
+
+def _resolve(results: list) -> None:
+    """Runs on the event loop: hand each waiting request its rows (or its error)."""
+    for future, value, error in results:
+        if future.done():  # the client went away and the request was cancelled
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+class Batcher:
+    """Queue + worker thread wrapping ``runtime.run`` for one model."""
+
+    def __init__(self, runtime, settings: BatchSettings, metrics=None):
+        self.runtime = runtime
+        self.settings = settings
+        self.metrics = metrics
+        self.merging = settings.enabled and runtime.batchable and settings.max_batch_size > 1
+        self._delay_s = settings.max_queue_delay_ms / 1000.0
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name=f"batcher-{runtime.name}-{runtime.version}",
+                                        daemon=True)
+
+    def start(self) -> "Batcher":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    async def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every model output for these (checked) feeds, rows of this request only."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        first = next(iter(feeds.values()))
+        rows = first.shape[0] if first.ndim else 1
+        key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
+        item = _Item(feeds, rows, key, future, loop)
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
+            self._queue.append(item)
+            self._cond.notify()
+        return await future
+
+    # --- the worker thread -----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._execute(batch)
+            except BaseException as e:  # never let the worker die: fail this batch, keep serving
+                log.exception("batcher of %r crashed on a batch", self.runtime.name)
+                self._hand_back([(it, None, e) for it in batch])
+
+    def _next_batch(self) -> list[_Item] | None:
+        s = self.settings
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first = self._queue.popleft()
+            batch, rows = [first], first.rows
+            if not self.merging or rows >= s.max_batch_size:
+                return batch
+            deadline = first.enqueued + self._delay_s
+            while rows < s.max_batch_size:
+                if not self._queue:
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0 or self._stopping:
+                        break
+                    self._cond.wait(remaining)
+                    continue
+                nxt = self._queue[0]
+                if nxt.key != first.key or rows + nxt.rows > s.max_batch_size:
+                    break
+                batch.append(self._queue.popleft())
+                rows += nxt.rows
+            return batch
+
+    def _execute(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        m = self.metrics
+        if m is not None:
+            for it in batch:
+                m.queue_seconds.observe(start - it.enqueued)
+        rows = sum(it.rows for it in batch)
+        if len(batch) == 1:
+            results = self._run_alone(batch[0])
+        else:
+            first = batch[0]
+            feeds = {name: np.concatenate([it.feeds[name] for it in batch]) for name in first.feeds}
+            try:
+                outputs = self.runtime.run(feeds)
+            except Exception as e:
+                results = [(it, None, e) for it in batch]
+            else:
+                bad = [n for n, a in outputs.items() if a.ndim == 0 or a.shape[0] != rows]
+                if bad:
+                    # The graph is not row-wise after all (say, it reduces over the batch): never
+                    # mix requests for it again, and answer these one at a time.
+                    log.warning("model %r output(s) %s do not have one row per input row; dynamic batching "
+                                "turned off for it", self.runtime.name, bad)
+                    self.merging = False
+                    results = [r for it in batch for r in self._run_alone(it)]
+                else:
+                    results, offset = [], 0
+                    for it in batch:
+                        results.append((it, {n: a[offset:offset + it.rows] for n, a in outputs.items()}, None))
+                        offset += it.rows
+        if m is not None:
+            m.compute_seconds.observe(time.perf_counter() - start)
+            m.batch_size.observe(rows)
+        self._hand_back(results)
+
+    def _run_alone(self, item: _Item) -> list:
+        try:
+            return [(item, self.runtime.run(item.feeds), None)]
+        except Exception as e:
+            return [(item, None, e)]
+
+    @staticmethod
+    def _hand_back(results: Sequence) -> None:
+        # One call_soon_threadsafe per event loop per batch (a wake-up each), not one per request.
+        by_loop: dict = {}
+        for it, value, error in results:
+            by_loop.setdefault(it.loop, []).append((it.future, value, error))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, items)
+            except RuntimeError:  # the loop closed under us (server stopped): nobody is waiting
+                pass
