@@ -311,6 +311,7 @@ def uvicorn_config(app: App, config: Config, log_level: str = "info"):
     return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=False,
                           loop="uvloop" if fast else "asyncio", http="httptools" if fast else "h11",
                           interface="asgi3", lifespan="on", backlog=2048,
+                          proxy_headers=False,  # nothing here reads the client address; saves a wrapper per request
                           timeout_graceful_shutdown=config.graceful_shutdown_s)
 
 

@@ -70,15 +70,21 @@ def from_onnx(onnx_type: str) -> DataType:
         raise ProtocolError(f"ONNX type {onnx_type} has no v2 datatype; supported: {sorted(_BY_ONNX)}") from None
 
 
+_BY_NUMPY = {d.numpy: d for d in DATATYPES.values() if d.name != "BYTES"}
+
+
 def from_numpy(dtype: np.dtype) -> DataType:
     """The v2 datatype for a numpy dtype (str and bytes arrays count as BYTES)."""
+    found = _BY_NUMPY.get(dtype)  # a dict lookup: this runs for every tensor of every request
+    if found is not None:
+        return found
     dtype = np.dtype(dtype)
     if dtype.kind in "OUS":
         return DATATYPES["BYTES"]
-    for d in DATATYPES.values():
-        if d.numpy == dtype:
-            return d
-    raise ProtocolError(f"numpy dtype {dtype} has no v2 datatype")
+    found = _BY_NUMPY.get(dtype.newbyteorder("="))
+    if found is None:
+        raise ProtocolError(f"numpy dtype {dtype} has no v2 datatype")
+    return found
 
 
 def format_shape(shape: Sequence[int]) -> str:

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, get_args
@@ -170,6 +171,7 @@ class ModelRuntime:
         self.metadata_props = dict(session.get_modelmeta().custom_metadata_map)
         self.lineage = lineage_of(self.metadata_props, dict(lineage or {}), sha256_file(self.path))
         self.warm_batch_sizes: list[int] = []
+        self.batch1_seconds = float("inf")  # measured by warm_up
         self.ready = False
 
     def metadata(self) -> dict:
@@ -277,6 +279,10 @@ class ModelRuntime:
                 shape = [n if axis == 0 and self.batchable else (d if d >= 0 else 1) for axis, d in enumerate(s.shape)]
                 feeds[s.name] = np.full(shape, "" if s.datatype.name == "BYTES" else 0, dtype=s.datatype.numpy)
             self.run(feeds)
+            if n == 1:  # a second, timed run: what one small request costs once warm
+                start = time.perf_counter()
+                self.run(feeds)
+                self.batch1_seconds = time.perf_counter() - start
         self.warm_batch_sizes = sizes
         self.ready = True
 
