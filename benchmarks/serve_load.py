@@ -75,10 +75,12 @@ def train_digits_cnn(path: Path, epochs: int = 2) -> None:
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
 
 
-def in_process_samples_per_s(path: Path, batch: int, seconds: float = 2.0) -> float:
+def in_process_samples_per_s(path: Path, batch: int, device: str, seconds: float = 2.0) -> float:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # ORT's default threads
+    from stages.predictors import ort_providers
+
+    session = ort.InferenceSession(str(path), providers=ort_providers(device))  # ORT's default threads
     x = np.random.default_rng(0).standard_normal((batch, 1, 8, 8)).astype(np.float32)
     for _ in range(50):
         session.run(None, {"input": x})
@@ -278,7 +280,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--batch-rows", type=int, default=32, help="samples per request in the last scenario")
     ap.add_argument("--batch-concurrency", type=int, default=8)
-    ap.add_argument("--serve-arg", action="append", default=[], help="extra argument for `pipeline serve` (repeatable)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="for our server (cuda adds --require-gpu) and the in-process reference; mlflow's ONNX "
+                         "flavor always asks for CUDA first")
+    ap.add_argument("--serve-arg", action="append", default=[],
+                    help="extra argument for `pipeline serve` (repeatable; --serve-arg=--set --serve-arg=serve.x=1)")
     ap.add_argument("--json", type=Path, help="also write the cells as JSON here")
     args = ap.parse_args()
 
@@ -291,13 +297,14 @@ def main() -> None:
             t = time.perf_counter()
             train_digits_cnn(onnx)
             print(f"trained and exported the digits CNN in {time.perf_counter() - t:.1f} s -> {onnx}", flush=True)
-        ref1 = in_process_samples_per_s(onnx, 1)
-        ref32 = in_process_samples_per_s(onnx, args.batch_rows)
+        ref1 = in_process_samples_per_s(onnx, 1, args.device)
+        ref32 = in_process_samples_per_s(onnx, args.batch_rows, args.device)
         print(f"in-process ONNX Runtime: {ref1:,.0f} samples/s at batch 1, {ref32:,.0f} at batch {args.batch_rows}",
               flush=True)
 
         ours_port, mlflow_port = free_port(), free_port()
-        procs.append(start_ours(onnx, ours_port, work / "ours.log", args.serve_arg))
+        device_args = ["--device", args.device] + (["--require-gpu"] if args.device == "cuda" else [])
+        procs.append(start_ours(onnx, ours_port, work / "ours.log", device_args + args.serve_arg))
         (work / "store").mkdir()
         procs.append(start_mlflow(onnx, mlflow_port, work / "store", work / "mlflow.log"))
         servers = {"onnx-pipeline": (ours_port, f"/v2/models/{MODEL_NAME}/infer", v2_body, v2_outputs),
