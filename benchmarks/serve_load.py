@@ -19,7 +19,8 @@ asyncio sockets, so the generator costs little of the 2 cores it shares with the
 the next request as soon as the previous answer arrived, for ``--seconds`` after a one-second warm-up.
 Scenarios: one sample per request at concurrency 1, 8 and 32, then 32 samples per request at
 concurrency ``--batch-concurrency``. Recorded per cell: requests/s, samples/s, p50 and p99 latency,
-errors (non-200 answers or broken connections). Every server answer is first checked against
+errors (non-200 answers or broken connections), and the CPU the server's processes used (cores, and
+microseconds per request: on a busy shared machine steadier than requests/s). Every server answer is first checked against
 in-process ONNX Runtime. In-process ONNX Runtime samples/s at batch 1 and 32 (its default threads)
 is printed for reference; the goals of issue 5 are checked at the end.
 """
@@ -118,7 +119,7 @@ def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 180
 
 def start_ours(onnx: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
     cmd = [str(BIN / "pipeline"), "serve", "--model", str(onnx), "--name", MODEL_NAME, "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_http(port, "/v2/health/ready", proc)
     return proc
 
@@ -143,6 +144,22 @@ def start_mlflow(onnx: Path, port: int, store: Path, log: Path) -> subprocess.Po
                             start_new_session=True)  # its own group: mlflow forks a uvicorn child
     wait_http(port, "/ping", proc)
     return proc
+
+
+def cpu_seconds(session_leader: int) -> float:
+    """User + system CPU seconds of every process in a session (Linux /proc; NaN elsewhere): what a
+    server costs, robust to a busy machine in a way that requests/s is not."""
+    if not Path("/proc/self/stat").exists():
+        return float("nan")
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session_leader:  # field 6 of stat: the session id
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -244,6 +261,8 @@ class Cell:
     p50_ms: float
     p99_ms: float
     errors: int
+    server_cores: float  # CPU seconds the server's processes used per second of the cell
+    cpu_us_per_request: float
 
 
 async def _drive(port: int, request: bytes, concurrency: int, seconds: float, warmup: float):
@@ -257,18 +276,22 @@ async def _drive(port: int, request: bytes, concurrency: int, seconds: float, wa
 
 
 def drive(server: str, port: int, path: str, body: bytes, concurrency: int, rows: int, seconds: float,
-          warmup: float = 1.0) -> Cell:
+          warmup: float = 1.0, pid: int | None = None) -> Cell:
     try:
         import uvloop
 
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
+    cpu0, t0 = (cpu_seconds(pid) if pid else float("nan")), time.perf_counter()
     latencies, errors = runner(_drive(port, http_request(path, body), concurrency, seconds, warmup))
+    cpu = (cpu_seconds(pid) if pid else float("nan")) - cpu0  # warm-up included, like the wall time below
+    wall = time.perf_counter() - t0
     lat = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    answered = len(latencies) * (wall / seconds)  # requests answered over the whole wall time, roughly
     return Cell(server, f"c={concurrency}, {rows} sample{'s' if rows > 1 else ''}/request", concurrency, rows,
                 len(latencies) / seconds, len(latencies) * rows / seconds, float(np.percentile(lat, 50)),
-                float(np.percentile(lat, 99)), len(errors))
+                float(np.percentile(lat, 99)), len(errors), cpu / wall, cpu / max(answered, 1) * 1e6)
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -309,6 +332,7 @@ def main() -> None:
         procs.append(start_mlflow(onnx, mlflow_port, work / "store", work / "mlflow.log"))
         servers = {"onnx-pipeline": (ours_port, f"/v2/models/{MODEL_NAME}/infer", v2_body, v2_outputs),
                    "mlflow": (mlflow_port, "/invocations", mlflow_body, mlflow_outputs)}
+        pids = {"onnx-pipeline": procs[0].pid, "mlflow": procs[1].pid}
 
         import httpx
         import onnxruntime as ort
@@ -329,10 +353,11 @@ def main() -> None:
         cells: list[Cell] = []
         for concurrency, x in scenarios:
             for name, (port, path, body, _) in servers.items():
-                cell = drive(name, port, path, body(x), concurrency, len(x), args.seconds)
+                cell = drive(name, port, path, body(x), concurrency, len(x), args.seconds, pid=pids[name])
                 cells.append(cell)
                 print(f"  {cell.scenario:<28} {name:<14} {cell.requests_per_s:>9,.0f} req/s  "
-                      f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}", flush=True)
+                      f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}  "
+                      f"server {cell.server_cores:.2f} cores, {cell.cpu_us_per_request:,.0f} us CPU/request", flush=True)
     finally:
         for p in procs:
             stop(p)
@@ -353,7 +378,7 @@ def report(cells: list[Cell], ref1: float, ref32: float, args) -> None:
     print(f"in-process ONNX Runtime (default threads): {ref1:,.0f} samples/s at batch 1, "
           f"{ref32:,.0f} samples/s at batch {args.batch_rows}\n")
     head = (f"| {'scenario':<28} | {'server':<13} | {'req/s':>8} | {'samples/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} "
-            f"| {'errors':>6} | {'req/s ratio':>11} | {'p99 ratio':>9} |")
+            f"| {'errors':>6} | {'req/s ratio':>11} | {'p99 ratio':>9} | {'server cores':>12} | {'CPU us/req':>10} |")
     print(head)
     print("|" + "|".join("-" * (len(p)) for p in head.split("|")[1:-1]) + "|")
     for scenario in dict.fromkeys(c.scenario for c in cells):
@@ -363,7 +388,8 @@ def report(cells: list[Cell], ref1: float, ref32: float, args) -> None:
                      else "")
             p99r = f"{ours.p99_ms / theirs.p99_ms:.2f}" if c is ours and theirs.p99_ms else ""
             print(f"| {scenario:<28} | {c.server:<13} | {c.requests_per_s:>8,.0f} | {c.samples_per_s:>9,.0f} "
-                  f"| {c.p50_ms:>7.2f} | {c.p99_ms:>7.2f} | {c.errors:>6} | {ratio:>11} | {p99r:>9} |")
+                  f"| {c.p50_ms:>7.2f} | {c.p99_ms:>7.2f} | {c.errors:>6} | {ratio:>11} | {p99r:>9} "
+                  f"| {c.server_cores:>12.2f} | {c.cpu_us_per_request:>10,.0f} |")
     c32 = max(args.concurrency)
     single = [c for c in cells if c.concurrency == c32 and c.rows == 1]
     batched = [c for c in cells if c.rows == args.batch_rows and c.server == "onnx-pipeline"]
