@@ -140,9 +140,10 @@ def test_require_gpu_refuses_without_cuda(onnx_path):
 @pytest.mark.skipif(not _cuda_usable(), reason="needs a CUDA GPU (this machine has none): run on the GPU machine")
 def test_cuda_provider_with_io_binding_matches_cpu(onnx_path, reference):
     from stages.serve import load_model
+    from stages.serve.protocol import Tensor
 
     runtime = load_model(onnx_path, "digits", device="cuda", require_gpu=True, warm_batch_sizes=(1, 8, 64))
     assert runtime.provider == "CUDAExecutionProvider" and runtime.io_binding
     x = batch(8, seed=3)
-    (out,) = runtime.infer([__import__("stages.serve.protocol", fromlist=["Tensor"]).Tensor("input", x)])
+    (out,) = runtime.infer([Tensor("input", x)])
     np.testing.assert_allclose(out.array, reference(x), atol=1e-4)
