@@ -12,12 +12,13 @@ HOST     ?= 127.0.0.1
 PORT     ?= 8000
 UI_PORT  ?= 5000
 STORE    ?= sqlite:///mlruns/mlflow.db
-# Triton's Python client, for the serve tests only: it pins protobuf and ml_dtypes versions that onnx
-# and mlflow refuse, so it lives in its own small venv and runs as a separate process.
+# Triton's Python client, for tests only: it pins protobuf and ml_dtypes versions that onnx and mlflow
+# refuse, so it lives in its own small venv and runs as a separate process. The package tests also
+# read Triton's model-configuration schema from it (tritonclient/grpc/model_config_pb2.py).
 TRITON_VENV  ?= .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: all install run test ui serve bench-serve clean help
+.PHONY: all install run test test-deps ui serve bench-serve clean help
 
 all: $(STAMP)  ## set up, then run every stage with the default recipe
 	$(BIN)/pipeline run --recipe $(RECIPE)
@@ -32,8 +33,22 @@ $(STAMP): pyproject.toml
 
 run: all
 
-test: $(STAMP) $(TRITON_STAMP)  ## run the test suite (temporary MLflow stores; never touches mlruns/)
+test: $(STAMP) $(TRITON_STAMP) test-deps  ## run the test suite (temporary MLflow stores; never touches mlruns/)
 	$(BIN)/python -m pytest
+
+# The Node example's node_modules, for the package tests (onnxruntime-node from the npm registry).
+# Its install script downloads GPU binaries from outside and fails offline; the CPU binaries ship
+# inside the package, so that script is skipped. Without npm the Node test skips, saying why.
+NODE_EXAMPLE  := examples/node
+NODE_STAMP    := $(NODE_EXAMPLE)/node_modules/.installed
+
+test-deps: $(NODE_STAMP)  ## install the Node example's dependencies (when npm is there)
+
+$(NODE_STAMP): $(NODE_EXAMPLE)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		echo "Installing the Node example's dependencies (onnxruntime-node, CPU binaries only)"; \
+		cd $(NODE_EXAMPLE) && npm ci --onnxruntime-node-install=skip --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "npm not found: the Node example's test will be skipped"; fi
 
 $(TRITON_STAMP):
 	@test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)

@@ -259,6 +259,104 @@ def _model_source(uri: str, name: Optional[str]):
                        lineage={"model_path": str(path.resolve())})
 
 
+class PackageFormat(str, enum.Enum):
+    bundle = "bundle"
+    triton = "triton"
+    kserve = "kserve"
+
+
+@app.command()
+def package(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A .onnx path or models:/NAME@ALIAS [default: the "
+                                                 "--workdir's registered variant, else models:/<recipe name>@champion].")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory to write [default: dist/<name> "
+                                                   "(bundle), dist/model-repository (triton), dist/<name>-kserve].")] = None,
+    format_: Annotated[PackageFormat, typer.Option("--format", "-f", help="bundle: for apps; triton: a Triton model "
+                                                   "repository; kserve: an InferenceService manifest.")] = PackageFormat.bundle,
+    name: Annotated[Optional[str], typer.Option(help="Model name [default: registered name, else the recipe's].")] = None,
+    version: Annotated[int, typer.Option(help="Triton version directory.")] = 1,
+    storage_uri: Annotated[Optional[str], typer.Option("--storage-uri", help="kserve: where model.onnx will be "
+                                                       "uploaded, e.g. s3://bucket/models/digits-cnn.")] = None,
+    samples: Annotated[str, typer.Option(help="Test samples to carry in samples.json: a count, or 'all'.")] = "16",
+    force: Annotated[bool, typer.Option("--force", help="Replace the output directory if it is not empty.")] = False,
+    allow_contrib_ops: Annotated[bool, typer.Option("--allow-contrib-ops", help="Package a model that needs ONNX "
+                                                    "Runtime's contrib operators (the README says so).")] = False,
+    recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+):
+    """Package a model for other apps (bundle) or serving engines (Triton repository, KServe manifest)."""
+    _setup_logging()
+    with _user_errors():
+        from pipeline.orchestrate import default_rundir
+        from stages import package as pkg
+        from stages.common import StageError
+
+        cfg = _load(recipe, set_)
+        if samples != "all" and not samples.isdigit():
+            raise StageError(f"--samples must be a count >= 0 or 'all', got {samples!r}")
+        max_batch, delay_us = pkg.batching_from_serve(cfg.serve)
+        try:
+            config = pkg.Config(format=format_.value, name=name or "", version=version, force=force,
+                                samples=-1 if samples == "all" else int(samples), storage_uri=storage_uri or "",
+                                allow_contrib_ops=allow_contrib_ops, max_batch_size=max_batch, max_queue_delay_us=delay_us)
+        except ValueError as e:
+            raise StageError(str(e).replace("`", "")) from None
+        rundir = _rundir(workdir) or default_rundir(cfg)
+        with tempfile.TemporaryDirectory(prefix="onnx-pipeline-package-") as download:
+            source = _package_source(model, workdir, rundir, cfg, Path(download))
+            split = _package_split(rundir) if config.format == "bundle" and config.samples else None
+            out = output or Path("dist") / {"bundle": "{n}", "triton": "model-repository", "kserve": "{n}-kserve"}[
+                config.format].format(n=config.name or pkg.default_name(source, pkg.inspect(source.path)))
+            result = pkg.run(config, source, out, split)
+    typer.echo(result.summary())
+    for f in result.files:
+        typer.echo(f"  {Path(result.output) / f}")
+
+
+def _package_source(model: Optional[str], workdir: Optional[Path], rundir, cfg, download: Path):
+    """The model to package: --model (a path or a registry URI), else the --workdir's registered (or fp32)
+    variant, else the recipe's champion in the registry."""
+    import json
+
+    from pipeline import tracking
+    from stages.common import StageError
+    from stages.package import Source
+
+    if model is None and workdir is not None:
+        variant = "fp32"
+        if rundir.registration.is_file():
+            variant = json.loads(rundir.registration.read_text()).get("variant", "fp32")
+        path = rundir.variant(variant)
+        if not path.is_file():
+            raise StageError(f"{path} not found; run `pipeline export --workdir {workdir}` (or `pipeline run`) first, "
+                             "or pass --model")
+        return Source(path=path, uri=str(path))
+    uri = model or f"models:/{cfg.register.model_name or cfg.name}@champion"
+    if uri.startswith("models:/"):
+        try:
+            fetched = tracking.fetch_registered_onnx(uri, download)
+        except ValueError as e:
+            raise StageError(str(e)) from None
+        return Source(path=fetched.path, uri=uri, name=fetched.name, version=fetched.version, tags=fetched.tags)
+    path = Path(uri)
+    if not path.is_file():
+        raise StageError(f"model file {uri!r} not found; pass a .onnx path, models:/NAME@ALIAS or --workdir RUN_DIR")
+    return Source(path=path, uri=str(path))
+
+
+def _package_split(rundir):
+    """The run directory's raw test split, for the bundle's samples and its verification."""
+    from stages import dataset
+    from stages.common import StageError
+    from stages.package import TestSplit
+
+    if not rundir.data.is_file():
+        raise StageError(f"no test split for the bundle's samples: {rundir.data} not found; pass --workdir RUN_DIR "
+                         f"(the run the model came from), or --samples 0")
+    data = dataset.load(rundir.data, rundir.dataset)
+    x, y = data.split("test", normalized=False)
+    return TestSplit(x=x, y=y, dataset_sha256=data.info.get("sha256", ""), value_range=data.info.get("value_range"))
+
+
 def main() -> None:
     app()
 

@@ -95,6 +95,26 @@ def test_registered_version_has_aliases_lineage_and_the_onnx_flavor(client, pipe
     assert list(local.glob("*.onnx")) and not list(local.glob("*.data"))
 
 
+def test_package_the_champion_for_apps(store, pipeline_run, client, tiny_yaml, tmp_path, monkeypatch):
+    """`pipeline package` from the registry (its default source), in-process against this module's store."""
+    from tests.test_package import cli
+
+    workdir, _ = pipeline_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    code, text = cli("package", "--recipe", str(tiny_yaml), "--model", "models:/tiny@candidate", "--workdir",
+                     str(workdir), "--output", str(tmp_path / "bundle"), "--samples", "4")
+    assert code == 0, text
+    meta = json.loads((tmp_path / "bundle" / "model.json").read_text())
+    registration = json.loads((workdir / "registration.json").read_text())
+    assert (meta["lineage"]["registered_name"], meta["lineage"]["registered_version"]) == ("tiny", registration["version"])
+    assert meta["lineage"]["source"] == "models:/tiny@candidate" and meta["samples"]["count"] == 4
+    assert meta["model"]["variant"] == registration["variant"]
+    code, text = cli("package", "--recipe", str(tiny_yaml), "--model", "models:/tiny@no-such-alias",
+                     "--output", str(tmp_path / "none"))
+    assert code == 1 and text.startswith("error: cannot resolve 'models:/tiny@no-such-alias'"), text
+    assert len(text.strip().splitlines()) == 1 and not (tmp_path / "none").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

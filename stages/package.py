@@ -1,0 +1,634 @@
+"""package: one ONNX model -> what another app or serving engine needs to run it without this project.
+
+Three formats, one inspection. Everything written is derived from the ONNX file itself (its graph
+for names, dtypes and shapes; its ``metadata_props`` for labels, layout, preprocessing, task,
+metrics and lineage), never assumed, so a model whose preprocessing lives inside the graph (raw
+uint8 in) and one that takes normalized float32 are packaged alike.
+
+- ``bundle``: ``model.onnx`` (one file, no external data), ``model.json`` (everything an app needs),
+  ``README.md`` for app developers and ``samples.json`` (test-split inputs, their true labels and the
+  outputs ONNX Runtime gave for them) so an app can check itself.
+- ``triton``: a model repository NVIDIA Triton loads as is:
+  ``<repo>/<name>/config.pbtxt``, ``<repo>/<name>/<version>/model.onnx`` (+ ``labels.txt``).
+- ``kserve``: a KServe ``InferenceService`` manifest plus the ``model.onnx`` to upload to its storage URI.
+
+Before anything is written the model is opened in ONNX Runtime and run on the test split (when one
+is given): the bundle's expected outputs are ONNX Runtime's own. A model that needs operators from
+a non-standard domain (com.microsoft contrib ops, e.g. some quantized graphs) is refused unless
+``allow_contrib_ops`` is set, and then the README and model.json name the runtime build it needs.
+Output is built in a temporary directory and renamed into place, so a failure leaves no half bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from stages.common import PRODUCT_VERSION, StageError, sha256_file
+
+log = logging.getLogger(__name__)
+
+Format = Literal["bundle", "triton", "kserve"]
+FORMATS: tuple[str, ...] = ("bundle", "triton", "kserve")
+BUNDLE_FORMAT = "onnx-pipeline-bundle/1"
+# Operator domains every ONNX Runtime build (and other ONNX runtimes) implements.
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+# ONNX tensor element type name (as ONNX Runtime reports it, "tensor(float)") -> numpy dtype name
+# and Triton's model-config DataType.
+DTYPES: dict[str, tuple[str, str]] = {
+    "float": ("float32", "TYPE_FP32"), "float16": ("float16", "TYPE_FP16"), "double": ("float64", "TYPE_FP64"),
+    "bfloat16": ("bfloat16", "TYPE_BF16"), "uint8": ("uint8", "TYPE_UINT8"), "int8": ("int8", "TYPE_INT8"),
+    "uint16": ("uint16", "TYPE_UINT16"), "int16": ("int16", "TYPE_INT16"), "uint32": ("uint32", "TYPE_UINT32"),
+    "int32": ("int32", "TYPE_INT32"), "uint64": ("uint64", "TYPE_UINT64"), "int64": ("int64", "TYPE_INT64"),
+    "bool": ("bool", "TYPE_BOOL"), "string": ("string", "TYPE_STRING"),
+}
+DEFAULT_MAX_BATCH_SIZE = 64  # Triton: the largest batch the dynamic batcher forms (the benchmark's top size)
+DEFAULT_MAX_QUEUE_DELAY_US = 1000  # Triton: how long a request may wait for others to batch with, in µs
+# KServe resource names are DNS-1035 labels.
+K8S_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Config:
+    """What `pipeline package` was asked for (a command of its own, not a recipe section)."""
+
+    format: Format = "bundle"
+    name: str = ""  # bundle / Triton model / InferenceService name; empty: derived from the model
+    version: int = 1  # Triton version directory
+    samples: int = 16  # test samples carried in samples.json; -1: the whole test split
+    storage_uri: str = ""  # kserve: where model.onnx will be uploaded (s3://..., gs://..., pvc://...)
+    allow_contrib_ops: bool = False
+    force: bool = False  # replace a non-empty output directory
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"`format` must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise ValueError(f"`version` must be an integer >= 1 (Triton's version directory), got {self.version!r}")
+        if self.samples < -1:
+            raise ValueError(f"`samples` must be >= 0, or 'all', got {self.samples}")
+        if self.max_batch_size < 0:
+            raise ValueError(f"`max_batch_size` must be >= 0, got {self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"`max_queue_delay_us` must be >= 0 (microseconds), got {self.max_queue_delay_us}")
+        if self.format == "kserve":
+            if not self.storage_uri:
+                raise ValueError("`--storage-uri` is required for --format kserve: where you will upload model.onnx, "
+                                 "e.g. s3://my-bucket/models/digits-cnn")
+            if not re.match(r"^[a-z][a-z0-9+.-]*://\S+$", self.storage_uri):
+                raise ValueError(f"`--storage-uri` must be a URI such as s3://bucket/path, gs://bucket/path or "
+                                 f"pvc://claim/path, got {self.storage_uri!r}")
+            if self.name and not K8S_NAME.match(self.name):
+                raise ValueError(f"`--name` {self.name!r} is not a valid Kubernetes name for --format kserve: use "
+                                 "lowercase letters, digits and '-', starting with a letter, at most 63 characters")
+
+
+@dataclass(frozen=True)
+class Source:
+    """The model to package, already on local disk, and where it came from."""
+
+    path: Path
+    uri: str  # models:/NAME@alias, or the file path
+    name: str = ""  # registered model name, when it came from the registry
+    version: str = ""  # registered version
+    tags: dict[str, str] = field(default_factory=dict)  # the registry version's tags
+
+
+@dataclass(frozen=True)
+class TestSplit:
+    """Raw test inputs (as stored, before any preprocessing) and their true labels or targets."""
+
+    x: np.ndarray
+    y: np.ndarray
+    dataset_sha256: str = ""
+    value_range: Any = None
+
+
+@dataclass(frozen=True)
+class Result:
+    format: str
+    output: str
+    name: str
+    files: list[str]
+    sha256: str
+    samples: int
+    verified_accuracy: float | None = None
+
+    def summary(self) -> str:
+        acc = f", test accuracy {self.verified_accuracy:.4f} on ONNX Runtime" if self.verified_accuracy is not None else ""
+        return f"{self.format} '{self.name}' -> {self.output} ({len(self.files)} files{acc})"
+
+
+# ---------------------------------------------------------------- inspecting the model
+
+@dataclass
+class ModelInfo:
+    """What the file says about itself: graph signature, operator domains, metadata_props."""
+
+    proto: Any  # onnx.ModelProto with all weights inside
+    props: dict[str, str]
+    inputs: list[dict]
+    outputs: list[dict]
+    opsets: dict[str, int]
+    contrib_ops: dict[str, list[str]]  # non-standard domain -> op types used
+    had_external_data: bool
+
+
+def _dims(value_info) -> list[int | str]:
+    """Graph dims: an int, or the symbolic name (e.g. "batch") of a dynamic axis, or "?"."""
+    dims = []
+    for d in value_info.type.tensor_type.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
+    return dims
+
+
+def _tensor(value_info) -> dict:
+    import onnx
+
+    key = onnx.TensorProto.DataType.Name(value_info.type.tensor_type.elem_type).lower()  # FLOAT -> "float"
+    if key not in DTYPES:
+        raise StageError(f"tensor {value_info.name!r} has ONNX element type {key}, which neither Triton nor the "
+                         "v2 protocol can carry")
+    dims = _dims(value_info)
+    return {"name": value_info.name, "dtype": DTYPES[key][0], "triton_dtype": DTYPES[key][1],
+            "dims": dims, "shape": [d if isinstance(d, int) else -1 for d in dims]}
+
+
+def _walk_nodes(graph):
+    """Every node, including those inside If/Loop/Scan subgraphs."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.HasField("g"):
+                yield from _walk_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _walk_nodes(g)
+
+
+def inspect(path: Path) -> ModelInfo:
+    """Load ``path`` (pulling any external weight data inside) and read its signature and domains."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"model file {path} not found; pass --model PATH.onnx, --model models:/NAME@ALIAS or --workdir RUN_DIR")
+    try:
+        header = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise StageError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0][:200]}); re-export it") from None
+    had_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+    proto = header
+    if had_external:
+        try:
+            proto = onnx.load(str(path), load_external_data=True)
+        except Exception as e:
+            raise StageError(f"{path} keeps its weights in an external data file that cannot be read ({e}); "
+                             "keep the .onnx.data file beside it or re-export with external_data=False") from None
+    initializers = {t.name for t in proto.graph.initializer}
+    contrib: dict[str, set[str]] = {}
+    for node in _walk_nodes(proto.graph):
+        if node.domain not in STANDARD_DOMAINS:
+            contrib.setdefault(node.domain, set()).add(node.op_type)
+    return ModelInfo(
+        proto=proto,
+        props={p.key: p.value for p in proto.metadata_props},
+        inputs=[_tensor(v) for v in proto.graph.input if v.name not in initializers],
+        outputs=[_tensor(v) for v in proto.graph.output],
+        opsets={(o.domain or "ai.onnx"): o.version for o in proto.opset_import},
+        contrib_ops={d: sorted(ops) for d, ops in sorted(contrib.items())},
+        had_external_data=had_external,
+    )
+
+
+def _json_prop(props: dict[str, str], key: str, default: Any = None) -> Any:
+    raw = props.get(key)
+    if raw is None:
+        return default
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw  # a plain string value
+
+
+def runtime_requirement(info: ModelInfo) -> str:
+    """One sentence: which ONNX Runtime build runs this file."""
+    import onnxruntime as ort
+
+    opset = info.opsets.get("ai.onnx", 0)
+    base = f"ONNX Runtime with ONNX opset {opset} support (verified with onnxruntime {ort.__version__})"
+    if not info.contrib_ops:
+        return f"{base}; standard ONNX operators only, so any ONNX Runtime build (CPU, GPU, web, mobile) runs it"
+    ops = "; ".join(f"{d}: {', '.join(o)}" for d, o in info.contrib_ops.items())
+    return (f"{base} built WITH its contrib operators ({ops}); the standard onnxruntime, onnxruntime-gpu and "
+            "onnxruntime-node packages include them, but minimal/mobile builds and non-ORT runtimes may not")
+
+
+def check_contrib_ops(info: ModelInfo, allow: bool, path: Path) -> None:
+    if info.contrib_ops and not allow:
+        ops = "; ".join(f"{d}: {', '.join(o)}" for d, o in info.contrib_ops.items())
+        raise StageError(f"{path.name} uses operators outside the standard ONNX domains ({ops}), so only an ONNX Runtime "
+                         "build with its contrib operators can run it; package the fp32 model.onnx (or another "
+                         "variant with standard ops), or pass --allow-contrib-ops to package it anyway with a README "
+                         "that names the runtime build it needs")
+
+
+# ---------------------------------------------------------------- what the model expects
+
+def describe(info: ModelInfo, source: Source, split: TestSplit | None) -> dict:
+    """The model.json document: everything an app needs, from the file's graph and metadata_props."""
+    props = info.props
+    if len(info.inputs) != 1:
+        raise StageError(f"{source.path.name} has {len(info.inputs)} inputs {[i['name'] for i in info.inputs]}; "
+                         "packaging supports single-input models")
+    graph_in = info.inputs[0]
+    named = props.get("input.name")
+    if named and named != graph_in["name"]:
+        raise StageError(f"{source.path.name}: metadata input.name is {named!r} but the graph's input is "
+                         f"{graph_in['name']!r}; re-export the model")
+    meta_dtype = props.get("input.dtype")
+    if meta_dtype and meta_dtype != graph_in["dtype"]:
+        raise StageError(f"{source.path.name}: metadata input.dtype is {meta_dtype!r} but the graph takes "
+                         f"{graph_in['dtype']}; re-export the model")
+    pre = _json_prop(props, "preprocessing", None)
+    pre = pre if isinstance(pre, dict) else ({"description": pre} if pre else {})
+    applied = bool(pre.get("applied_in_graph", False))
+    value_range = (_json_prop(props, "input.value_range") or pre.get("value_range") or pre.get("raw_value_range")
+                   or (split.value_range if split is not None else None))
+    if value_range is None and split is not None and split.x.size:
+        value_range = {"min": float(split.x.min()), "max": float(split.x.max()), "observed_on": "the test split"}
+    labels = _json_prop(props, "labels", None)
+    task = props.get("task") or ("classification" if labels else "unknown")
+    meaning = _json_prop(props, "output.meaning", "")
+    outputs = []
+    for o in info.outputs:
+        m = meaning.get(o["name"], "") if isinstance(meaning, dict) else meaning
+        if not isinstance(meaning, dict) and len(info.outputs) > 1 and o["name"] == "probabilities":
+            m = "softmax probabilities over labels (sum to 1)"
+        outputs.append({"name": o["name"], "dtype": o["dtype"], "shape": o["shape"], "meaning": m})
+    metrics = {}
+    for k, v in props.items():
+        if k.startswith("metrics."):
+            metrics[k[len("metrics."):]] = _number(v)
+    if isinstance(_json_prop(props, "metrics"), dict):
+        metrics.update(_json_prop(props, "metrics"))
+    lineage = {k[len("lineage."):]: v for k, v in props.items() if k.startswith("lineage.")}
+    if isinstance(_json_prop(props, "lineage"), dict):
+        lineage.update(_json_prop(props, "lineage"))
+    lineage["source"] = source.uri
+    if source.name:
+        lineage.update({"registered_name": source.name, "registered_version": source.version})
+        for tag in ("test_accuracy", "fp32_test_accuracy"):
+            if tag in source.tags:
+                metrics.setdefault(tag, _number(source.tags[tag]))
+    if not pre:
+        log.warning("%s carries no `preprocessing` metadata; model.json says the input is fed as is", source.path.name)
+    return {
+        "format": BUNDLE_FORMAT,
+        "task": task,
+        "input": {
+            "name": graph_in["name"], "dtype": graph_in["dtype"], "shape": graph_in["shape"],
+            "dims": graph_in["dims"], "layout": props.get("input.layout"),
+            "value_range": value_range,
+            "fed_as": "raw values (the graph applies the preprocessing)" if applied or not pre
+            else "preprocessed values: apply `preprocessing` to the raw input first",
+        },
+        "preprocessing": {**pre, "applied_in_graph": applied},
+        "labels": labels,
+        "outputs": outputs,
+        "metrics": metrics,
+        "lineage": lineage,
+        "model": {
+            "file": "model.onnx", "variant": props.get("variant", ""), "ir_version": info.proto.ir_version,
+            "opsets": info.opsets, "producer": f"{info.proto.producer_name} {info.proto.producer_version}".strip(),
+            "exporter": props.get("export.exporter", ""),
+            "non_standard_ops": info.contrib_ops,
+        },
+        "runtime": {"requires": runtime_requirement(info)},
+        "metadata_props": props,
+    }
+
+
+def _number(v: str) -> Any:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def model_input(raw: np.ndarray, doc: dict) -> np.ndarray:
+    """What to feed the model for raw inputs, as its metadata says: the graph's own preprocessing,
+    or ``(x - mean) / std`` (scalars, or one value per entry of axis 1) applied here.
+
+    The one place this project turns raw inputs into model inputs for packaging; the examples in
+    examples/ implement the same rule from model.json alone.
+    """
+    pre, dtype = doc["preprocessing"], doc["input"]["dtype"]
+    if pre.get("applied_in_graph") or not pre:
+        return np.ascontiguousarray(raw.astype(dtype, copy=False))
+    if "mean" not in pre or "std" not in pre:
+        raise StageError(f"the model's preprocessing is not in its graph and is not a mean/std normalization this "
+                         f"packager can describe: {json.dumps(pre)[:300]}")
+    x = raw.astype(np.float32)
+    mean, std = np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
+    if mean.ndim == 1:  # one value per channel / feature: along axis 1
+        shape = [1] * x.ndim
+        shape[1] = -1
+        mean, std = mean.reshape(shape), std.reshape(shape)
+    return np.ascontiguousarray(((x - mean) / std).astype(dtype))
+
+
+# ---------------------------------------------------------------- verification
+
+def verify(model_path: Path, doc: dict, split: TestSplit | None) -> dict[str, np.ndarray] | None:
+    """Open the file in ONNX Runtime (CPU) and run the test split through it; returns every output."""
+    import onnxruntime as ort
+
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise StageError(f"ONNX Runtime {ort.__version__} cannot load the model: {str(e).splitlines()[0][:300]}") from None
+    if split is None:
+        return None
+    want = [d for d in doc["input"]["shape"][1:]]
+    got = list(split.x.shape[1:])
+    if len(want) != len(got) or any(w not in (-1, g) for w, g in zip(want, got)):
+        raise StageError(f"the test split's samples have shape {got} but the model takes {want} per sample; "
+                         "pass the --workdir the model was trained in, or --samples 0")
+    names = [o["name"] for o in doc["outputs"]]
+    x = model_input(split.x, doc)
+    chunks = [session.run(names, {doc["input"]["name"]: x[i:i + 256]}) for i in range(0, len(x), 256)]
+    return {n: np.concatenate([c[j] for c in chunks]) for j, n in enumerate(names)}
+
+
+def _scores_output(doc: dict) -> str:
+    """The output whose argmax is the class: logits if there, else the first."""
+    names = [o["name"] for o in doc["outputs"]]
+    return next((n for n in ("logits", "probabilities") if n in names), names[0])
+
+
+def sample_records(split: TestSplit, outputs: dict[str, np.ndarray], doc: dict, count: int) -> list[dict]:
+    n = len(split.x) if count < 0 else min(count, len(split.x))
+    labels, scores = doc.get("labels"), _scores_output(doc)
+    records = []
+    for i in range(n):
+        rec: dict[str, Any] = {"index": i, "input": split.x[i].tolist()}
+        expected: dict[str, Any] = {"outputs": {k: v[i].tolist() for k, v in outputs.items()}}
+        if labels:
+            truth = int(split.y[i])
+            rec["label"], rec["label_index"] = labels[truth], truth
+            pred = int(np.argmax(outputs[scores][i]))
+            expected.update({"label": labels[pred], "label_index": pred})
+        else:
+            rec["target"] = np.asarray(split.y[i]).tolist()
+        rec["expected"] = expected
+        records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------- writers
+
+def _bundle_readme(doc: dict, name: str, n_samples: int, sha: str) -> str:
+    inp, pre, outs = doc["input"], doc["preprocessing"], doc["outputs"]
+    labels = doc.get("labels") or []
+    shape = "[" + ", ".join("N" if i == 0 and d == -1 else str(d) for i, d in enumerate(inp["shape"])) + "]"
+    if pre.get("applied_in_graph"):
+        feed = (f"Feed the raw input as `{inp['dtype']}`: the graph applies the preprocessing itself"
+                + (f" ({pre.get('formula') or '; '.join(pre.get('steps', []))})" if pre.get("formula") or pre.get("steps") else "") + ".")
+    elif "mean" in pre:
+        feed = (f"Normalize first, in float32: `x = (raw - mean) / std` with `mean = {json.dumps(pre['mean'])}` and "
+                f"`std = {json.dumps(pre['std'])}`" + (" (one value per entry of axis 1)" if isinstance(pre["mean"], list) else "")
+                + f", then feed `{inp['dtype']}`.")
+    else:
+        feed = f"Feed `{inp['dtype']}` values as they are (the model carries no preprocessing metadata)."
+    out_lines = "\n".join(f"- `{o['name']}` ({o['dtype']}, shape {o['shape']}): {o['meaning'] or 'see model.json'}" for o in outs)
+    metrics = ", ".join(f"{k} {v}" for k, v in doc["metrics"].items()) or "none recorded"
+    samples = (f"`samples.json` holds {n_samples} test inputs (raw, before preprocessing), their true labels and the "
+               "outputs ONNX Runtime gave for them: run them through your integration and compare." if n_samples
+               else "This bundle carries no samples.")
+    return f"""# {name}: an ONNX model to embed in your app
+
+Made by onnx-pipeline {PRODUCT_VERSION}. Everything below is also in `model.json` (machine-readable).
+
+| file | what |
+|---|---|
+| `model.onnx` | the model, one self-contained file (sha256 `{sha}`) |
+| `model.json` | input, preprocessing, labels, outputs, metrics, lineage, runtime |
+| `samples.json` | test inputs with their expected outputs, to check your integration |
+
+## Runtime
+{doc['runtime']['requires']}.
+
+## Input
+`{inp['name']}`: `{inp['dtype']}`, shape `{shape}` (N: any batch size), layout `{inp.get('layout') or 'see model.json'}`,
+raw values in `{json.dumps(inp.get('value_range'))}`.
+
+{feed}
+
+## Outputs
+{out_lines}
+{f"Labels ({len(labels)}): `{json.dumps(labels)}` — the argmax of `{_scores_output(doc)}` indexes into them." if labels else ""}
+
+Metrics: {metrics}. Task: {doc['task']}.
+
+## Use it
+Python (`pip install onnxruntime numpy`):
+```python
+import json, numpy as np, onnxruntime as ort
+meta = json.load(open("model.json"))
+session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+sample = json.load(open("samples.json"))["samples"][0]
+raw = np.asarray([sample["input"]])            # a batch of one, raw values
+x = raw.astype(meta["input"]["dtype"])          # plus (x - mean) / std when preprocessing is not in the graph
+scores = session.run(None, {{meta["input"]["name"]: x}})[0]
+```
+Node.js (`npm install onnxruntime-node`): see `examples/node/classify.js` in onnx-pipeline; same steps with
+`ort.InferenceSession.create("model.onnx")` and `new ort.Tensor(dtype, data, shape)`.
+
+## Check your integration
+{samples}
+"""
+
+
+def _pbtxt_list(values) -> str:
+    return "[ " + ", ".join(str(v) for v in values) + " ]"
+
+
+def triton_config(doc: dict, info: ModelInfo, name: str, max_batch_size: int, max_queue_delay_us: int,
+                  label_file: str | None) -> str:
+    """config.pbtxt in Triton's model-configuration text format.
+
+    With a dynamic batch axis (dim 0 symbolic on every input and output) Triton batches: dims
+    leave that axis out and ``max_batch_size`` > 0; otherwise ``max_batch_size: 0`` and full dims.
+    """
+    tensors = info.inputs + info.outputs
+    batching = max_batch_size > 0 and all(t["dims"] and not isinstance(t["dims"][0], int) for t in tensors)
+
+    def block(t: dict, extra: str = "") -> str:
+        dims = t["shape"][1:] if batching else t["shape"]
+        return (f"  {{\n    name: \"{t['name']}\"\n    data_type: {t['triton_dtype']}\n"
+                f"    dims: {_pbtxt_list(dims or [1])}\n{extra}  }}")
+
+    outputs = []
+    for i, t in enumerate(info.outputs):
+        extra = f"    label_filename: \"{label_file}\"\n" if label_file and t["name"] == _scores_output(doc) else ""
+        outputs.append(block(t, extra))
+    lines = [
+        f"# Written by onnx-pipeline {PRODUCT_VERSION}: {doc['task']} model, see model.json in the bundle format.",
+        f"name: \"{name}\"",
+        "platform: \"onnxruntime_onnx\"",
+        "default_model_filename: \"model.onnx\"",
+        f"max_batch_size: {max_batch_size if batching else 0}",
+        "input [\n" + ",\n".join(block(t) for t in info.inputs) + "\n]",
+        "output [\n" + ",\n".join(outputs) + "\n]",
+    ]
+    if batching:
+        lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}")
+    lines.append("instance_group [\n  {\n    kind: KIND_AUTO\n    count: 1\n  }\n]")
+    return "\n".join(lines) + "\n"
+
+
+def kserve_manifest(name: str, storage_uri: str, doc: dict) -> dict:
+    annotations = {"onnx-pipeline/source": doc["lineage"].get("source", ""),
+                   "onnx-pipeline/onnx-sha256": doc["model"]["sha256"]}
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"predictor": {"model": {
+            "modelFormat": {"name": "onnx"},
+            "protocolVersion": "v2",  # KServe needs v2 to find a runtime for ONNX
+            "storageUri": storage_uri,
+            "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        }}},
+    }
+
+
+def _k8s_name(name: str) -> str:
+    fixed = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
+    if not fixed or not fixed[0].isalpha():
+        fixed = f"model-{fixed}".strip("-")
+    return fixed
+
+
+def _prepare_output(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise StageError(f"output {output} exists and is not a directory; choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise StageError(f"output directory {output} exists and is not empty; choose another --output, or pass "
+                         "--force to replace it")
+
+
+def _install(tmp: Path, output: Path) -> None:
+    """Move the finished directory into place; an old one (allowed by --force) is removed only after."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def default_name(source: Source, info: ModelInfo) -> str:
+    return source.name or info.props.get("lineage.recipe") or source.path.stem.split(".")[0]
+
+
+def run(config: Config, source: Source, output: Path, split: TestSplit | None = None) -> Result:
+    """Inspect and verify the model, then write ``config.format`` to ``output`` (built aside, renamed in)."""
+    import onnx
+    import onnxruntime as ort
+    import yaml
+
+    output = Path(output)
+    _prepare_output(output, config.force)
+    info = inspect(source.path)
+    check_contrib_ops(info, config.allow_contrib_ops, source.path)
+    if split is not None and info.props.get("lineage.dataset_sha256") and split.dataset_sha256 \
+            and split.dataset_sha256 != info.props["lineage.dataset_sha256"]:
+        raise StageError(f"the test split (dataset {split.dataset_sha256[:12]}) is not the data this model was trained "
+                         f"on (dataset {info.props['lineage.dataset_sha256'][:12]}); pass the --workdir it was trained "
+                         "in, or --samples 0")
+    name = config.name or default_name(source, info)
+    if config.format == "kserve":
+        if not config.name and _k8s_name(name) != name:
+            log.info("InferenceService name %r (from %r, made a valid Kubernetes name)", _k8s_name(name), name)
+        name = _k8s_name(name) if not config.name else name
+    doc = describe(info, source, split if config.format == "bundle" else None)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model_dir = {"bundle": tmp, "kserve": tmp, "triton": tmp / name / str(config.version)}[config.format]
+        model_dir.mkdir(parents=True, exist_ok=True)
+        model_path = model_dir / "model.onnx"
+        # Re-saved with every weight inside: one file to ship, whatever the source's layout.
+        onnx.save(info.proto, str(model_path), save_as_external_data=False)
+        sha = sha256_file(model_path)
+        doc["model"].update({"sha256": sha, "size_bytes": model_path.stat().st_size})
+        outputs = verify(model_path, doc, split if config.format == "bundle" else None)
+        doc["runtime"]["verified_with"] = {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
+                                           "onnx_pipeline": PRODUCT_VERSION}
+        accuracy, n_samples = None, 0
+        if config.format == "bundle":
+            if outputs is not None and doc.get("labels"):
+                pred = outputs[_scores_output(doc)].argmax(axis=1)
+                accuracy = float((pred == split.y).mean())
+                doc["runtime"]["verified_with"].update({"test_samples": int(len(split.y)), "test_accuracy": accuracy})
+            if outputs is not None and config.samples != 0:
+                records = sample_records(split, outputs, doc, config.samples)
+                n_samples = len(records)
+                (tmp / "samples.json").write_text(json.dumps({
+                    "about": "raw test inputs (before preprocessing), true labels, and ONNX Runtime's outputs for them",
+                    "split": "test", "input": {"dtype": str(split.x.dtype), "shape": [n_samples, *split.x.shape[1:]],
+                                               "layout": doc["input"]["layout"]},
+                    "tolerance": {"atol": 1e-4, "rtol": 1e-3},
+                    "samples": records}) + "\n")
+            doc["samples"] = {"file": "samples.json" if n_samples else None, "count": n_samples, "split": "test"}
+            (tmp / "model.json").write_text(json.dumps(doc, indent=2) + "\n")
+            (tmp / "README.md").write_text(_bundle_readme(doc, name, n_samples, sha))
+        elif config.format == "triton":
+            labels = doc.get("labels")
+            label_file = "labels.txt" if labels else None
+            if label_file:
+                (tmp / name / label_file).write_text("\n".join(labels) + "\n")
+            (tmp / name / "config.pbtxt").write_text(
+                triton_config(doc, info, name, config.max_batch_size, config.max_queue_delay_us, label_file))
+        else:
+            (tmp / "inference-service.yaml").write_text(
+                f"# KServe InferenceService for {name}, written by onnx-pipeline {PRODUCT_VERSION}.\n"
+                f"# Upload model.onnx to {config.storage_uri}/model.onnx, then: kubectl apply -f inference-service.yaml\n"
+                + yaml.safe_dump(kserve_manifest(name, config.storage_uri, doc), sort_keys=False))
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        _install(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("packaged %s as %s in %s (%s)", source.uri, config.format, output, ", ".join(files))
+    return Result(format=config.format, output=str(output), name=name, files=files, sha256=sha,
+                  samples=n_samples, verified_accuracy=accuracy)
+
+
+def batching_from_serve(serve_config: Any) -> tuple[int, int]:
+    """Triton's (max_batch_size, max_queue_delay in µs) from the recipe's serve section when it has
+    them, else the defaults. The delay may be given in ms or µs, as the key's suffix says."""
+    size = getattr(serve_config, "max_batch_size", None)
+    delay_us = None
+    for key, factor in (("max_queue_delay_us", 1), ("max_queue_delay_ms", 1000), ("max_queue_delay", 1000)):
+        value = getattr(serve_config, key, None)
+        if value is not None:
+            delay_us = int(round(float(value) * factor))
+            break
+    return (int(size) if size is not None else DEFAULT_MAX_BATCH_SIZE,
+            delay_us if delay_us is not None else DEFAULT_MAX_QUEUE_DELAY_US)
