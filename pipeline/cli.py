@@ -293,11 +293,10 @@ def package(
         cfg = _load(recipe, set_)
         if samples != "all" and not samples.isdigit():
             raise StageError(f"--samples must be a count >= 0 or 'all', got {samples!r}")
-        max_batch, delay_us = pkg.batching_from_serve(cfg.serve)
         try:
             config = pkg.Config(format=format_.value, name=name or "", version=version, force=force,
                                 samples=-1 if samples == "all" else int(samples), storage_uri=storage_uri or "",
-                                allow_contrib_ops=allow_contrib_ops, max_batch_size=max_batch, max_queue_delay_us=delay_us)
+                                allow_contrib_ops=allow_contrib_ops, **pkg.batching_from_serve(cfg.serve))
         except ValueError as e:
             raise StageError(str(e).replace("`", "")) from None
         rundir = _rundir(workdir) or default_rundir(cfg)

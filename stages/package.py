@@ -69,6 +69,7 @@ class Config:
     allow_contrib_ops: bool = False
     force: bool = False  # replace a non-empty output directory
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    dynamic_batching: bool = True  # Triton merges concurrent requests (a dynamic_batching block)
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
 
     def __post_init__(self) -> None:
@@ -466,8 +467,8 @@ def _pbtxt_list(values) -> str:
     return "[ " + ", ".join(str(v) for v in values) + " ]"
 
 
-def triton_config(doc: dict, info: ModelInfo, name: str, max_batch_size: int, max_queue_delay_us: int,
-                  label_file: str | None) -> str:
+def triton_config(doc: dict, info: ModelInfo, name: str, max_batch_size: int, dynamic_batching: bool,
+                  max_queue_delay_us: int, label_file: str | None) -> str:
     """config.pbtxt in Triton's model-configuration text format.
 
     With a dynamic batch axis (dim 0 symbolic on every input and output) Triton batches: dims
@@ -494,7 +495,7 @@ def triton_config(doc: dict, info: ModelInfo, name: str, max_batch_size: int, ma
         "input [\n" + ",\n".join(block(t) for t in info.inputs) + "\n]",
         "output [\n" + ",\n".join(outputs) + "\n]",
     ]
-    if batching:
+    if batching and dynamic_batching:
         lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}")
     lines.append("instance_group [\n  {\n    kind: KIND_AUTO\n    count: 1\n  }\n]")
     return "\n".join(lines) + "\n"
@@ -605,7 +606,8 @@ def run(config: Config, source: Source, output: Path, split: TestSplit | None = 
             if label_file:
                 (tmp / name / label_file).write_text("\n".join(labels) + "\n")
             (tmp / name / "config.pbtxt").write_text(
-                triton_config(doc, info, name, config.max_batch_size, config.max_queue_delay_us, label_file))
+                triton_config(doc, info, name, config.max_batch_size, config.dynamic_batching,
+                              config.max_queue_delay_us, label_file))
         else:
             (tmp / "inference-service.yaml").write_text(
                 f"# KServe InferenceService for {name}, written by onnx-pipeline {PRODUCT_VERSION}.\n"
@@ -620,15 +622,17 @@ def run(config: Config, source: Source, output: Path, split: TestSplit | None = 
                   samples=n_samples, verified_accuracy=accuracy)
 
 
-def batching_from_serve(serve_config: Any) -> tuple[int, int]:
-    """Triton's (max_batch_size, max_queue_delay in µs) from the recipe's serve section when it has
-    them, else the defaults. The delay may be given in ms or µs, as the key's suffix says."""
-    size = getattr(serve_config, "max_batch_size", None)
-    delay_us = None
-    for key, factor in (("max_queue_delay_us", 1), ("max_queue_delay_ms", 1000), ("max_queue_delay", 1000)):
-        value = getattr(serve_config, key, None)
-        if value is not None:
-            delay_us = int(round(float(value) * factor))
+def batching_from_serve(serve_config: Any) -> dict[str, Any]:
+    """Triton's batching settings (Config keyword arguments) from the recipe's serve section where it
+    sets them (``max_batch_size``, ``dynamic_batching``, ``max_queue_delay_ms`` or ``_us``), else the
+    defaults."""
+    found: dict[str, Any] = {}
+    if getattr(serve_config, "max_batch_size", None) is not None:
+        found["max_batch_size"] = int(serve_config.max_batch_size)
+    if getattr(serve_config, "dynamic_batching", None) is not None:
+        found["dynamic_batching"] = bool(serve_config.dynamic_batching)
+    for key, to_us in (("max_queue_delay_us", 1), ("max_queue_delay_ms", 1000)):
+        if getattr(serve_config, key, None) is not None:
+            found["max_queue_delay_us"] = int(round(float(getattr(serve_config, key)) * to_us))
             break
-    return (int(size) if size is not None else DEFAULT_MAX_BATCH_SIZE,
-            delay_us if delay_us is not None else DEFAULT_MAX_QUEUE_DELAY_US)
+    return found

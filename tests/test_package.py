@@ -241,7 +241,7 @@ def triton_repo(exported, tiny_yaml, tmp_path_factory) -> Path:
     return out
 
 
-def test_triton_repository_parses_against_tritons_model_config_schema(triton_repo, test_split):
+def test_triton_repository_parses_against_tritons_model_config_schema(triton_repo, test_split, tiny_recipe):
     from google.protobuf import text_format
 
     assert sorted(str(p.relative_to(triton_repo)) for p in triton_repo.rglob("*") if p.is_file()) == \
@@ -249,8 +249,10 @@ def test_triton_repository_parses_against_tritons_model_config_schema(triton_rep
     ModelConfig = _triton_model_config_class()
     config = text_format.Parse((triton_repo / "tiny" / "config.pbtxt").read_text(), ModelConfig())  # strict: unknown fields fail
     assert config.name == "tiny" and config.platform == "onnxruntime_onnx"
-    assert config.max_batch_size == pkg.DEFAULT_MAX_BATCH_SIZE
-    assert config.dynamic_batching.max_queue_delay_microseconds == pkg.DEFAULT_MAX_QUEUE_DELAY_US
+    wanted = pkg.Config(**pkg.batching_from_serve(tiny_recipe.serve))  # the recipe's serve section, else defaults
+    assert config.max_batch_size == wanted.max_batch_size > 0
+    assert config.HasField("dynamic_batching") == wanted.dynamic_batching
+    assert config.dynamic_batching.max_queue_delay_microseconds == wanted.max_queue_delay_us
     [inp] = config.input
     assert (inp.name, list(inp.dims)) == ("input", [1, 8, 8])
     assert ModelConfig.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"] \
@@ -258,6 +260,19 @@ def test_triton_repository_parses_against_tritons_model_config_schema(triton_rep
     [out] = config.output
     assert (out.name, list(out.dims), out.label_filename) == ("logits", [10], "labels.txt")
     assert (triton_repo / "tiny" / "labels.txt").read_text().split() == test_split.labels
+
+
+def test_triton_batching_follows_the_recipes_serve_section(exported, tmp_path):
+    from types import SimpleNamespace
+
+    from google.protobuf import text_format
+
+    assert pkg.batching_from_serve(SimpleNamespace()) == {}  # a recipe without them: the defaults
+    found = pkg.batching_from_serve(SimpleNamespace(max_batch_size=8, dynamic_batching=False, max_queue_delay_ms=2.5))
+    assert found == {"max_batch_size": 8, "dynamic_batching": False, "max_queue_delay_us": 2500}
+    pkg.run(pkg.Config(format="triton", name="m", **found), pkg.Source(exported.onnx, str(exported.onnx)), tmp_path / "r")
+    config = text_format.Parse((tmp_path / "r" / "m" / "config.pbtxt").read_text(), _triton_model_config_class()())
+    assert config.max_batch_size == 8 and not config.HasField("dynamic_batching")
 
 
 def test_triton_config_rejects_what_triton_would_reject():
