@@ -264,10 +264,17 @@ def describe(info: ModelInfo, source: Source, split: TestSplit | None) -> dict:
     pre = _json_prop(props, "preprocessing", None)
     pre = pre if isinstance(pre, dict) else ({"description": pre} if pre else {})
     applied = bool(pre.get("applied_in_graph", False))
-    value_range = (_json_prop(props, "input.value_range") or pre.get("value_range") or pre.get("raw_value_range")
-                   or (split.value_range if split is not None else None))
-    if value_range is None and split is not None and split.x.size:
-        value_range = {"min": float(split.x.min()), "max": float(split.x.max()), "observed_on": "the test split"}
+    # Raw: what the app has before preprocessing. Input: what the file takes (the export stage writes
+    # `input.value_range` for it; older files lack it, so it is derived from the raw range).
+    raw_range = pre.get("raw_value_range") or (split.value_range if split is not None else None)
+    if raw_range is None and split is not None and split.x.size:
+        raw_range = [float(split.x.min()), float(split.x.max())]  # observed on the test split
+    raw_dtype = pre.get("raw_dtype") or (str(split.x.dtype) if split is not None else None)
+    value_range = _json_prop(props, "input.value_range")
+    if value_range is None and raw_range is not None:
+        value_range = raw_range if applied or "mean" not in pre else \
+            [np.round((np.asarray(b, np.float64) - np.asarray(pre["mean"], np.float64))
+                      / np.asarray(pre["std"], np.float64), 6).tolist() for b in raw_range[:2]]
     labels = _json_prop(props, "labels", None)
     task = props.get("task") or ("classification" if labels else "unknown")
     meaning = _json_prop(props, "output.meaning", "")
@@ -301,6 +308,7 @@ def describe(info: ModelInfo, source: Source, split: TestSplit | None) -> dict:
             "name": graph_in["name"], "dtype": graph_in["dtype"], "shape": graph_in["shape"],
             "dims": graph_in["dims"], "layout": props.get("input.layout"),
             "value_range": value_range,
+            "raw": {"dtype": raw_dtype, "value_range": raw_range},
             "fed_as": "raw values (the graph applies the preprocessing)" if applied or not pre
             else "preprocessed values: apply `preprocessing` to the raw input first",
         },
@@ -434,7 +442,8 @@ Made by onnx-pipeline {PRODUCT_VERSION}. Everything below is also in `model.json
 
 ## Input
 `{inp['name']}`: `{inp['dtype']}`, shape `{shape}` (N: any batch size), layout `{inp.get('layout') or 'see model.json'}`,
-raw values in `{json.dumps(inp.get('value_range'))}`.
+values in `{json.dumps(inp.get('value_range'))}`; raw input (before preprocessing): `{inp['raw']['dtype']}` in
+`{json.dumps(inp['raw']['value_range'])}`.
 
 {feed}
 

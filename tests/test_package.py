@@ -148,7 +148,8 @@ def test_bundle_is_one_onnx_file_and_a_model_json_drawn_from_its_metadata(bundle
     assert "standard ONNX operators only" in meta["runtime"]["requires"]
     assert meta["metrics"]["test_accuracy"] == pytest.approx(float(props["metrics.test_accuracy"]))
     assert meta["lineage"]["dataset_sha256"] == test_split.info["sha256"]
-    assert meta["input"]["value_range"]
+    assert meta["input"]["raw"] == {"dtype": "float32", "value_range": [0.0, 16.0]}  # 8x8 digits: 0..16
+    assert meta["input"]["value_range"] == pytest.approx([(0 - pre["mean"]) / pre["std"], (16 - pre["mean"]) / pre["std"]], abs=1e-5)
     # the whole test split rides along, raw, with true labels and ONNX Runtime's outputs
     x, y = test_split.split("test", normalized=False)
     samples = json.loads((bundle / "samples.json").read_text())["samples"]
