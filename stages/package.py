@@ -329,8 +329,13 @@ def describe(info: ModelInfo, source: Source, split: TestSplit | None) -> dict:
 
 
 def _number(v: str) -> Any:
+    """A metric as written in metadata_props: a number, a JSON document (e.g. metrics.primary) or text."""
     try:
         return float(v)
+    except (TypeError, ValueError):
+        pass
+    try:
+        return json.loads(v)
     except (TypeError, ValueError):
         return v
 
@@ -423,7 +428,8 @@ def _bundle_readme(doc: dict, name: str, n_samples: int, sha: str) -> str:
     else:
         feed = f"Feed `{inp['dtype']}` values as they are (the model carries no preprocessing metadata)."
     out_lines = "\n".join(f"- `{o['name']}` ({o['dtype']}, shape {o['shape']}): {o['meaning'] or 'see model.json'}" for o in outs)
-    metrics = ", ".join(f"{k} {v}" for k, v in doc["metrics"].items()) or "none recorded"
+    metrics = ", ".join(f"{k} {v['name']} {v['value']}" if isinstance(v, dict) and {"name", "value"} <= set(v)
+                        else f"{k} {v}" for k, v in doc["metrics"].items()) or "none recorded"
     samples = (f"`samples.json` holds {n_samples} test inputs (raw, before preprocessing), their true labels and the "
                "outputs ONNX Runtime gave for them: run them through your integration and compare." if n_samples
                else "This bundle carries no samples.")
