@@ -198,7 +198,9 @@ def inspect(path: Path) -> ModelInfo:
                              "keep the .onnx.data file beside it or re-export with external_data=False") from None
     initializers = {t.name for t in proto.graph.initializer}
     contrib: dict[str, set[str]] = {}
+    used = {"ai.onnx"}
     for node in _walk_nodes(proto.graph):
+        used.add(node.domain or "ai.onnx")
         if node.domain not in STANDARD_DOMAINS:
             contrib.setdefault(node.domain, set()).add(node.op_type)
     return ModelInfo(
@@ -206,7 +208,8 @@ def inspect(path: Path) -> ModelInfo:
         props={p.key: p.value for p in proto.metadata_props},
         inputs=[_tensor(v) for v in proto.graph.input if v.name not in initializers],
         outputs=[_tensor(v) for v in proto.graph.output],
-        opsets={(o.domain or "ai.onnx"): o.version for o in proto.opset_import},
+        # The opsets the nodes use: quantizers declare domains (com.microsoft, ...) they then leave unused.
+        opsets={(o.domain or "ai.onnx"): o.version for o in proto.opset_import if (o.domain or "ai.onnx") in used},
         contrib_ops={d: sorted(ops) for d, ops in sorted(contrib.items())},
         had_external_data=had_external,
     )
@@ -229,7 +232,7 @@ def runtime_requirement(info: ModelInfo) -> str:
     opset = info.opsets.get("ai.onnx", 0)
     base = f"ONNX Runtime with ONNX opset {opset} support (verified with onnxruntime {ort.__version__})"
     if not info.contrib_ops:
-        return f"{base}; standard ONNX operators only, so any ONNX Runtime build (CPU, GPU, web, mobile) runs it"
+        return f"{base}; standard ONNX operators only, so stock ONNX Runtime runs it in any language"
     ops = "; ".join(f"{d}: {', '.join(o)}" for d, o in info.contrib_ops.items())
     return (f"{base} built WITH its contrib operators ({ops}); the standard onnxruntime, onnxruntime-gpu and "
             "onnxruntime-node packages include them, but minimal/mobile builds and non-ORT runtimes may not")
@@ -427,6 +430,13 @@ def _bundle_readme(doc: dict, name: str, n_samples: int, sha: str) -> str:
                 + f", then feed `{inp['dtype']}`.")
     else:
         feed = f"Feed `{inp['dtype']}` values as they are (the model carries no preprocessing metadata)."
+    if pre.get("applied_in_graph") or "mean" not in pre:
+        snippet = 'x = raw.astype(meta["input"]["dtype"])          # the graph does any preprocessing'
+    else:
+        snippet = ('pre = meta["preprocessing"]                     # not in the graph: normalize here\n'
+                   'x = ((raw - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)).astype(np.float32)'
+                   + ("\n# mean/std hold one value per entry of axis 1: reshape them to (1, -1, 1, ...) first"
+                      if isinstance(pre["mean"], list) else ""))
     out_lines = "\n".join(f"- `{o['name']}` ({o['dtype']}, shape {o['shape']}): {o['meaning'] or 'see model.json'}" for o in outs)
     metrics = ", ".join(f"{k} {v['name']} {v['value']}" if isinstance(v, dict) and {"name", "value"} <= set(v)
                         else f"{k} {v}" for k, v in doc["metrics"].items()) or "none recorded"
@@ -467,7 +477,7 @@ meta = json.load(open("model.json"))
 session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 sample = json.load(open("samples.json"))["samples"][0]
 raw = np.asarray([sample["input"]])            # a batch of one, raw values
-x = raw.astype(meta["input"]["dtype"])          # plus (x - mean) / std when preprocessing is not in the graph
+{snippet}
 scores = session.run(None, {{meta["input"]["name"]: x}})[0]
 ```
 Node.js (`npm install onnxruntime-node`): see `examples/node/classify.js` in onnx-pipeline; same steps with
@@ -502,7 +512,7 @@ def triton_config(doc: dict, info: ModelInfo, name: str, max_batch_size: int, dy
         extra = f"    label_filename: \"{label_file}\"\n" if label_file and t["name"] == _scores_output(doc) else ""
         outputs.append(block(t, extra))
     lines = [
-        f"# Written by onnx-pipeline {PRODUCT_VERSION}: {doc['task']} model, see model.json in the bundle format.",
+        f"# Written by onnx-pipeline {PRODUCT_VERSION} from the ONNX file's graph and metadata ({doc['task']} model).",
         f"name: \"{name}\"",
         "platform: \"onnxruntime_onnx\"",
         "default_model_filename: \"model.onnx\"",
