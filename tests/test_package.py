@@ -4,10 +4,10 @@ against Triton's own model-configuration schema and served by onnx-pipeline's se
 manifest, and the command's errors.
 
 Triton's schema is the ``model_config.proto`` descriptor that NVIDIA ships in tritonclient
-(``tritonclient/grpc/model_config_pb2.py``); `make test` unpacks that wheel without dependencies into
-build/ (tritonclient itself would downgrade protobuf in the venv). We read the serialized descriptor
-out of the file and build the message class in a private descriptor pool, so the check does not
-depend on the generated code's protobuf-version guard.
+(``tritonclient/grpc/model_config_pb2.py``), taken from the test-only .venv-triton that `make test`
+builds (tritonclient would downgrade protobuf in the project's venv, so it never goes there). We read
+the serialized descriptor out of that file and build the message class in a private descriptor pool
+of the project's own protobuf, so the check does not depend on the generated code's version guard.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from tests.conftest import ROOT
 
 PY_EXAMPLE = ROOT / "examples" / "python" / "classify.py"
 NODE_DIR = ROOT / "examples" / "node"
-TRITON_SCHEMA = ROOT / "build" / "tritonclient" / "tritonclient" / "grpc" / "model_config_pb2.py"
+# Triton's model-configuration schema as NVIDIA ships it, in the test-only .venv-triton (see the Makefile).
+TRITON_SCHEMAS = sorted(ROOT.glob(".venv-triton/lib/python3*/site-packages/tritonclient/grpc/model_config_pb2.py"))
 NEAR_TIE = 1e-4  # top-2 logit margin under which two ONNX Runtime builds may honestly disagree
 
 
@@ -223,9 +224,9 @@ def _triton_model_config_class():
     """Triton's ModelConfig message, built from the descriptor in NVIDIA's model_config_pb2.py."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-    if not TRITON_SCHEMA.is_file():
-        pytest.skip(f"{TRITON_SCHEMA.relative_to(ROOT)} missing; `make test-deps` unpacks it from tritonclient")
-    calls = [n for n in ast.walk(ast.parse(TRITON_SCHEMA.read_text()))
+    if not TRITON_SCHEMAS:
+        pytest.skip("Triton's model_config_pb2.py not found in .venv-triton; `make test` installs tritonclient there")
+    calls = [n for n in ast.walk(ast.parse(TRITON_SCHEMAS[-1].read_text()))
              if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "AddSerializedFile"]
     serialized = ast.literal_eval(calls[0].args[0])
     pool = descriptor_pool.DescriptorPool()
@@ -285,15 +286,44 @@ def test_triton_config_rejects_what_triton_would_reject():
 
 
 def test_onnx_pipelines_server_serves_the_triton_repository(triton_repo, bundle):
-    from stages.serve import load_model
-    from stages.serve.protocol import Tensor
+    """`pipeline serve --model-repository` on what `pipeline package --format triton` wrote, over HTTP."""
+    import socket
+    import time
 
-    runtime = load_model(triton_repo / "tiny" / "3" / "model.onnx", "tiny", version="3", device="cpu", intra_op_threads=1)
-    samples = json.loads((bundle / "samples.json").read_text())["samples"][:5]
-    meta = json.loads((bundle / "model.json").read_text())
-    x = pkg.model_input(np.asarray([s["input"] for s in samples], np.float32), meta)
-    [logits] = runtime.infer([Tensor("input", x)])
-    assert np.allclose(logits.array, [s["expected"]["outputs"]["logits"] for s in samples], atol=1e-4)
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--model-repository", str(triton_repo),
+                               "--port", str(port), "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        meta = httpx.get(f"{base}/v2/models/tiny").json()
+        assert meta["versions"] == ["3"] and meta["inputs"][0]["shape"] == [-1, 1, 8, 8]
+        samples = json.loads((bundle / "samples.json").read_text())["samples"][:5]
+        x = pkg.model_input(np.asarray([s["input"] for s in samples], np.float32),
+                            json.loads((bundle / "model.json").read_text()))
+        r = httpx.post(f"{base}/v2/models/tiny/versions/3/infer", timeout=30, json={"inputs": [
+            {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(out["shape"]),
+                                   [s["expected"]["outputs"]["logits"] for s in samples], atol=1e-4)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_kserve_manifest_has_the_required_fields(exported, tiny_yaml, tmp_path):
