@@ -53,9 +53,16 @@ def run_example(cmd: list[str]) -> tuple[int, list[list[str]], str]:
     return p.returncode, [line.split("\t") for line in lines[1:-1]], p.stdout
 
 
-def reference_labels(onnx_path: Path, x: np.ndarray, labels: list[str]) -> tuple[list[str], np.ndarray]:
-    """In-process ONNX Runtime through the project's own predictor: labels and top-2 margins."""
-    logits = predict_batched(OrtPredictor(onnx_path, device="cpu"), x)
+def reference_labels(onnx_path: Path, data, labels: list[str]) -> tuple[list[str], np.ndarray]:
+    """In-process ONNX Runtime through the project's own predictor, fed what the file's metadata says
+    it takes (raw when its graph normalizes, else normalized by the project's Data.normalize):
+    labels and top-2 margins."""
+    predictor = OrtPredictor(onnx_path, device="cpu")
+    props = predictor.session.get_modelmeta().custom_metadata_map
+    raw, _ = data.split("test", normalized=False)
+    in_graph = json.loads(props.get("preprocessing", "{}")).get("applied_in_graph", False)
+    x = raw.astype(props.get("input.dtype", "float32")) if in_graph else data.normalize(raw)
+    logits = predict_batched(predictor, x)
     top2 = np.sort(logits, axis=1)[:, -2:]
     return [labels[i] for i in logits.argmax(1)], top2[:, 1] - top2[:, 0]
 
@@ -94,21 +101,28 @@ def raw_input_bundle(exported, test_split, tmp_path_factory) -> tuple[Path, Path
     graph = proto.graph
     name = graph.input[0].name
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    graph.initializer.extend([helper.make_tensor("pre_mean", TensorProto.FLOAT, [], [pre["mean"]]),
-                              helper.make_tensor("pre_std", TensorProto.FLOAT, [], [pre["std"]])])
-    front = [helper.make_node("Cast", ["raw"], ["raw_f"], to=TensorProto.FLOAT),
-             helper.make_node("Sub", ["raw_f", "pre_mean"], ["centred"]),
-             helper.make_node("Div", ["centred", "pre_std"], [name])]
-    softmax = helper.make_node("Softmax", [graph.output[0].name], ["probabilities"], axis=1)
-    nodes = front + list(graph.node) + [softmax]
+    if not pre.get("applied_in_graph"):
+        graph.initializer.extend([helper.make_tensor("pre_mean", TensorProto.FLOAT, [], [pre["mean"]]),
+                                  helper.make_tensor("pre_std", TensorProto.FLOAT, [], [pre["std"]])])
+    elem = graph.input[0].type.tensor_type.elem_type
+    if pre.get("applied_in_graph"):  # the export already normalizes in the graph: only take uint8 in front
+        front = [helper.make_node("Cast", ["raw"], [name], to=elem)]
+    else:
+        front = [helper.make_node("Cast", ["raw"], ["raw_f"], to=TensorProto.FLOAT),
+                 helper.make_node("Sub", ["raw_f", "pre_mean"], ["centred"]),
+                 helper.make_node("Div", ["centred", "pre_std"], [name])]
+    has_probabilities = any(o.name == "probabilities" for o in graph.output)
+    softmax = [] if has_probabilities else [helper.make_node("Softmax", [graph.output[0].name], ["probabilities"], axis=1)]
+    nodes = front + list(graph.node) + softmax
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.input[:]
     graph.input.append(helper.make_tensor_value_info("raw", TensorProto.UINT8, dims))
-    graph.output.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [dims[0], None]))
+    if not has_probabilities:
+        graph.output.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [dims[0], None]))
     del proto.metadata_props[:]
     props.update({"input.name": "raw", "input.dtype": "uint8",
-                  "preprocessing": json.dumps({**pre, "applied_in_graph": True,
+                  "preprocessing": json.dumps({**pre, "applied_in_graph": True, "input_dtype": "uint8",
                                                "formula": f"(float(x) - {pre['mean']}) / {pre['std']}"})})
     for k, v in props.items():
         proto.metadata_props.add(key=k, value=v)
@@ -135,14 +149,15 @@ def test_bundle_is_one_onnx_file_and_a_model_json_drawn_from_its_metadata(bundle
     props = session.get_modelmeta().custom_metadata_map
     graph_in = session.get_inputs()[0]
     assert meta["input"]["name"] == graph_in.name == props["input.name"]
-    assert meta["input"]["dtype"] == "float32" and graph_in.type == "tensor(float)"
+    assert meta["input"]["dtype"] == props["input.dtype"] and graph_in.type == "tensor(float)"  # digits: float32
     assert meta["input"]["shape"] == [-1, 1, 8, 8] == json.loads(props["input.shape"])
     assert meta["input"]["layout"] == props["input.layout"] == "NCHW"
     assert meta["labels"] == json.loads(props["labels"]) == test_split.labels
     pre = json.loads(props["preprocessing"])
-    assert meta["preprocessing"]["applied_in_graph"] is False
+    assert meta["preprocessing"]["applied_in_graph"] is pre.get("applied_in_graph", False)  # as the export wrote it
     assert (meta["preprocessing"]["mean"], meta["preprocessing"]["std"]) == (pre["mean"], pre["std"])
-    assert [o["name"] for o in meta["outputs"]] == [o.name for o in session.get_outputs()] == ["logits"]
+    assert [o["name"] for o in meta["outputs"]] == [o.name for o in session.get_outputs()]
+    assert meta["outputs"][0]["name"] == "logits" and meta["outputs"][0]["meaning"]
     assert meta["model"]["sha256"] == sha256_file(bundle / "model.onnx")
     assert meta["model"]["opsets"]["ai.onnx"] == int(props["export.opset"])
     assert meta["runtime"]["verified_with"]["onnxruntime"] == ort.__version__
@@ -150,7 +165,8 @@ def test_bundle_is_one_onnx_file_and_a_model_json_drawn_from_its_metadata(bundle
     assert meta["metrics"]["test_accuracy"] == pytest.approx(float(props["metrics.test_accuracy"]))
     assert meta["lineage"]["dataset_sha256"] == test_split.info["sha256"]
     assert meta["input"]["raw"] == {"dtype": "float32", "value_range": [0.0, 16.0]}  # 8x8 digits: 0..16
-    assert meta["input"]["value_range"] == pytest.approx([(0 - pre["mean"]) / pre["std"], (16 - pre["mean"]) / pre["std"]], abs=1e-5)
+    model_range = [0, 16] if pre["applied_in_graph"] else [(0 - pre["mean"]) / pre["std"], (16 - pre["mean"]) / pre["std"]]
+    assert meta["input"]["value_range"] == pytest.approx(model_range, abs=1e-5)
     # the whole test split rides along, raw, with true labels and ONNX Runtime's outputs
     x, y = test_split.split("test", normalized=False)
     samples = json.loads((bundle / "samples.json").read_text())["samples"]
@@ -158,7 +174,8 @@ def test_bundle_is_one_onnx_file_and_a_model_json_drawn_from_its_metadata(bundle
     assert np.array_equal(np.asarray([s["input"] for s in samples], np.float32), x)
     assert [s["label_index"] for s in samples] == y.tolist()
     readme = (bundle / "README.md").read_text()
-    assert "(raw - mean) / std" in readme and meta["model"]["sha256"] in readme
+    assert ("applies the preprocessing itself" if pre["applied_in_graph"] else "(raw - mean) / std") in readme
+    assert meta["model"]["sha256"] in readme
 
 
 def test_python_example_uses_only_onnxruntime_and_numpy():
@@ -170,8 +187,8 @@ def test_python_example_uses_only_onnxruntime_and_numpy():
 
 def test_python_example_matches_in_process_onnxruntime_on_the_test_split(python_run, exported, test_split):
     code, rows, out = python_run
-    x, y = test_split.split("test")  # normalized by the project's own code
-    expected, _ = reference_labels(exported.onnx, x, test_split.labels)
+    _, y = test_split.split("test")
+    expected, _ = reference_labels(exported.onnx, test_split, test_split.labels)
     assert code == 0, out[-1000:]  # every sample matched the bundle's recorded outputs
     assert [r[1] for r in rows] == expected
     assert [r[3] for r in rows] == [test_split.labels[i] for i in y]
@@ -197,7 +214,7 @@ def test_node_example_prints_the_same_predictions_as_python_on_the_whole_test_sp
     _node_or_skip()
     code, rows, out = run_example(["node", str(NODE_DIR / "classify.js"), str(bundle)])
     assert code == 0, out[-1000:]  # its outputs match the bundle's, within samples.json's tolerance
-    _, margins = reference_labels(exported.onnx, test_split.split("test")[0], test_split.labels)
+    _, margins = reference_labels(exported.onnx, test_split, test_split.labels)
     _assert_same_predictions(rows, python_run[1], margins)
     assert out.strip().splitlines()[-1] == python_run[2].strip().splitlines()[-1]  # accuracy and self-check line
 
@@ -208,7 +225,7 @@ def test_examples_feed_raw_uint8_to_a_model_that_normalizes_in_its_graph(raw_inp
     assert meta["input"]["dtype"] == "uint8" and meta["preprocessing"]["applied_in_graph"] is True
     assert [o["name"] for o in meta["outputs"]] == ["logits", "probabilities"]
     assert "applies the preprocessing itself" in (bundle / "README.md").read_text()
-    expected, margins = reference_labels(exported.onnx, test_split.split("test")[0], test_split.labels)
+    expected, margins = reference_labels(exported.onnx, test_split, test_split.labels)
     code, py_rows, out = run_example([sys.executable, str(PY_EXAMPLE), str(bundle)])
     assert code == 0, out[-1000:]
     assert [r[1] for r in py_rows] == expected
