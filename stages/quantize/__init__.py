@@ -58,7 +58,7 @@ class Config:
     optimization_level: Literal["basic", "extended"] = "extended"  # the `optimized` variant
     int4_block_size: int = 32  # int4-weight: weights per scale along K (power of 2, >= 16)
     prune_ratio: float = 0.25  # pruned: share of each prunable layer's channels removed
-    prune_finetune_epochs: int = 3
+    prune_finetune_epochs: int = 5  # digits-cnn: 3 epochs lost 0.56 points, 5 lost 0.28 (lr 1e-3)
     prune_lr: float = 1e-3
 
     def __post_init__(self) -> None:
