@@ -187,8 +187,8 @@ def make_fp16(src: Path, dst: Path, ctx: Context) -> dict:
 
     blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_UNSAFE_OPS))
     model = OnnxModel(onnx.load(str(src)))
-    # OnnxModel's wrapper also sorts the graph again: the converter appends the input Casts at the end.
     model.convert_float_to_float16(keep_io_types=True, op_block_list=blocked)
+    model.topological_sort()  # the converter appends the input Casts last; onnx.checker wants order
     onnx.save(model.model, str(dst))
     return {"keep_io_types": True, "blocked_ops_present": sorted({n.op_type for n in ctx.fp32.graph.node} & set(blocked))}
 
