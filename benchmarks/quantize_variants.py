@@ -95,7 +95,7 @@ def main() -> None:
                 variants.make_optimized(path, opt, dataclasses.replace(ctx, config=dataclasses.replace(cfg, optimization_level="extended")))
                 paths["default + optimized (extended) saved"] = opt
             for lab, p in paths.items():
-                acc = judge.evaluate(p, report["task"], x_test, y_test)["value"]
+                acc = judge.evaluate(p, report["task"], x_test, y_test, data.labels)["value"]
                 ms = times(OrtPredictor(p, device="cpu", intra_op_threads=threads).predict)
                 print(f"| {lab} | {acc:.4f} | " + " | ".join(f"{ms[bs]:.3f}" for bs in args.batch_sizes) + " |")
 

@@ -143,19 +143,20 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     x_val, y_val = feed("val"), data.split("val")[1]
     # vae: the reconstruction target is the normalized input, whatever the file is fed
     target = {s: data.split(s)[0] for s in ("test", "val")} if task == "vae" else {"test": None, "val": None}
+    labels = list(data.info.get("label_names") or data.info.get("target_names") or [])
     calib_all = feed("train")
     calibration = calib_all[np.random.default_rng(0).permutation(len(calib_all))[:config.calibration_samples]]
 
     try:
         reference = OrtPredictor(rundir.onnx, device="cpu")
-        fp32_test = judge.evaluate(rundir.onnx, task, x_test, y_test, target["test"])
-        fp32_val = judge.evaluate(rundir.onnx, task, x_val, y_val, target["val"])
+        fp32_test = judge.evaluate(rundir.onnx, task, x_test, y_test, labels, target["test"])
+        fp32_val = judge.evaluate(rundir.onnx, task, x_val, y_val, labels, target["val"])
     except StageError:
         raise
     except Exception as e:
         raise StageError(f"{rundir.onnx} cannot be evaluated ({type(e).__name__}: {str(e)[:300]}); "
                          "rerun `pipeline export`") from e
-    judge_val = lambda path: judge.verdict(task, fp32_val, judge.evaluate(path, task, x_val, y_val, target["val"]),  # noqa: E731
+    judge_val = lambda path: judge.verdict(task, fp32_val, judge.evaluate(path, task, x_val, y_val, labels, target["val"]),  # noqa: E731
                                            config.accuracy_budget, config.relative_budget)
     ctx = Context(config=config, task=task, family=props.get("model.family", ""),
                   fp32=onnx.load(str(rundir.onnx), load_external_data=False), calibration=calibration,
@@ -185,7 +186,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
                     problems = check_variant(tmp, reference, x_test)
                     if problems:
                         raise StageError("; ".join(problems))
-                    metric = judge.evaluate(tmp, task, x_test, y_test, target["test"])
+                    metric = judge.evaluate(tmp, task, x_test, y_test, labels, target["test"])
                     v = judge.verdict(task, fp32_test, metric, config.accuracy_budget, config.relative_budget)
                     # The file says what it is: fp32's metadata (labels, input, lineage), then the variant's.
                     stamp_onnx(tmp, {**props, **variant_props(name, variant, metric, v, info)})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.predictors import OrtPredictor, predict_batched
+from stages.predictors import OrtPredictor
 
 
 def onnx_props(path: Path) -> dict[str, str]:
@@ -43,27 +43,19 @@ def task_of(props: dict[str, str], dataset_info: dict) -> str:
     return props.get("task") or dataset_info.get("task") or "classification"
 
 
-def primary(task: str, y: np.ndarray, outputs: np.ndarray, x: np.ndarray | None = None) -> dict:
-    """The task's primary quality metric from the model's first output (contract: classification
-    accuracy ↑, regression r2 ↑, vae reconstruction MSE ↓)."""
-    if task == "classification":
-        return {"name": "accuracy", "value": float((outputs.argmax(axis=1) == y).mean()), "higher_is_better": True}
-    if task == "regression":
-        y = y.reshape(outputs.shape).astype(np.float64)
-        ss_res = float(((y - outputs) ** 2).sum())
-        ss_tot = float(((y - y.mean(axis=0)) ** 2).sum())
-        return {"name": "r2", "value": 1.0 - ss_res / max(ss_tot, 1e-12), "higher_is_better": True}
-    if task == "vae":
-        target = x.reshape(outputs.shape).astype(np.float64)
-        return {"name": "reconstruction_mse", "value": float(((outputs - target) ** 2).mean()),
-                "higher_is_better": False}
-    raise ValueError(f"unknown task {task!r}; expected classification, regression or vae")
+def evaluate(path: Path, task: str, x: np.ndarray, y: np.ndarray, labels: list[str],
+             x_target: np.ndarray | None = None) -> dict:
+    """The task's primary metric (stages.metrics.score: classification accuracy ↑, regression r2 ↑,
+    vae reconstruction MSE ↓) of an ONNX file on (x, y), with ONNX Runtime on the CPU. For a vae the
+    truth is ``x_target``, the normalized inputs, whatever the file is fed."""
+    from stages.metrics import score
 
-
-def evaluate(path: Path, task: str, x: np.ndarray, y: np.ndarray, x_target: np.ndarray | None = None) -> dict:
-    """Primary metric of an ONNX file on (x, y) with ONNX Runtime on the CPU."""
     predictor = OrtPredictor(path, device="cpu")
-    return primary(task, y, predict_batched(predictor, x), x_target if x_target is not None else x)
+    parts = [predictor.run({predictor.input_name: x[i:i + 256]}) for i in range(0, len(x), 256)]
+    outputs = {n: np.concatenate([p[n] for p in parts]) for n in predictor.output_names}
+    if task == "vae":
+        return score(task, x_target if x_target is not None else x, outputs, labels)["primary"]
+    return score(task, y, outputs[predictor.output_names[0]], labels)["primary"]
 
 
 @dataclass(frozen=True)

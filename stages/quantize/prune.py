@@ -221,7 +221,7 @@ def make(src: Path, dst: Path, ctx: "Context") -> dict:
     props = onnx_props(src)
     if json.loads(props.get("preprocessing") or "{}").get("applied_in_graph"):
         raise RuntimeError("the fp32 file has its preprocessing in the graph; the pruned export does not add it yet")
-    spec = models.family(meta["model"]["family"]).export
+    spec = models.export_spec(meta["model"]["family"], ctx.task)
     exporter = props.get("export.exporter", "dynamo")
     opset = int(props.get("export.opset", 18))
     x_val, _ = ctx.data.split("val")

@@ -91,6 +91,8 @@ def int4_applicable(ctx: Context) -> str | None:
 def pruned_applicable(ctx: Context) -> str | None:
     from stages.quantize import prune
 
+    if ctx.task not in ("classification", "regression"):
+        return f"pruning fine-tunes with a classification or regression loss; this model's task is {ctx.task}"
     if ctx.checkpoint is None or not Path(ctx.checkpoint).is_file():
         return "no checkpoint.pt in the run directory to prune (pruning works on the PyTorch model)"
     from stages import checkpoint
