@@ -119,7 +119,8 @@ def table(float_model: Path, qdq_model: Path, x: np.ndarray) -> list[dict]:
 def markdown(rows: list[dict], excluded: list[str], attempts: list[dict]) -> str:
     lines = ["# int8-static per-layer sensitivity\n",
              "SQNR in dB against the float model on calibration samples; `lost` = worst input SQNR − output SQNR "
-             "(the error this node's quantization adds). Most sensitive first.\n",
+             "(the error this node's quantization adds). Most sensitive first. `input QDQ SQNR` is ONNX Runtime's "
+             "qdq_err of the input's QDQ pair alone; it reads low where the quantizer folded a Relu into that pair.\n",
              "| rank | node | op | input SQNR | output SQNR | lost | input QDQ SQNR | kept in float |",
              "|---:|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
