@@ -71,6 +71,15 @@ class RunDir:
     def variants(self) -> Path:
         return self.root / "variants.json"
 
+    @property
+    def sensitivity_json(self) -> Path:
+        """int8-static's per-layer sensitivity table (written when the budget was missed)."""
+        return self.root / "sensitivity.json"
+
+    @property
+    def sensitivity_md(self) -> Path:
+        return self.root / "sensitivity.md"
+
     # benchmark
     @property
     def benchmark_json(self) -> Path:

@@ -17,7 +17,7 @@ def test_default_recipe_loads_into_typed_configs():
     assert r.model.family == "cnn" and r.model.config.channels == (32, 64, 64)
     assert r.train.epochs == 40 and isinstance(r.train.lr, float)
     assert r.export.check_batch_sizes == (1, 2, 37)
-    assert r.quantize.variants == ("int8-static", "int8-dynamic")
+    assert r.quantize.variants == ("all",) and r.quantize.accuracy_budget == 0.5
     assert r.serve.host == "127.0.0.1"
 
 

@@ -143,28 +143,15 @@ def test_failed_validation_raises_names_the_output_and_keeps_the_previous_file(e
     assert not [p for p in rd.root.iterdir() if p.name.endswith(".tmp")]
 
 
-# ---------------------------------------------------------------- quantize
+# ---------------------------------------------------------------- quantize (more in test_quantize.py)
 
-def test_quantize_makes_and_evaluates_every_variant(quantized):
+def test_quantize_writes_variants_json_that_benchmark_and_register_read(quantized):
     report = json.loads(quantized.variants.read_text())
-    variants = report["variants"]
-    assert set(variants) == {"fp32", "int8-static", "int8-dynamic"}
-    for name, v in variants.items():
-        assert v["ok"], v
-        assert quantized.variant(name).is_file()
-        assert v["delta_points"] == pytest.approx((v["accuracy"] - report["fp32_accuracy"]) * 100)
-        if name != "fp32":
-            assert v["size_bytes"] < variants["fp32"]["size_bytes"]
-    # static INT8 is QDQ: the graph holds QuantizeLinear/DequantizeLinear pairs
-    static = onnx.load(str(quantized.variant("int8-static")))
-    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in static.graph.node}
-    # each variant file still describes itself, and says which variant it is and how accurate
-    props = {p.key: p.value for p in static.metadata_props}
-    assert props["variant"] == "int8-static" and "labels" in props
-    assert float(props["metrics.test_accuracy"]) == pytest.approx(variants["int8-static"]["accuracy"], abs=1e-6)
-    # the budget flag follows the recipe's budget (the tiny model is under-trained, so either outcome is real)
-    for v in variants.values():
-        assert v["within_budget"] == (-v["delta_points"] <= report["accuracy_budget_points"] + 1e-9)
+    assert report["task"] == "classification" and report["metric"] == "accuracy"
+    assert report["fp32_accuracy"] == report["fp32"] and report["accuracy_budget_points"] == 0.5
+    for name, v in report["variants"].items():
+        assert v["status"] in ("ok", "over-budget", "not-applicable", "failed")
+        assert v["ok"] == quantized.variant(name).is_file() or v["status"] == "not-applicable"
 
 
 # ---------------------------------------------------------------- benchmark

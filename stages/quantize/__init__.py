@@ -1,0 +1,251 @@
+"""quantize: named variants of the exported model, each validated and evaluated on the test split.
+
+One table (``VARIANTS``, in variants.py) says what each variant is, how it is made, when it applies
+and whether it needs calibration; quantize, benchmark, register and the tests all go by these names.
+For each selected variant this stage
+
+1. says "not applicable" with the reason when the predicate refuses (no MatMul for int4-weight, a
+   branching model for pruned), which is not a failure;
+2. makes it under a temporary name, checks it loads in ONNX Runtime and gives fp32's output names and
+   shapes, measures its quality on the test split, stamps its metadata (variant, metric, delta,
+   excluded nodes, calibration), and only then renames it into place;
+3. judges it against the budget: ``accuracy_budget`` points of accuracy for classification, the
+   ``relative_budget`` share of the primary metric for other tasks. A variant over budget is kept
+   (file and numbers, as evidence) but marked ineligible, so register never picks it.
+
+int8-static is accuracy-aware: when it misses the budget on the validation split it measures
+per-layer sensitivity and keeps the worst layers in float until it fits (sensitivity.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Literal
+
+import numpy as np
+
+from stages import dataset
+from stages.common import StageError, atomic_path, require, sha256_file, stamp_onnx, write_json
+from stages.predictors import OrtPredictor
+from stages.quantize import judge
+from stages.quantize.variants import VARIANTS, CalibrationReader, Context, Variant  # noqa: F401 (the table)
+
+if TYPE_CHECKING:
+    from pipeline.rundir import RunDir
+    from pipeline.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Config:
+    variants: tuple[str, ...] = ("all",)  # names from the table, or "all": every variant that applies
+    accuracy_budget: float = 0.5  # classification: points of test accuracy a variant may lose against fp32
+    relative_budget: float = 0.02  # regression / vae: share of fp32's primary metric a variant may lose
+    calibration_samples: int = 512  # training samples fed through the model to pick activation ranges
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_percentile: float = 99.999  # for calibration_method=percentile
+    per_channel: bool = True  # per-output-channel weight scales (Conv/Gemm)
+    activation_type: Literal["quint8", "qint8"] = "quint8"
+    reduce_range: bool = False  # 7-bit weights, for CPUs without VNNI that saturate otherwise
+    static_format: Literal["qdq", "qoperator"] = "qdq"
+    sensitivity: bool = True  # int8-static: keep the most sensitive layers in float until within budget
+    sensitivity_samples: int = 256  # calibration samples used to compare float and INT8 activations
+    max_excluded_nodes: int = 0  # 0: no limit
+    optimization_level: Literal["basic", "extended"] = "extended"  # the `optimized` variant
+    int4_block_size: int = 32  # int4-weight: weights per scale along K (power of 2, >= 16)
+    prune_ratio: float = 0.25  # pruned: share of each prunable layer's channels removed
+    prune_finetune_epochs: int = 5  # digits-cnn: 3 epochs lost 0.56 points, 5 lost 0.28 (lr 1e-3)
+    prune_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v != "all" and v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(f"`variants` has unknown names {unknown}; choose from {['all', *VARIANTS]}")
+        if self.calibration_samples < 1:
+            raise ValueError(f"`calibration_samples` must be >= 1, got {self.calibration_samples}")
+        if not 90.0 <= self.calibration_percentile <= 100.0:
+            raise ValueError(f"`calibration_percentile` must be in [90, 100], got {self.calibration_percentile}")
+        if self.accuracy_budget < 0:
+            raise ValueError(f"`accuracy_budget` must be >= 0 (points), got {self.accuracy_budget}")
+        if not 0 <= self.relative_budget < 1:
+            raise ValueError(f"`relative_budget` must be in [0, 1) (a share of the metric), got {self.relative_budget}")
+        if self.sensitivity_samples < 1 or self.max_excluded_nodes < 0:
+            raise ValueError(f"`sensitivity_samples` must be >= 1 and `max_excluded_nodes` >= 0, got "
+                             f"{self.sensitivity_samples}, {self.max_excluded_nodes}")
+        if self.int4_block_size < 16 or self.int4_block_size & (self.int4_block_size - 1):
+            raise ValueError(f"`int4_block_size` must be a power of 2 >= 16, got {self.int4_block_size}")
+        if not 0 < self.prune_ratio < 1:
+            raise ValueError(f"`prune_ratio` must be in (0, 1), got {self.prune_ratio}")
+        if self.prune_finetune_epochs < 0 or not self.prune_lr > 0:
+            raise ValueError(f"`prune_finetune_epochs` must be >= 0 and `prune_lr` > 0, got "
+                             f"{self.prune_finetune_epochs}, {self.prune_lr}")
+
+    @property
+    def selected(self) -> list[str]:
+        """fp32 first, then the requested variants in table order."""
+        wanted = set(VARIANTS) if "all" in self.variants else set(self.variants)
+        return ["fp32", *[n for n in VARIANTS if n in wanted and n != "fp32"]]
+
+
+@dataclass(frozen=True)
+class Result:
+    metric: str
+    fp32: float
+    variants: dict[str, dict]
+
+    def summary(self) -> str:
+        parts = []
+        for n, v in self.variants.items():
+            if n == "fp32":
+                continue
+            if v["status"] in ("ok", "over-budget"):
+                parts.append(f"{n} {v['metric']['value']:.4f}" + ("" if v["status"] == "ok" else " (over budget)"))
+            else:
+                parts.append(f"{n} {v['status']}")
+        return f"fp32 {self.metric} {self.fp32:.4f}; " + ", ".join(parts)
+
+
+def check_variant(path, reference: OrtPredictor, x) -> list[str]:
+    """Loads in ONNX Runtime (CPU) and answers with fp32's input and output names, dtypes and shapes."""
+    problems = []
+    session = OrtPredictor(path, device="cpu")
+    ref_in = [(i.name, i.type) for i in reference.inputs]
+    got_in = [(i.name, i.type) for i in session.inputs]
+    if ref_in != got_in:
+        problems.append(f"inputs {got_in} differ from fp32's {ref_in}")
+    if session.output_names != reference.output_names:
+        problems.append(f"output names {session.output_names} differ from fp32's {reference.output_names}")
+        return problems
+    xb = x[:3]
+    want = reference.run({reference.input_name: xb})
+    got = session.run({session.input_name: xb})
+    for name in reference.output_names:
+        if got[name].shape != want[name].shape or got[name].dtype != want[name].dtype:
+            problems.append(f"output '{name}' is {got[name].dtype}{list(got[name].shape)}, fp32 gives "
+                            f"{want[name].dtype}{list(want[name].shape)}")
+    return problems
+
+
+def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
+    import onnx
+
+    tracker.log_params({**config.__dict__, "variants": ",".join(config.variants)})
+    require(rundir.onnx, "export")
+    data = dataset.load(rundir.data, rundir.dataset)
+    props = judge.onnx_props(rundir.onnx)
+    task = judge.task_of(props, data.info)
+    feed = lambda split: judge.model_input(props, data, split)  # noqa: E731 (what the files take)
+    x_test, y_test = feed("test"), data.split("test")[1]
+    x_val, y_val = feed("val"), data.split("val")[1]
+    # vae: the reconstruction target is the normalized input, whatever the file is fed
+    target = {s: data.split(s)[0] for s in ("test", "val")} if task == "vae" else {"test": None, "val": None}
+    labels = list(data.info.get("label_names") or data.info.get("target_names") or [])
+    calib_all = feed("train")
+    calibration = calib_all[np.random.default_rng(0).permutation(len(calib_all))[:config.calibration_samples]]
+
+    try:
+        reference = OrtPredictor(rundir.onnx, device="cpu")
+        fp32_test = judge.evaluate(rundir.onnx, task, x_test, y_test, labels, target["test"])
+        fp32_val = judge.evaluate(rundir.onnx, task, x_val, y_val, labels, target["val"])
+    except StageError:
+        raise
+    except Exception as e:
+        raise StageError(f"{rundir.onnx} cannot be evaluated ({type(e).__name__}: {str(e)[:300]}); "
+                         "rerun `pipeline export`") from e
+    judge_val = lambda path: judge.verdict(task, fp32_val, judge.evaluate(path, task, x_val, y_val, labels, target["val"]),  # noqa: E731
+                                           config.accuracy_budget, config.relative_budget)
+    ctx = Context(config=config, task=task, family=props.get("model.family", ""),
+                  fp32=onnx.load(str(rundir.onnx), load_external_data=False), calibration=calibration,
+                  judge_val=judge_val, val_input=x_val, checkpoint=rundir.checkpoint, data=data,
+                  artifact_names={"sensitivity_json": rundir.sensitivity_json, "sensitivity_md": rundir.sensitivity_md})
+    budget = config.accuracy_budget if task == "classification" else config.relative_budget
+    unit = "points" if task == "classification" else "relative"
+
+    rows: dict[str, dict] = {}
+    for name in config.selected:
+        variant, path = VARIANTS[name], rundir.variant(name)
+        row: dict = {"file": path.name, "description": variant.description,
+                     "needs_calibration": variant.needs_calibration}
+        reason = variant.applicable(ctx) if variant.make is not None else None
+        if reason:
+            row.update(status="not-applicable", reason=reason, ok=False, within_budget=False, eligible=False)
+            rows[name] = row
+            log.info("%-13s not applicable: %s", name, reason)
+            continue
+        try:
+            if variant.make is None:
+                metric, info = fp32_test, {}
+                v = judge.verdict(task, fp32_test, metric, config.accuracy_budget, config.relative_budget)
+            else:
+                with atomic_path(path) as tmp, quiet_root_logger():
+                    info = variant.make(rundir.onnx, tmp, ctx) or {}
+                    problems = check_variant(tmp, reference, x_test)
+                    if problems:
+                        raise StageError("; ".join(problems))
+                    metric = judge.evaluate(tmp, task, x_test, y_test, labels, target["test"])
+                    v = judge.verdict(task, fp32_test, metric, config.accuracy_budget, config.relative_budget)
+                    # The file says what it is: fp32's metadata (labels, input, lineage), then the variant's.
+                    stamp_onnx(tmp, {**props, **variant_props(name, variant, metric, v, info)})
+        except Exception as e:
+            log.warning("variant %s failed: %s", name, e)
+            row.update(status="failed", reason=f"{type(e).__name__}: {str(e)[:500]}", ok=False, within_budget=False,
+                       eligible=False)
+            rows[name] = row
+            continue
+        size = path.stat().st_size
+        row.update(status="ok" if v.within else "over-budget", ok=True, within_budget=v.within, eligible=v.within,
+                   reason="" if v.within else f"loses {v.loss:.3f} {v.unit}, budget {v.budget} {v.unit}",
+                   metric=metric, delta=v.delta, delta_unit=v.unit, size_bytes=size,
+                   size_ratio=size / rundir.onnx.stat().st_size, sha256=sha256_file(path), **info)
+        if task == "classification":
+            row.update(accuracy=metric["value"], delta_points=v.delta)
+        rows[name] = row
+        log.info("%-13s %s %.4f (%+.3f %s), %7.1f KiB%s", name, metric["name"], metric["value"], v.delta, v.unit,
+                 size / 1024, "" if v.within else f"  OVER BUDGET ({budget} {unit})")
+        tracker.log_metrics({f"{metric['name']}.{name}": metric["value"], f"delta.{name}": v.delta,
+                             f"size_bytes.{name}": size})
+        if name != "fp32":
+            tracker.log_artifact(path)
+
+    report = {"task": task, "metric": fp32_test["name"], "fp32": fp32_test["value"], "budget": budget,
+              "budget_unit": unit, "variants": rows}
+    if task == "classification":  # register reads these two keys
+        report.update(fp32_accuracy=fp32_test["value"], accuracy_budget_points=config.accuracy_budget)
+    write_json(rundir.variants, report)
+    tracker.log_artifact(rundir.variants)
+    for extra in (rundir.sensitivity_json, rundir.sensitivity_md):
+        if extra.is_file() and "int8-static" in rows and rows["int8-static"].get("attempts", [None])[1:]:
+            tracker.log_artifact(extra)
+    return Result(metric=fp32_test["name"], fp32=fp32_test["value"], variants=rows)
+
+
+def variant_props(name: str, variant: Variant, metric: dict, v: judge.Verdict, info: dict) -> dict[str, str]:
+    props = {"variant": name, "variant.description": variant.description,
+             f"metrics.test_{metric['name']}": f"{metric['value']:.6f}",
+             "variant.delta_vs_fp32": f"{v.delta:.6f} {v.unit}", "variant.within_budget": str(v.within).lower()}
+    if "excluded_nodes" in info:
+        props["quantize.excluded_nodes"] = json.dumps(info["excluded_nodes"])
+    if "calibration_method" in info:
+        props["quantize.calibration"] = json.dumps({"method": info["calibration_method"],
+                                                    "samples": info["calibration_samples"]})
+    for key in ("format", "per_channel", "activation_type", "optimization_level", "block_size", "prune_ratio",
+                "parameters_after"):
+        if key in info:
+            props[f"quantize.{key}"] = json.dumps(info[key])
+    return props
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs a line per tensor on the root logger; keep the stage's log readable."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
