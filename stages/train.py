@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import models
 from stages import checkpoint, dataset, distributed, optim
 from stages.common import StageError, seed_everything, write_json
-from stages.metrics import plot_history
+from stages.losses import compute_loss
+from stages.metrics import PRIMARY, plot_history, score
 from stages.predictors import torch_device
 
 if TYPE_CHECKING:
@@ -99,7 +100,8 @@ class Config:
     pct_start: float = 0.3  # one-cycle: share of training spent rising
     plateau_patience: int = 3  # plateau: epochs without improvement before multiplying by gamma
     grad_clip: float = 0.0  # max global gradient norm; 0: off
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # classification
+    kl_weight: float = 1.0  # vae: weight of the KL term of the negative ELBO
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     distill: Distill = field(default_factory=Distill)
     augment_shift: int = 0  # images: random shifts of up to this many pixels, on the device; 0: off
@@ -145,6 +147,8 @@ class Config:
             raise ValueError(f"`grad_clip` must be >= 0 (0: off), got {self.grad_clip}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing}")
+        if self.kl_weight < 0:
+            raise ValueError(f"`kl_weight` must be >= 0, got {self.kl_weight}")
         if not 0 <= self.augment_shift <= 8:
             raise ValueError(f"`augment_shift` must be between 0 (off) and 8 pixels, got {self.augment_shift}")
         if self.loader_workers < 0:
@@ -222,9 +226,13 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
     # ---- data
     data = dataset.load(rundir.data, rundir.dataset)
     info = data.info
-    task = "classification"  # TODO(data-models): models.resolve_task(family, info["task"])
+    try:
+        task = models.resolve_task(family, info.get("task", "classification"))
+    except models.TaskError as e:
+        raise StageError(str(e)) from None
     x_train_np, y_train_np = data.split("train")
     x_val_np, y_val_np = data.split("val")
+    labels = list(info.get("label_names") or info.get("target_names") or [])
     image = x_train_np.ndim == 4
     if config.augment_shift and not image:
         raise StageError(f"train.augment_shift needs images (N, C, H, W); this dataset's inputs are "
@@ -265,7 +273,10 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
             generator=torch.Generator().manual_seed(config.seed))
 
     # ---- model
-    input_shape, num_outputs = tuple(info["input_shape"]), int(info["num_classes"])
+    input_shape = tuple(info["input_shape"])
+    # classes (classification), targets (regression); the VAE ignores it (its latent size is its own)
+    num_outputs = {"classification": int(info.get("num_classes", 0)),
+                   "regression": int(y_train_np.shape[1]) if y_train_np.ndim == 2 else 1}.get(task, 0)
     model = models.build(family, model_config, input_shape, num_outputs)
     if init_from is not None:
         for line in checkpoint.init_from(model, init_from):
@@ -281,7 +292,7 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
 
     soft_targets, teacher_model = None, None
     if teacher is not None:
-        teacher_model = _load_teacher(teacher, task, data, input_shape, device, memory_format)
+        teacher_model = _load_teacher(teacher, task, labels, info, input_shape, device, memory_format)
         if not config.augment_shift:  # frozen teacher, fixed inputs: its logits once, not per step
             soft_targets = _predict(teacher_model, x_train, device, memory_format, autocast)
             teacher_model = None
@@ -345,8 +356,10 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
             order_holder.order = order.tolist()
             batches = ((idx.to(device, non_blocking=True), xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
                        for xb, yb, idx in loader)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # summed on the device: no sync per step
+        # Sums on the device, read once per epoch: no host-device synchronization per step.
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.int64)
+        part_sums: dict[str, Any] = {}
         with _progress(show_bar, f"epoch {epoch + 1}/{config.epochs}", len(order)) as advance:
             for step, (idx, xb, yb) in enumerate(batches):
                 lr = optim.lr_at(config, epoch + step / steps_per_epoch, plateau)
@@ -358,7 +371,7 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
                 targets = xb if task == "vae" else yb
                 with autocast():
                     outputs = step_model(xb)
-                    loss = loss_fn(outputs, targets, idx, xb)
+                    loss, parts = loss_fn(outputs, targets, idx, xb)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if config.grad_clip:
@@ -367,21 +380,26 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
                 scaler.step(opt)
                 scaler.update()
                 loss_sum += loss.detach().double() * len(xb)
+                for k, v in parts.items():
+                    part_sums[k] = part_sums.get(k, 0) + v.double() * len(xb)
                 if task == "classification":
                     correct += (outputs.argmax(1) == yb).sum()
                 advance(len(xb))
         n_seen = torch.tensor(float(len(order)), device=device, dtype=torch.float64)
-        sums = distributed.all_sum(torch.stack([loss_sum, correct.double(), n_seen]), world).tolist()
-        samples_seen += int(sums[2])
-        row = {"train_loss": sums[0] / sums[2]}
+        names = sorted(part_sums) if len(part_sums) > 1 else []  # the VAE's reconstruction and KL terms
+        sums = distributed.all_sum(torch.stack([n_seen, loss_sum, correct.double(), *(part_sums[k] for k in names)]),
+                                   world).tolist()
+        samples_seen += int(sums[0])
+        row = {"train_loss": sums[1] / sums[0]}
         if task == "classification":
-            row["train_accuracy"] = sums[1] / sums[2]
+            row["train_accuracy"] = sums[2] / sums[0]
+        row.update({f"train_{k}": v / sums[0] for k, v in zip(names, sums[3:])})
         if not math.isfinite(row["train_loss"]):
             raise StageError(f"training diverged at epoch {epoch + 1} (train loss {row['train_loss']}); "
                              "lower train.lr or set train.grad_clip (e.g. 1.0)")
 
         distributed.sync_buffers(model, world)
-        row.update(_validate(model, x_val, y_val, task, device, memory_format, autocast))
+        row.update(_validate(model, x_val, y_val, task, labels, device, memory_format, autocast, config))
         row["lr"] = lr
         if monitor not in row:
             raise StageError(f"train.early_stopping.metric `{monitor}` is not a validation metric of this "
@@ -399,7 +417,8 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
                 checkpoint.save(rundir.checkpoint, model, {
                     "model": description,
                     "task": task,
-                    "label_names": data.labels,
+                    "label_names": list(info.get("label_names") or []),
+                    **({"target_names": info["target_names"]} if "target_names" in info else {}),
                     "input_layout": info.get("input_layout", "NCHW"),
                     "normalization": info["normalization"],
                     "dataset_sha256": info["sha256"],
@@ -445,7 +464,7 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
                          "train again without --resume")
     if world.is_main:
         write_json(rundir.history, history)
-        plot_history(history, rundir.training_curves)
+        plot_history(history, rundir.training_curves, metric=primary[len("val_"):])
         tracker.log_artifact(rundir.training_curves)
         tracker.log_artifact(rundir.checkpoint_json)
         tracker.log_artifact(rundir.checkpoint)
@@ -491,28 +510,23 @@ class _Order:
 
 
 def _primary_metric(task: str) -> str:
-    return {"classification": "val_accuracy", "regression": "val_r2", "vae": "val_reconstruction_mse"}[task]
+    return f"val_{PRIMARY[task][0]}"  # val_accuracy, val_r2, val_reconstruction_mse
 
 
 def _lower_is_better(metric: str) -> bool:
-    return metric.endswith(("loss", "mse", "mae"))
-
-
-def _task_loss(task: str, outputs, targets, label_smoothing: float):
-    # TODO(data-models): stages.losses.compute_loss(task, outputs, targets, ...) once it lands.
-    import torch.nn.functional as F
-
-    return F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
+    return metric.endswith(("loss", "mse", "mae", "kl"))
 
 
 def _loss_fn(config: Config, task: str, soft_targets, teacher_model, autocast):
-    """loss(outputs, targets, idx, inputs): the task's loss, or Hinton's distillation loss
+    """loss(outputs, targets, idx, inputs) -> (loss, parts as device tensors): the task's loss
+    (stages/losses.py), or Hinton's distillation loss
     alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-entropy when a teacher is given."""
     import torch
     import torch.nn.functional as F
 
     if soft_targets is None and teacher_model is None:
-        return lambda outputs, targets, idx, inputs: _task_loss(task, outputs, targets, config.label_smoothing)
+        return lambda outputs, targets, idx, inputs: compute_loss(
+            task, outputs, targets, label_smoothing=config.label_smoothing, kl_weight=config.kl_weight, sync=False)
     T, alpha = config.distill.temperature, config.distill.alpha
 
     def loss(outputs, targets, idx, inputs):
@@ -523,8 +537,8 @@ def _loss_fn(config: Config, task: str, soft_targets, teacher_model, autocast):
                 teacher_logits = teacher_model(inputs).float()
         soft = F.kl_div(F.log_softmax(outputs.float() / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
                         reduction="batchmean", log_target=True) * (T * T)
-        hard = F.cross_entropy(outputs, targets, label_smoothing=config.label_smoothing)
-        return alpha * soft + (1.0 - alpha) * hard
+        hard, _ = compute_loss(task, outputs, targets, label_smoothing=config.label_smoothing, sync=False)
+        return alpha * soft + (1.0 - alpha) * hard, {"soft": soft.detach(), "hard": hard.detach()}
 
     return loss
 
@@ -538,22 +552,24 @@ def _predict(model, x, device: str, memory_format, autocast):
         for i in range(0, len(x), EVAL_CHUNK):
             xb = x[i:i + EVAL_CHUNK].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             out = model(xb)
-            outs.append(tuple(o.float() for o in out) if isinstance(out, tuple) else out.float())
+            outs.append(tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float())
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(parts) for parts in zip(*outs))
     return torch.cat(outs)
 
 
-def _validate(model, x_val, y_val, task: str, device: str, memory_format, autocast) -> dict:
-    """Validation loss (no label smoothing: comparable across recipes) and the task's metrics."""
+def _validate(model, x_val, y_val, task: str, labels: list[str], device: str, memory_format, autocast,
+              config: Config) -> dict:
+    """Validation loss (no label smoothing: comparable across recipes) and the task's metrics
+    (stages/metrics.py ``score``: the scalar ones, prefixed val_)."""
     model.eval()
     outputs = _predict(model, x_val, device, memory_format, autocast)
-    y = y_val.to(device)
-    targets = x_val.to(device) if task == "vae" else y
-    row = {"val_loss": float(_task_loss(task, outputs, targets, 0.0))}
-    if task == "classification":
-        row["val_accuracy"] = float((outputs.argmax(1) == y).double().mean())
-    return row
+    targets = (x_val if task == "vae" else y_val).to(device)
+    loss, _ = compute_loss(task, outputs, targets, kl_weight=config.kl_weight)
+    as_numpy = tuple(o.cpu().numpy() for o in outputs) if isinstance(outputs, tuple) else outputs.cpu().numpy()
+    scores = score(task, targets.cpu().numpy(), as_numpy, labels)
+    return {"val_loss": float(loss), **{f"val_{k}": float(v) for k, v in scores.items()
+                                         if isinstance(v, float) and k != "samples"}}
 
 
 def _random_shift(x, k: int, generator):
@@ -570,21 +586,21 @@ def _random_shift(x, k: int, generator):
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def _load_teacher(path: Path, task: str, data, input_shape, device: str, memory_format):
+def _load_teacher(path: Path, task: str, labels: list[str], info: dict, input_shape, device: str, memory_format):
     if task != "classification":
         raise StageError(f"distillation needs a classification task; this run's task is {task}: "
                          "remove train.distill.teacher")
     teacher, meta = checkpoint.load(path)
-    if list(meta.get("label_names", [])) != data.labels:
+    if list(meta.get("label_names", [])) != labels:
         raise StageError(f"the teacher {path} predicts labels {meta.get('label_names')}, this dataset has "
-                         f"{data.labels}: distill from a teacher trained on the same dataset")
+                         f"{labels}: distill from a teacher trained on the same dataset")
     if tuple(meta["model"]["input_shape"]) != tuple(input_shape):
         raise StageError(f"the teacher {path} takes inputs {tuple(meta['model']['input_shape'])}, this dataset "
                          f"has {tuple(input_shape)}: distill from a teacher trained on the same dataset")
-    if meta.get("dataset_sha256") != data.info["sha256"]:
+    if meta.get("dataset_sha256") != info["sha256"]:
         log.warning("the teacher %s was trained on dataset %s, this run's is %s: if its training split holds this "
                     "run's validation or test samples, the student's scores are optimistic", path,
-                    str(meta.get("dataset_sha256"))[:8], data.info["sha256"][:8])
+                    str(meta.get("dataset_sha256"))[:8], info["sha256"][:8])
     n = sum(p.numel() for p in teacher.parameters())
     log.info("distilling from %s (%s, %d parameters, epoch %s)", path, meta["model"]["family"], n, meta.get("epoch"))
     for p in teacher.parameters():

@@ -45,9 +45,10 @@ def small(tiny_recipe, tmp_path_factory) -> RunDir:
     return rd
 
 
-def _train(recipe, rd: RunDir, *, resume=False, init_from=None, teacher=None, model_config=None, **changes):
+def _train(recipe, rd: RunDir, *, resume=False, init_from=None, teacher=None, family=None, model_config=None,
+           **changes):
     """train.run on the tiny recipe with some train settings changed."""
-    return train.run(dataclasses.replace(recipe.train, **changes), rd, NullTracker(), family=recipe.model.family,
+    return train.run(dataclasses.replace(recipe.train, **changes), rd, NullTracker(), family=family or recipe.model.family,
                      model_config=model_config or recipe.model.config, resume=resume, init_from=init_from,
                      teacher=teacher)
 
@@ -161,6 +162,39 @@ def test_the_dataloader_path_trains_like_the_resident_one(tiny_recipe, small, tm
     assert json.loads((tmp_path / "a" / "history.json").read_text()) == json.loads((tmp_path / "b" / "history.json").read_text())
 
 
+def _regression_copy(prepared: RunDir, dst: Path) -> RunDir:
+    """The digits as a regression problem: predict the digit's value (float, one target) from its image."""
+    rd = RunDir(dst).ensure()
+    with np.load(prepared.data) as f:
+        arrays = {k: (f[k].astype(np.float32)[:, None] if k.startswith("y_") else f[k]) for k in f.files}
+    np.savez(rd.data, **arrays)
+    info = json.loads(prepared.dataset.read_text())
+    for key in ("num_classes", "label_names"):
+        info.pop(key, None)
+    info.update(task="regression", target_names=["digit"], sha256="1" * 64)
+    write_json(rd.dataset, info)
+    return rd
+
+
+@pytest.mark.parametrize("task, family", [("regression", "mlp"), ("vae", "vae")])
+def test_the_loop_trains_every_task(tiny_recipe, small, tmp_path, task, family):
+    rd = _regression_copy(small, tmp_path / "run") if task == "regression" else _data_copy(small, tmp_path / "run")
+    cfg = models.FAMILIES[family].config_class()
+    result = _train(tiny_recipe, rd, epochs=3, lr=3e-3, family=family, model_config=cfg, early_stopping=train.EarlyStopping(
+        patience=5, metric="val_loss"))
+    history = json.loads(rd.history.read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    primary = {"regression": "val_r2", "vae": "val_reconstruction_mse"}[task]
+    assert result.metric == primary and all(primary in h for h in history)
+    meta = checkpoint.read(rd.checkpoint)
+    assert meta["task"] == task
+    if task == "vae":  # the ELBO's two terms are logged apart
+        assert {"train_reconstruction", "train_kl"} <= set(history[0])
+        assert result.value == min(h[primary] for h in history)  # lower is better
+    else:
+        assert meta["target_names"] == ["digit"] and result.value == max(h[primary] for h in history)
+
+
 # ---------------------------------------------------------------- resume
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_recipe, tiny_yaml, small, tmp_path):
@@ -252,12 +286,13 @@ def test_distillation_loss_is_hintons():
     torch.manual_seed(0)
     student, teacher, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
     idx = torch.arange(8)
-    loss = train._loss_fn(cfg, "classification", teacher, None, None)(student, y, idx, None)
+    loss, parts = train._loss_fn(cfg, "classification", teacher, None, None)(student, y, idx, None)
     soft = (torch.softmax(teacher / 3, 1) * (torch.log_softmax(teacher / 3, 1) - torch.log_softmax(student / 3, 1))).sum(1).mean()
     hard = torch.nn.functional.cross_entropy(student, y)
     assert loss.item() == pytest.approx((0.75 * 9 * soft + 0.25 * hard).item(), rel=1e-5)
     pure = dataclasses.replace(cfg, distill=train.Distill(teacher="x", alpha=1.0))
-    assert train._loss_fn(pure, "classification", teacher, None, None)(teacher, y, idx, None).item() == pytest.approx(0, abs=1e-6)
+    assert train._loss_fn(pure, "classification", teacher, None, None)(teacher, y, idx, None)[0].item() == pytest.approx(0, abs=1e-6)
+    assert parts["hard"].item() == pytest.approx(hard.item())
 
 
 def test_distillation_trains_a_smaller_student_against_the_teacher(tiny_recipe, trained, small, tmp_path):
