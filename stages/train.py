@@ -105,7 +105,7 @@ class Config:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     distill: Distill = field(default_factory=Distill)
     augment_shift: int = 0  # images: random shifts of up to this many pixels, on the device; 0: off
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (else fp16) on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for 2-D inputs on CUDA
     data_path: Literal["auto", "device", "loader"] = "auto"  # auto: resident when it fits (see RESIDENT_FRACTION)
@@ -240,7 +240,10 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
     resident = _resident(config.data_path, device, x_train_np.nbytes + y_train_np.nbytes + x_val_np.nbytes)
     channels_last = image and (config.channels_last == "on" or (config.channels_last == "auto" and cuda))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
+    if config.precision != "auto":
+        precision = config.precision
+    else:  # bf16 where the GPU has it (Ampere and later), fp16 with loss scaling on older ones
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if precision == "fp16" and not cuda:
         raise StageError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

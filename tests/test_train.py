@@ -144,10 +144,12 @@ def test_early_stopping_on_an_unknown_metric_is_one_clear_error(tiny_recipe, sma
         _train(tiny_recipe, rd, epochs=2, early_stopping=train.EarlyStopping(metric="val_r2"))
 
 
-def test_sgd_step_schedule_clipping_smoothing_and_augmentation_train(tiny_recipe, small, tmp_path):
+def test_sgd_step_schedule_clipping_smoothing_augmentation_bf16_and_channels_last_train(tiny_recipe, small, tmp_path):
     rd = _data_copy(small, tmp_path / "run")
-    _train(tiny_recipe, rd, epochs=3, optimizer="sgd", lr=0.1, nesterov=True, schedule="step",
-           step_epochs=1, gamma=0.5, grad_clip=1.0, label_smoothing=0.1, augment_shift=1)
+    result = _train(tiny_recipe, rd, epochs=3, optimizer="sgd", lr=0.1, nesterov=True, schedule="step",
+                    step_epochs=1, gamma=0.5, grad_clip=1.0, label_smoothing=0.1, augment_shift=1,
+                    precision="bf16", channels_last="on")
+    assert result.precision == "bf16"
     history = json.loads(rd.history.read_text())
     assert [round(h["lr"], 6) for h in history] == [0.1, 0.05, 0.025]  # the rate at each epoch's last step
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -198,40 +200,50 @@ def test_the_loop_trains_every_task(tiny_recipe, small, tmp_path, task, family):
 # ---------------------------------------------------------------- resume
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_recipe, tiny_yaml, small, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_recipe
+    from pipeline.orchestrate import run_stage
+
+    name = f"resume-{tmp_path.name[-12:].strip('_')}"  # an experiment of its own in the session's store
     epochs, overrides = 10, ["train.epochs=10", "train.schedule=plateau", "train.plateau_patience=1",
-                             "train.early_stopping.patience=0", "train.augment_shift=1"]
+                             "train.augment_shift=1", f"name={name}"]
     killed = _data_copy(small, tmp_path / "killed")
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--recipe", str(tiny_yaml), "--workdir", str(killed.root),
-           "--no-track", *[a for o in overrides for a in ("--set", o)]]
+           *[a for o in overrides for a in ("--set", o)]]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not killed.train_state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err.decode()[-2000:]}"
-    stopped_at = torch.load(killed.train_state, weights_only=True)["epoch"]
-    assert 1 <= stopped_at < epochs
-
-    from pipeline.config import load_recipe
+    state = torch.load(killed.train_state, weights_only=True)
+    stopped_at, killed_run = state["epoch"], state["run_id"]
+    assert 1 <= stopped_at < epochs and killed_run
 
     recipe = load_recipe(tiny_yaml, overrides)
-    kwargs = dict(family=recipe.model.family, model_config=recipe.model.config)
-    resumed = train.run(recipe.train, killed, NullTracker(), resume=True, **kwargs)
+    run_stage("train", recipe, killed, track=True, resume=True)  # what `pipeline train --resume` does
+    resumed = json.loads(killed.result("train").read_text())["result"]
     whole = _data_copy(small, tmp_path / "whole")
-    uninterrupted = train.run(recipe.train, whole, NullTracker(), **kwargs)
+    uninterrupted = train.run(recipe.train, whole, NullTracker(), family="cnn", model_config=recipe.model.config)
 
-    assert resumed.resumed_from_epoch == stopped_at
+    assert resumed["resumed_from_epoch"] == stopped_at
     assert json.loads(killed.history.read_text()) == json.loads(whole.history.read_text())  # bit-exact on CPU
-    assert (resumed.best_epoch, resumed.value, resumed.val_loss) == (uninterrupted.best_epoch, uninterrupted.value,
-                                                                       uninterrupted.val_loss)
+    assert (resumed["best_epoch"], resumed["value"], resumed["val_loss"]) == (
+        uninterrupted.best_epoch, uninterrupted.value, uninterrupted.val_loss)
     a, b = checkpoint.read(killed.checkpoint)["state_dict"], checkpoint.read(whole.checkpoint)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # The resumed run is a new MLflow run that names the run it continues and carries the whole curve.
+    new_run = MlflowClient().get_run(resumed["run_id"])
+    assert new_run.info.run_id != killed_run and new_run.data.tags["train.resumed_from_run"] == killed_run
+    assert len(MlflowClient().get_metric_history(new_run.info.run_id, "val_accuracy")) == epochs
 
     # A changed recipe cannot resume that state, and the error says what changed.
     changed = dataclasses.replace(recipe.train, lr=0.5)
     with pytest.raises(StageError, match=r"train.lr \(0.01 -> 0.5\)"):
-        train.run(changed, killed, NullTracker(), resume=True, **kwargs)
+        train.run(changed, killed, NullTracker(), resume=True, family="cnn", model_config=recipe.model.config)
 
 
 def test_resume_without_a_state_says_how_to_start(tiny_recipe, small, tmp_path):
@@ -349,3 +361,28 @@ def test_two_process_ddp_on_cpu_finishes_and_records_once(tiny_yaml, small, tmp_
     # The run id is enough to fine-tune from it: the pipeline downloads its checkpoint.
     path = orchestrate.resolve_checkpoint(runs[0].info.run_id, "--init-from")
     assert checkpoint.read(path)["run_id"] == runs[0].info.run_id
+
+
+# ---------------------------------------------------------------- GPU (skipped without one)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_trains_resident_in_bf16_with_channels_last(tiny_recipe, small, tmp_path, compile_):
+    rd = _data_copy(small, tmp_path / "gpu")
+    result = _train(tiny_recipe, rd, epochs=2, device="cuda", compile=compile_, augment_shift=1)
+    assert (result.device, result.data_path) == ("cuda", "device")
+    assert result.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    history = json.loads(rd.history.read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+@needs_cuda
+def test_cuda_dataloader_path_and_distillation(tiny_recipe, trained, small, tmp_path):
+    rd = _data_copy(small, tmp_path / "gpu-loader")
+    result = _train(tiny_recipe, rd, epochs=2, device="cuda", data_path="loader", teacher=trained.checkpoint,
+                    distill=train.Distill(teacher="tiny"))
+    assert result.data_path == "loader" and result.epochs_run == 2
+
