@@ -56,7 +56,7 @@ def _read(path: Path, fmt: str, what: str, fix: str) -> dict:
 def read(path: Path) -> dict:
     """The raw checkpoint dict (metadata and ``state_dict``), checked."""
     require(path, "train")
-    return _read(path, FORMAT, "an onnx-pipeline checkpoint", "rerun `pipeline train`")
+    return _read(path, FORMAT, "a checkpoint", "rerun `pipeline train`")
 
 
 def load(path: Path):

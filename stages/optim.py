@@ -2,7 +2,7 @@
 
 ``OPTIMIZERS`` maps a name to a builder ``(params, config, fused) -> torch.optim.Optimizer``.
 ``SCHEDULES`` maps a name to ``(config, progress) -> factor``: the learning rate at ``progress``
-(epochs done, fractional, so the rate moves every step) is ``config.lr * factor``. Reduce-on-plateau
+(epochs done, fractional) is ``config.lr * factor``. Reduce-on-plateau
 is the one schedule with state (it reacts to validation); ``Plateau`` holds it and is saved with the
 resumable training state. The train loop sets ``group["lr"]`` itself each step (as nanoGPT does), so
 resuming needs no torch scheduler object, only the step count and the plateau state.
@@ -137,7 +137,11 @@ class Plateau:
 
 
 def lr_at(config: "Config", progress: float, plateau: Plateau | None = None) -> float:
-    """Learning rate after ``progress`` epochs (fractional)."""
+    """Learning rate after ``progress`` epochs (fractional). Warm-up and one-cycle move every step;
+    after warm-up the epoch schedules (constant, step, cosine, plateau) hold each epoch at the rate of
+    its start, as the first version of this stage did (a per-step cosine trains short runs ~20% less)."""
+    if config.schedule != "one-cycle" and progress >= config.warmup_epochs:
+        progress = math.floor(progress)
     factor = SCHEDULES[config.schedule](config, progress)
     if plateau is not None:
         factor *= plateau.factor
