@@ -165,3 +165,22 @@ def rebuild(description: dict) -> nn.Module:
     outputs = description.get("num_outputs", description.get("num_classes"))
     return family(name).builder(config_from_dict(name, description["config"]),
                                 tuple(description["input_shape"]), int(outputs))
+
+
+def output_layer(model: nn.Module) -> str:
+    """Qualified name of the layer that produces the outputs (the "head" that ``num_outputs`` sizes),
+    which fine-tuning replaces when the label count changes.
+
+    A family names it with an ``output_layer`` attribute on its module; otherwise it is the last
+    submodule that holds parameters (the final ``nn.Linear`` of cnn, mlp and linear).
+    """
+    named = getattr(model, "output_layer", None)
+    if isinstance(named, str):
+        return named
+    last = None
+    for name, module in model.named_modules():
+        if name and any(True for _ in module.parameters(recurse=False)):
+            last = name
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no layer with parameters to act as its output layer")
+    return last

@@ -28,6 +28,10 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY
                                                      help="Override a recipe value, e.g. --set train.epochs=3 (repeatable).")]
 WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Run directory [default: runs/<recipe name>].")]
 NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="Do not record anything in MLflow.")]
+InitFromOpt = Annotated[Optional[str], typer.Option(
+    "--init-from", metavar="RUN_ID|CHECKPOINT",
+    help="Start from another run's weights (an MLflow run id or a checkpoint.pt path); a head of a "
+         "different label count is replaced.")]
 
 
 class Device(str, enum.Enum):
@@ -108,14 +112,15 @@ def _print_benchmark(rundir) -> None:
     Console().print(table)
 
 
-def _stage_command(stage: str, recipe: Path, overrides, workdir, no_track: bool, device: str | None = None) -> None:
+def _stage_command(stage: str, recipe: Path, overrides, workdir, no_track: bool, device: str | None = None,
+                   **train_options) -> None:
     _setup_logging()
     with _user_errors():
         from pipeline.orchestrate import default_rundir, run_stage
 
         cfg = _load(recipe, overrides)
         rundir = _rundir(workdir) or default_rundir(cfg)
-        outcome = run_stage(stage, cfg, rundir, track=not no_track, device=device)
+        outcome = run_stage(stage, cfg, rundir, track=not no_track, device=device, **train_options)
     if stage == "benchmark":
         _print_benchmark(rundir)
     _print_outcomes([outcome])
@@ -129,9 +134,18 @@ def prepare(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Wo
 
 @app.command()
 def train(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False,
-          device: Annotated[Optional[Device], typer.Option(help="Training device [default: the recipe's train.device].")] = None):
-    """Train the recipe's model; keep the best-on-validation checkpoint."""
-    _stage_command("train", recipe, set_, workdir, no_track, device.value if device else None)
+          device: Annotated[Optional[Device], typer.Option(help="Training device [default: the recipe's train.device].")] = None,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from the run directory's "
+                                               "train_state.pt (same recipe); logs into a new MLflow run tagged "
+                                               "with the one it resumes.")] = False,
+          init_from: InitFromOpt = None):
+    """Train the recipe's model; keep the best-on-validation checkpoint.
+
+    Under torchrun (`torchrun --nproc_per_node 2 -m pipeline.cli train ...`) it trains data-parallel:
+    rank 0 alone records in MLflow and writes files.
+    """
+    _stage_command("train", recipe, set_, workdir, no_track, device.value if device else None, resume=resume,
+                   init_from=init_from)
 
 
 @app.command()
@@ -166,7 +180,8 @@ def register(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: W
 
 @app.command()
 def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False,
-        device: Annotated[Optional[Device], typer.Option(help="Training device [default: the recipe's train.device].")] = None):
+        device: Annotated[Optional[Device], typer.Option(help="Training device [default: the recipe's train.device].")] = None,
+        init_from: InitFromOpt = None):
     """Run every stage in order: prepare, train, evaluate, export, quantize, benchmark, register."""
     _setup_logging()
     with _user_errors():
@@ -175,7 +190,8 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
         cfg = _load(recipe, set_)
         rundir = _rundir(workdir) or default_rundir(cfg)
         try:
-            outcomes = run_pipeline(cfg, rundir, track=not no_track, device=device.value if device else None)
+            outcomes = run_pipeline(cfg, rundir, track=not no_track, device=device.value if device else None,
+                                    init_from=init_from)
         except PipelineFailed as failed:
             _print_outcomes(failed.outcomes)
             from stages.common import StageError

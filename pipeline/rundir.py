@@ -37,6 +37,11 @@ class RunDir:
         return self.root / "checkpoint.json"
 
     @property
+    def train_state(self) -> Path:
+        """The resumable training state (optimizer, RNG, epoch, ...), every train.checkpoint_every epochs."""
+        return self.root / "train_state.pt"
+
+    @property
     def history(self) -> Path:
         return self.root / "history.json"
 

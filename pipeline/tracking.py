@@ -234,6 +234,41 @@ def start_run(experiment: str, run_name: str, *, nested: bool = False, tags: Map
             raise
 
 
+# ---------------------------------------------------------------- checkpoints of earlier runs
+
+def looks_like_run_id(ref: str) -> bool:
+    """MLflow run ids are 32 lowercase hex digits."""
+    return len(ref) == 32 and all(c in "0123456789abcdef" for c in ref)
+
+
+def download_checkpoint(run_id: str, dest: Path) -> Path:
+    """The checkpoint.pt a training run logged, downloaded under ``dest``. A pipeline's parent run is
+    followed to its nested train run. Raises ValueError naming the fix."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"no MLflow run {run_id} in the store {tracking_uri()}; pass a checkpoint path "
+                         "or the id of a train run (see `make ui`)") from None
+    candidates = [run_id]
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.`pipeline.stage` = 'train'")
+    candidates += [c.info.run_id for c in children]
+    for candidate in candidates:
+        if any(a.path == "checkpoint.pt" for a in client.list_artifacts(candidate)):
+            local = mlflow.artifacts.download_artifacts(run_id=candidate, artifact_path="checkpoint.pt",
+                                                        dst_path=str(dest))
+            log.info("checkpoint of run %s downloaded to %s", candidate, local)
+            return Path(local)
+    raise ValueError(f"MLflow run {run_id} ({run.info.run_name}) logged no checkpoint.pt; pass the id of a "
+                     "train run or of a whole pipeline run")
+
+
 # ---------------------------------------------------------------- the registry
 
 @dataclass(frozen=True)

@@ -15,24 +15,29 @@ from typing import Any
 
 
 def compute_loss(task: str, outputs: Any, targets, *, label_smoothing: float = 0.0,
-                 kl_weight: float = 1.0):
-    """-> (scalar loss tensor to backpropagate, dict of float parts for logging)."""
+                 kl_weight: float = 1.0, sync: bool = True):
+    """-> (scalar loss tensor to backpropagate, dict of float parts for logging).
+
+    ``sync=False`` gives the parts as detached 0-d tensors instead of floats: reading a float is a
+    host-device synchronization, which the train loop avoids per step (it sums parts on the device).
+    """
     import torch.nn.functional as F
 
+    part = (lambda t: t.item()) if sync else (lambda t: t.detach())
     if task == "classification":
         loss = F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
-        return loss, {"cross_entropy": loss.item()}
+        return loss, {"cross_entropy": part(loss)}
     if task == "regression":
         if outputs.shape != targets.shape:
             raise ValueError(f"regression outputs have shape {tuple(outputs.shape)} but targets "
                              f"{tuple(targets.shape)}; targets must be (N, T) float")
         loss = F.mse_loss(outputs, targets)
-        return loss, {"mse": loss.item()}
+        return loss, {"mse": part(loss)}
     if task == "vae":
         reconstruction, mu, logvar = outputs
         n = targets.shape[0]
         rec = F.mse_loss(reconstruction, targets, reduction="sum") / n
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum()) / n
         loss = rec + kl_weight * kl
-        return loss, {"reconstruction": rec.item(), "kl": kl.item(), "neg_elbo": (rec + kl).item()}
+        return loss, {"reconstruction": part(rec), "kl": part(kl), "neg_elbo": part(rec + kl)}
     raise ValueError(f"unknown task {task!r}; expected classification, regression or vae")

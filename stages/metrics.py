@@ -109,16 +109,18 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
-def plot_history(history: list[dict], path: Path) -> Path:
-    """Loss and accuracy per epoch, train beside validation."""
+def plot_history(history: list[dict], path: Path, metric: str = "accuracy") -> Path:
+    """Loss and ``metric`` (accuracy, r2, reconstruction_mse, ...) per epoch, train beside validation
+    where both were recorded."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
     for split in ("train", "val"):
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], label=split)
-        ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], label=split)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+        if f"{split}_{metric}" in history[0]:
+            ax_metric.plot(epochs, [h[f"{split}_{metric}"] for h in history], label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_metric.set(xlabel="epoch", ylabel=metric, title=metric)
     ax_loss.legend()
     fig.tight_layout()
     return _save(fig, path)

@@ -1,23 +1,43 @@
-"""train: AdamW + cross-entropy over the prepared split, best-on-validation checkpoint.
+"""train: one readable loop over the prepared split -> the best-on-validation checkpoint.
 
-One readable loop: set the learning rate, train an epoch, evaluate on validation, log, keep the best.
-The splits are small, so each lives whole on the training device as a tensor and is shuffled by
-index with a seeded generator: no DataLoader workers, and the same recipe gives the same metrics on
-the same machine.
+Per step: set the learning rate, forward under autocast, loss, backward, clip, optimizer step. Per
+epoch: validate, log, keep the best checkpoint, save the resumable state every ``checkpoint_every``
+epochs, stop early when the monitored metric stalls. Optimizers and schedules are tables in
+stages/optim.py; torchrun data parallelism lives in stages/distributed.py; checkpoint formats in
+stages/checkpoint.py.
+
+Speed tricks, each switched by the config and named where it is applied:
+- GPU-resident data: the whole split lives on the device, shuffled by an index permutation drawn on
+  the device; a batch is one gather, no host->device copy, no worker processes. Chosen when the split
+  takes < ``RESIDENT_FRACTION`` of the device's free memory, else a DataLoader with pinned memory and
+  workers. On CPU the split is in memory anyway, so it is always resident unless asked otherwise.
+- No ``.item()`` per step: loss and accuracy sums accumulate on the device and are read once per
+  epoch (every ``.item()`` is a host-device synchronization that stalls the GPU's queue).
+- bf16 autocast on CUDA (tensor cores, half the activation memory; bf16 keeps fp32's range, so no
+  loss scaling); fp32 on CPU unless asked. fp16 is available with a GradScaler.
+- ``channels_last`` for 2-D CNNs on CUDA (cuDNN's NHWC convolution kernels avoid layout transposes).
+- ``torch.compile`` (optional: it pays off on long runs, costs tens of seconds of compilation).
+- cuDNN autotuning (``benchmark``) unless ``deterministic``; fused AdamW/Adam/SGD kernels on CUDA.
+- Distillation: teacher logits computed once for the whole training split when inputs are not
+  augmented (the teacher is frozen and in eval mode, so they never change).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import models
-from stages import checkpoint, dataset
-from stages.common import seed_everything, write_json
-from stages.metrics import plot_history
+from stages import checkpoint, dataset, distributed, optim
+from stages.common import StageError, seed_everything, write_json
+from stages.losses import compute_loss
+from stages.metrics import PRIMARY, plot_history, score
 from stages.predictors import torch_device
 
 if TYPE_CHECKING:
@@ -26,16 +46,72 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A split is kept on the GPU when it takes less than this share of the free device memory, leaving
+# the rest for weights, optimizer state and activations.
+RESIDENT_FRACTION = 0.25
+EVAL_CHUNK = 1024  # samples per validation forward pass (bounds activation memory)
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    patience: int = 0  # epochs without improvement before stopping; 0: never stop early
+    metric: str = "auto"  # a validation metric (val_loss, val_accuracy, ...); auto: the task's primary one
+    min_delta: float = 0.0  # an improvement smaller than this (in the metric's units) does not count
+
+    def __post_init__(self) -> None:
+        if self.patience < 0:
+            raise ValueError(f"`patience` must be >= 0 (0: off), got {self.patience}")
+        if self.min_delta < 0:
+            raise ValueError(f"`min_delta` must be >= 0, got {self.min_delta}")
+        if self.metric != "auto" and not self.metric.startswith("val_"):
+            raise ValueError(f"`metric` must be auto or a validation metric such as val_loss or val_accuracy, "
+                             f"got {self.metric!r}")
+
+
+@dataclass(frozen=True)
+class Distill:
+    # A checkpoint path, an MLflow run id, or a recipe name (its runs/<name>/checkpoint.pt); "" is off.
+    teacher: str = ""
+    temperature: float = 4.0  # softens both distributions; the soft term is scaled by T^2
+    alpha: float = 0.9  # weight of the soft (teacher) term; 1 - alpha weighs cross-entropy on labels
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"`alpha` must be in [0, 1], got {self.alpha}")
+
 
 @dataclass(frozen=True)
 class Config:
     epochs: int = 40
-    batch_size: int = 64
-    lr: float = 3e-3
+    batch_size: int = 64  # global: under torchrun each of N processes takes batch_size / N per step
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = 3e-3  # peak learning rate
     weight_decay: float = 1e-4
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: int = 2  # linear warm-up before the cosine decay
-    label_smoothing: float = 0.0
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: tuple[float, ...] = (0.9, 0.999)  # adam, adamw
+    schedule: Literal["constant", "step", "cosine", "one-cycle", "plateau"] = "cosine"
+    warmup_epochs: int = 2  # linear warm-up (constant, step, cosine, plateau)
+    min_lr_ratio: float = 0.0  # cosine: the final rate as a fraction of lr
+    step_epochs: int = 10  # step: multiply by gamma every this many epochs
+    gamma: float = 0.1  # step and plateau: the factor
+    pct_start: float = 0.3  # one-cycle: share of training spent rising
+    plateau_patience: int = 3  # plateau: epochs without improvement before multiplying by gamma
+    grad_clip: float = 0.0  # max global gradient norm; 0: off
+    label_smoothing: float = 0.0  # classification
+    kl_weight: float = 1.0  # vae: weight of the KL term of the negative ELBO
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    distill: Distill = field(default_factory=Distill)
+    augment_shift: int = 0  # images: random shifts of up to this many pixels, on the device; 0: off
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (else fp16) on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for 2-D inputs on CUDA
+    data_path: Literal["auto", "device", "loader"] = "auto"  # auto: resident when it fits (see RESIDENT_FRACTION)
+    loader_workers: int = 2  # DataLoader path only
+    deterministic: bool = False  # CUDA: deterministic cuDNN kernels instead of autotuned ones
+    checkpoint_every: int = 1  # epochs between resumable states (train_state.pt)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
@@ -48,124 +124,523 @@ class Config:
             raise ValueError(f"`lr` must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError(f"`nesterov` needs optimizer sgd with momentum > 0, got {self.optimizer} "
+                             f"with momentum {self.momentum}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"`betas` must be two numbers in [0, 1), got {list(self.betas)}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"`warmup_epochs` must be between 0 and epochs-1 ({self.epochs - 1}), got {self.warmup_epochs}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
+        if self.step_epochs < 1:
+            raise ValueError(f"`step_epochs` must be >= 1, got {self.step_epochs}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"`gamma` must be in (0, 1], got {self.gamma}")
+        if not 0.0 < self.pct_start < 1.0:
+            raise ValueError(f"`pct_start` must be in (0, 1), got {self.pct_start}")
+        if self.plateau_patience < 0:
+            raise ValueError(f"`plateau_patience` must be >= 0, got {self.plateau_patience}")
+        if self.grad_clip < 0:
+            raise ValueError(f"`grad_clip` must be >= 0 (0: off), got {self.grad_clip}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing}")
+        if self.kl_weight < 0:
+            raise ValueError(f"`kl_weight` must be >= 0, got {self.kl_weight}")
+        if not 0 <= self.augment_shift <= 8:
+            raise ValueError(f"`augment_shift` must be between 0 (off) and 8 pixels, got {self.augment_shift}")
+        if self.loader_workers < 0:
+            raise ValueError(f"`loader_workers` must be >= 0, got {self.loader_workers}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"`checkpoint_every` must be >= 1, got {self.checkpoint_every}")
+
+
+# Keys that change how a run is computed but not what it computes: a resumed run may change them.
+RESUMABLE_CHANGES = {"checkpoint_every", "loader_workers", "compile"}
 
 
 @dataclass(frozen=True)
 class Result:
     best_epoch: int
-    val_accuracy: float
+    metric: str  # the task's primary validation metric, e.g. val_accuracy
+    value: float
     val_loss: float
+    epochs_run: int
+    stopped_early: bool
     device: str
+    data_path: str  # device (resident) or loader
+    precision: str
     seconds: float
+    samples_per_s: float
     run_id: str | None
+    resumed_from_epoch: int = 0
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.value
 
     def summary(self) -> str:
-        return f"val_acc {self.val_accuracy:.4f} (epoch {self.best_epoch}, {self.device})"
-
-
-def lr_at(config: Config, epoch: int) -> float:
-    """Learning rate for a 0-based epoch: linear warm-up, then constant or cosine to 0."""
-    if epoch < config.warmup_epochs:
-        return config.lr * (epoch + 1) / (config.warmup_epochs + 1)
-    if config.schedule == "constant":
-        return config.lr
-    progress = (epoch - config.warmup_epochs) / max(1, config.epochs - config.warmup_epochs)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        name = "val_acc" if self.metric == "val_accuracy" else self.metric
+        stop = f", stopped early at {self.epochs_run}" if self.stopped_early else ""
+        return f"{name} {self.value:.4f} (epoch {self.best_epoch}{stop}, {self.device})"
 
 
 def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, family: str, model_config: Any,
-        recipe: dict | None = None, device: str | None = None) -> Result:
+        recipe: dict | None = None, device: str | None = None, resume: bool = False,
+        init_from: Path | None = None, teacher: Path | None = None) -> Result:
+    """Train; ``resume`` continues from rundir's train_state.pt, ``init_from`` starts from another
+    checkpoint's weights, ``teacher`` is the resolved checkpoint of ``config.distill.teacher``."""
+    import torch
+
+    world = distributed.world_from_env()
+    device = torch_device(device or config.device)
+    if device == "cuda" and world.distributed:
+        device = f"cuda:{world.local_rank}"
+        torch.cuda.set_device(device)
+    created = distributed.init(world, device)
+    try:
+        return _train(config, rundir, tracker, world=world, device=device, family=family, model_config=model_config,
+                      recipe=recipe, resume=resume, init_from=init_from, teacher=teacher)
+    finally:
+        distributed.shutdown(created)
+
+
+def _train(config: Config, rundir, tracker, *, world, device, family, model_config, recipe, resume, init_from,
+           teacher) -> Result:
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = device.startswith("cuda")
+    if resume and init_from:
+        raise StageError("--resume and --init-from exclude each other: a resumed run already has its weights")
+    # Each rank draws its own dropout masks; the data order comes from the shared shuffle generator.
+    seed_everything(config.seed + world.rank)
+    if cuda:
+        torch.backends.cudnn.benchmark = not config.deterministic  # autotuned conv kernels for fixed shapes
+        torch.backends.cudnn.deterministic = config.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (10-bit mantissa)
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data
+    data = dataset.load(rundir.data, rundir.dataset)
+    info = data.info
+    try:
+        task = models.resolve_task(family, info.get("task", "classification"))
+    except models.TaskError as e:
+        raise StageError(str(e)) from None
+    x_train_np, y_train_np = data.split("train")
+    x_val_np, y_val_np = data.split("val")
+    labels = list(info.get("label_names") or info.get("target_names") or [])
+    image = x_train_np.ndim == 4
+    if config.augment_shift and not image:
+        raise StageError(f"train.augment_shift needs images (N, C, H, W); this dataset's inputs are "
+                         f"{x_train_np.shape[1:]}: set train.augment_shift=0")
+    resident = _resident(config.data_path, device, x_train_np.nbytes + y_train_np.nbytes + x_val_np.nbytes)
+    channels_last = image and (config.channels_last == "on" or (config.channels_last == "auto" and cuda))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if config.precision != "auto":
+        precision = config.precision
+    else:  # bf16 where the GPU has it (Ampere and later), fp16 with loss scaling on older ones
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        raise StageError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast():
+        return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    per_rank_batch = config.batch_size // world.size
+    if config.batch_size % world.size:
+        raise StageError(f"train.batch_size ({config.batch_size}) must be divisible by the {world.size} "
+                         "processes torchrun started")
+    where = device if resident else "cpu"
+    x_train = torch.from_numpy(x_train_np).to(where).contiguous(memory_format=memory_format)
+    y_train = torch.from_numpy(y_train_np).to(where)
+    x_val, y_val = torch.from_numpy(x_val_np), torch.from_numpy(y_val_np)
+    if resident:
+        x_val, y_val = x_val.to(device), y_val.to(device)
+    # Shuffling draws from its own generator, on the device for resident data (randperm on the GPU).
+    shuffle = torch.Generator(device=device if resident else "cpu").manual_seed(config.seed)
+    loader, order_holder = None, None
+    if not resident:
+        order_holder = _Order()
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x_train, y_train, torch.arange(len(x_train))),
+            batch_size=per_rank_batch, sampler=order_holder, num_workers=config.loader_workers,
+            pin_memory=cuda,  # page-locked host memory: asynchronous copies to the GPU
+            persistent_workers=config.loader_workers > 0,
+            # Its own generator: otherwise each epoch's iterator draws a worker seed from the global
+            # stream and shifts every dropout mask after it (the loader and resident paths would differ).
+            generator=torch.Generator().manual_seed(config.seed))
+
+    # ---- model
+    input_shape = tuple(info["input_shape"])
+    # classes (classification), targets (regression); the VAE ignores it (its latent size is its own)
+    num_outputs = {"classification": int(info.get("num_classes", 0)),
+                   "regression": int(y_train_np.shape[1]) if y_train_np.ndim == 2 else 1}.get(task, 0)
+    model = models.build(family, model_config, input_shape, num_outputs)
+    if init_from is not None:
+        for line in checkpoint.init_from(model, init_from):
+            log.info("%s", line)
+    model = model.to(device, memory_format=memory_format)
+    n_params = sum(p.numel() for p in model.parameters())
+    description = models.describe(family, model_config, input_shape, num_outputs)
+    train_model = DistributedDataParallel(model, device_ids=[device] if cuda else None) if world.distributed else model
+    step_model = torch.compile(train_model) if config.compile else train_model
+    opt = optim.build_optimizer(config.optimizer, model.parameters(), config, fused=cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # fp16 only: bf16 needs no scaling
+    plateau = optim.Plateau(config.gamma, config.plateau_patience, "max") if config.schedule == "plateau" else None
+
+    soft_targets, teacher_model = None, None
+    if teacher is not None:
+        teacher_model = _load_teacher(teacher, task, labels, info, input_shape, device, memory_format)
+        if not config.augment_shift:  # frozen teacher, fixed inputs: its logits once, not per step
+            soft_targets = _predict(teacher_model, x_train, device, memory_format, autocast)
+            teacher_model = None
+    loss_fn = _loss_fn(config, task, soft_targets, teacher_model, autocast)
+
+    # ---- what "better" means
+    primary = _primary_metric(task)
+    monitor = primary if config.early_stopping.metric == "auto" else config.early_stopping.metric
+    lower_is_better = _lower_is_better(monitor)
+    if plateau is not None:
+        plateau.mode = "min" if lower_is_better else "max"
+
+    best = {"epoch": 0, "value": -math.inf if not _lower_is_better(primary) else math.inf, "val_loss": math.inf}
+    stop = {"best": None, "bad_epochs": 0}
+    history: list[dict] = []
+    start_epoch, prior_run = 0, None
+    fingerprint = {**_fingerprint(config, description, info), "device_type": shuffle.device.type, "resident": resident}
+    if resume:
+        state = checkpoint.load_state(rundir.train_state)
+        _check_resumable(state, fingerprint, rundir.train_state)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if plateau is not None:
+            plateau.load_state_dict(state["plateau"])
+        rng = state["rng"]
+        checkpoint.set_rng_state(rng[world.rank] if len(rng) == world.size else rng[0], shuffle)
+        best, stop, history = state["best"], state["early_stop"], list(state["history"])
+        start_epoch, prior_run = state["epoch"], state.get("run_id")
+        log.info("resuming at epoch %d/%d from %s (run %s)", start_epoch + 1, config.epochs, rundir.train_state,
+                 prior_run or "untracked")
+        tracker.set_tags({"train.resumed_from_run": prior_run or "", "train.resumed_from_epoch": start_epoch})
+        for row in history:  # the resumed run carries the whole curve, not only its own epochs
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        if state.get("finished"):
+            start_epoch = config.epochs
+
+    tracker.log_params({**asdict(config), "device": device, "data_path": "device" if resident else "loader",
+                        "precision": precision, "channels_last": channels_last, "world_size": world.size,
+                        "model.family": family, "model.parameters": n_params, "task": task,
+                        "init_from": str(init_from or ""), "teacher": str(teacher or ""),
+                        **{f"model.{k}": v for k, v in asdict(model_config).items()}})
+    log.info("training %s (%d parameters, %s) on %s%s for %d epochs: %s data, %s, batch %d%s",
+             family, n_params, task, device, f" x{world.size} processes" if world.distributed else "", config.epochs,
+             "resident" if resident else f"DataLoader ({config.loader_workers} workers)", precision,
+             config.batch_size, ", channels_last" if channels_last else "")
+
+    # ---- the loop
+    steps_per_epoch = math.ceil(math.ceil(len(x_train) / world.size) / per_rank_batch)
+    show_bar = world.is_main and sys.stderr.isatty()
+    stopped_early = bool(stop.get("stopped"))
+    samples_seen, t0 = 0, time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        if stopped_early:
+            break
+        model.train()
+        order = distributed.shard(torch.randperm(len(x_train), generator=shuffle, device=shuffle.device), world)
+        if resident:
+            batches = ((idx, x_train[idx], y_train[idx]) for idx in order.split(per_rank_batch))
+        else:
+            order_holder.order = order.tolist()
+            batches = ((idx.to(device, non_blocking=True), xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
+                       for xb, yb, idx in loader)
+        # Sums on the device, read once per epoch: no host-device synchronization per step.
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        part_sums: dict[str, Any] = {}
+        with _progress(show_bar, f"epoch {epoch + 1}/{config.epochs}", len(order)) as advance:
+            for step, (idx, xb, yb) in enumerate(batches):
+                lr = optim.lr_at(config, epoch + step / steps_per_epoch, plateau)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                if config.augment_shift:
+                    xb = _random_shift(xb, config.augment_shift, shuffle)
+                xb = xb.contiguous(memory_format=memory_format)
+                targets = xb if task == "vae" else yb
+                with autocast():
+                    outputs = step_model(xb)
+                    loss, parts = loss_fn(outputs, targets, idx, xb)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                loss_sum += loss.detach().double() * len(xb)
+                for k, v in parts.items():
+                    part_sums[k] = part_sums.get(k, 0) + v.double() * len(xb)
+                if task == "classification":
+                    correct += (outputs.argmax(1) == yb).sum()
+                advance(len(xb))
+        n_seen = torch.tensor(float(len(order)), device=device, dtype=torch.float64)
+        names = sorted(part_sums) if len(part_sums) > 1 else []  # the VAE's reconstruction and KL terms
+        sums = distributed.all_sum(torch.stack([n_seen, loss_sum, correct.double(), *(part_sums[k] for k in names)]),
+                                   world).tolist()
+        samples_seen += int(sums[0])
+        row = {"train_loss": sums[1] / sums[0]}
+        if task == "classification":
+            row["train_accuracy"] = sums[2] / sums[0]
+        row.update({f"train_{k}": v / sums[0] for k, v in zip(names, sums[3:])})
+        if not math.isfinite(row["train_loss"]):
+            raise StageError(f"training diverged at epoch {epoch + 1} (train loss {row['train_loss']}); "
+                             "lower train.lr or set train.grad_clip (e.g. 1.0)")
+
+        distributed.sync_buffers(model, world)
+        row.update(_validate(model, x_val, y_val, task, labels, device, memory_format, autocast, config))
+        row["lr"] = lr
+        if monitor not in row:
+            raise StageError(f"train.early_stopping.metric `{monitor}` is not a validation metric of this "
+                             f"{task} run; choose one of {sorted(k for k in row if k.startswith('val_'))} or auto")
+        history.append({"epoch": epoch + 1, **row})
+        tracker.log_metrics(row, step=epoch + 1)
+        log.info("epoch %3d/%d  lr %.2e  %s", epoch + 1, config.epochs, lr,
+                 "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "lr"))
+
+        # Best on the primary validation metric; ties go to the lower validation loss.
+        sign = -1 if _lower_is_better(primary) else 1
+        if (sign * row[primary], -row["val_loss"]) > (sign * best["value"], -best["val_loss"]):
+            best = {"epoch": epoch + 1, "value": row[primary], "val_loss": row["val_loss"]}
+            if world.is_main:
+                checkpoint.save(rundir.checkpoint, model, {
+                    "model": description,
+                    "task": task,
+                    "label_names": list(info.get("label_names") or []),
+                    **({"target_names": info["target_names"]} if "target_names" in info else {}),
+                    "input_layout": info.get("input_layout", "NCHW"),
+                    "normalization": info["normalization"],
+                    "dataset_sha256": info["sha256"],
+                    "dataset_source": info["source"],
+                    "recipe": recipe or {},
+                    "run_id": tracker.run_id,
+                    "epoch": epoch + 1,
+                    primary: row[primary],
+                    "val_loss": row["val_loss"],
+                    "train_device": device,
+                    "init_from": str(init_from or ""),
+                    "distilled_from": str(teacher or ""),
+                }, json_path=rundir.checkpoint_json)
+
+        # Early stopping and reduce-on-plateau watch the monitored metric.
+        value = row[monitor]
+        if plateau is not None:
+            plateau.update(value)
+        improved = stop["best"] is None or (
+            value < stop["best"] - config.early_stopping.min_delta if lower_is_better
+            else value > stop["best"] + config.early_stopping.min_delta)
+        stop = {"best": value if improved else stop["best"], "bad_epochs": 0 if improved else stop["bad_epochs"] + 1}
+        stopped_early = bool(config.early_stopping.patience) and stop["bad_epochs"] >= config.early_stopping.patience
+        stop["stopped"] = stopped_early
+        if stopped_early:
+            log.info("early stop: %s has not improved by more than %g for %d epochs", monitor,
+                     config.early_stopping.min_delta, stop["bad_epochs"])
+
+        last = epoch + 1 == config.epochs or stopped_early
+        if (epoch + 1) % config.checkpoint_every == 0 or last:
+            rng = distributed.gather(checkpoint.rng_state(shuffle), world)
+            if world.is_main:
+                checkpoint.save_state(rundir.train_state, {
+                    "epoch": epoch + 1, "finished": last, "fingerprint": fingerprint, "run_id": tracker.run_id,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                    "plateau": plateau.state_dict() if plateau is not None else None,
+                    "rng": rng, "best": best, "early_stop": stop, "history": history})
+
+    seconds = time.perf_counter() - t0
+    if best["epoch"] == 0:
+        raise StageError(f"{rundir.train_state} says the run had finished but recorded no best epoch; "
+                         "train again without --resume")
+    if world.is_main:
+        write_json(rundir.history, history)
+        plot_history(history, rundir.training_curves, metric=primary[len("val_"):])
+        tracker.log_artifact(rundir.training_curves)
+        tracker.log_artifact(rundir.checkpoint_json)
+        tracker.log_artifact(rundir.checkpoint)
+    samples_per_s = samples_seen / seconds if seconds > 0 and samples_seen else 0.0
+    tracker.log_metrics({"best_epoch": best["epoch"], f"best_{primary}": best["value"], "train_seconds": seconds,
+                         "train_samples_per_s": samples_per_s, "epochs_run": len(history)})
+    tracker.set_tags({"device": device, "stopped_early": stopped_early})
+    return Result(best_epoch=best["epoch"], metric=primary, value=best["value"], val_loss=best["val_loss"],
+                  epochs_run=len(history), stopped_early=stopped_early, device=device,
+                  data_path="device" if resident else "loader", precision=precision, seconds=seconds,
+                  samples_per_s=samples_per_s, run_id=tracker.run_id, resumed_from_epoch=start_epoch if resume else 0)
+
+
+# ---------------------------------------------------------------- helpers of the loop
+
+def _resident(choice: str, device: str, nbytes: int) -> bool:
+    """Keep the split on the device? On CPU it is in memory already; on CUDA when it fits comfortably."""
+    if choice != "auto":
+        return choice == "device"
+    if not device.startswith("cuda"):
+        return True
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = nbytes < RESIDENT_FRACTION * free
+    if not fits:
+        log.info("the split (%.0f MiB) exceeds %.0f%% of free GPU memory (%.0f MiB): using a DataLoader",
+                 nbytes / 2**20, RESIDENT_FRACTION * 100, free / 2**20)
+    return fits
+
+
+class _Order:
+    """The DataLoader's sampler: this epoch's (sharded) permutation, set by the loop before each epoch.
+    Sampling runs in the main process, so persistent workers see the new order too."""
+
+    order: list[int] = []
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
+
+
+def _primary_metric(task: str) -> str:
+    return f"val_{PRIMARY[task][0]}"  # val_accuracy, val_r2, val_reconstruction_mse
+
+
+def _lower_is_better(metric: str) -> bool:
+    return metric.endswith(("loss", "mse", "mae", "kl"))
+
+
+def _loss_fn(config: Config, task: str, soft_targets, teacher_model, autocast):
+    """loss(outputs, targets, idx, inputs) -> (loss, parts as device tensors): the task's loss
+    (stages/losses.py), or Hinton's distillation loss
+    alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-entropy when a teacher is given."""
     import torch
     import torch.nn.functional as F
 
-    device = torch_device(device or config.device)
-    tracker.log_params({**asdict(config), "device": device, "model.family": family,
-                        **{f"model.{k}": v for k, v in asdict(model_config).items()}})
-    seed_everything(config.seed)
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
+    if soft_targets is None and teacher_model is None:
+        return lambda outputs, targets, idx, inputs: compute_loss(
+            task, outputs, targets, label_smoothing=config.label_smoothing, kl_weight=config.kl_weight, sync=False)
+    T, alpha = config.distill.temperature, config.distill.alpha
 
-    data = dataset.load(rundir.data, rundir.dataset)
-    info = data.info
-    as_tensors = lambda split: tuple(torch.from_numpy(a).to(device) for a in data.split(split))
-    x_train, y_train = as_tensors("train")
-    x_val, y_val = as_tensors("val")
+    def loss(outputs, targets, idx, inputs):
+        if soft_targets is not None:
+            teacher_logits = soft_targets[idx]
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher_model(inputs).float()
+        soft = F.kl_div(F.log_softmax(outputs.float() / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
+                        reduction="batchmean", log_target=True) * (T * T)
+        hard, _ = compute_loss(task, outputs, targets, label_smoothing=config.label_smoothing, sync=False)
+        return alpha * soft + (1.0 - alpha) * hard, {"soft": soft.detach(), "hard": hard.detach()}
 
-    model = models.build(family, model_config, tuple(info["input_shape"]), info["num_classes"]).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    tracker.log_params({"model.parameters": n_params})
-    log.info("training %s (%d parameters) on %s for %d epochs", family, n_params, device, config.epochs)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    description = models.describe(family, model_config, tuple(info["input_shape"]), info["num_classes"])
+    return loss
 
-    best = {"epoch": -1, "val_accuracy": -1.0, "val_loss": math.inf}
-    history = []
-    t0 = time.perf_counter()
-    for epoch in range(config.epochs):
-        lr = lr_at(config, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
 
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen).to(device)
-        loss_sum, correct = 0.0, 0
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i:i + config.batch_size]
-            logits = model(x_train[idx])
-            loss = F.cross_entropy(logits, y_train[idx], label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y_train[idx]).sum().item()
-        train_loss, train_acc = loss_sum / len(order), correct / len(order)
+def _predict(model, x, device: str, memory_format, autocast):
+    """Outputs of ``model`` (eval mode) over ``x`` in chunks, in float32 on the device."""
+    import torch
 
-        model.eval()
-        with torch.inference_mode():
-            logits = model(x_val)
-            val_loss = F.cross_entropy(logits, y_val).item()
-            val_acc = (logits.argmax(1) == y_val).float().mean().item()
+    outs = []
+    with torch.inference_mode(), autocast():
+        for i in range(0, len(x), EVAL_CHUNK):
+            xb = x[i:i + EVAL_CHUNK].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            out = model(xb)
+            outs.append(tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float())
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
 
-        row = {"train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
-               "val_accuracy": val_acc, "lr": lr}
-        history.append({"epoch": epoch + 1, **row})
-        tracker.log_metrics(row, step=epoch + 1)
-        log.info("epoch %3d/%d  lr %.2e  train loss %.4f acc %.4f  val loss %.4f acc %.4f",
-                 epoch + 1, config.epochs, lr, train_loss, train_acc, val_loss, val_acc)
 
-        # Best on validation accuracy; ties go to the lower validation loss.
-        if (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]):
-            best = {"epoch": epoch + 1, "val_accuracy": val_acc, "val_loss": val_loss}
-            checkpoint.save(rundir.checkpoint, model, {
-                "model": description,
-                "label_names": data.labels,
-                "input_layout": info["input_layout"],
-                "normalization": info["normalization"],
-                "dataset_sha256": info["sha256"],
-                "dataset_source": info["source"],
-                "recipe": recipe or {},
-                "run_id": tracker.run_id,
-                "epoch": epoch + 1,
-                "val_accuracy": val_acc,
-                "val_loss": val_loss,
-                "train_device": device,
-            }, json_path=rundir.checkpoint_json)
+def _validate(model, x_val, y_val, task: str, labels: list[str], device: str, memory_format, autocast,
+              config: Config) -> dict:
+    """Validation loss (no label smoothing: comparable across recipes) and the task's metrics
+    (stages/metrics.py ``score``: the scalar ones, prefixed val_)."""
+    model.eval()
+    outputs = _predict(model, x_val, device, memory_format, autocast)
+    targets = (x_val if task == "vae" else y_val).to(device)
+    loss, _ = compute_loss(task, outputs, targets, kl_weight=config.kl_weight)
+    as_numpy = tuple(o.cpu().numpy() for o in outputs) if isinstance(outputs, tuple) else outputs.cpu().numpy()
+    scores = score(task, targets.cpu().numpy(), as_numpy, labels)
+    return {"val_loss": float(loss), **{f"val_{k}": float(v) for k, v in scores.items()
+                                         if isinstance(v, float) and k != "samples"}}
 
-    seconds = time.perf_counter() - t0
-    write_json(rundir.history, history)
-    plot_history(history, rundir.training_curves)
-    tracker.log_metrics({"best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
-                         "train_seconds": seconds,
-                         "train_samples_per_s": config.epochs * len(x_train) / seconds})
-    tracker.set_tags({"device": device})
-    tracker.log_artifact(rundir.training_curves)
-    tracker.log_artifact(rundir.checkpoint_json)
-    tracker.log_artifact(rundir.checkpoint)
-    return Result(best_epoch=best["epoch"], val_accuracy=best["val_accuracy"], val_loss=best["val_loss"],
-                  device=device, seconds=seconds, run_id=tracker.run_id)
+
+def _random_shift(x, k: int, generator):
+    """Shift each image by a random (dy, dx) in [-k, k] pixels, edges replicated, on x's device."""
+    import torch
+    import torch.nn.functional as F
+
+    n, c, h, w = x.shape
+    padded = F.pad(x, (k, k, k, k), mode="replicate")
+    offsets = torch.randint(0, 2 * k + 1, (2, n), generator=generator, device=generator.device).to(x.device)
+    rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # (n, h)
+    cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # (n, w)
+    return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _load_teacher(path: Path, task: str, labels: list[str], info: dict, input_shape, device: str, memory_format):
+    if task != "classification":
+        raise StageError(f"distillation needs a classification task; this run's task is {task}: "
+                         "remove train.distill.teacher")
+    teacher, meta = checkpoint.load(path)
+    if list(meta.get("label_names", [])) != labels:
+        raise StageError(f"the teacher {path} predicts labels {meta.get('label_names')}, this dataset has "
+                         f"{labels}: distill from a teacher trained on the same dataset")
+    if tuple(meta["model"]["input_shape"]) != tuple(input_shape):
+        raise StageError(f"the teacher {path} takes inputs {tuple(meta['model']['input_shape'])}, this dataset "
+                         f"has {tuple(input_shape)}: distill from a teacher trained on the same dataset")
+    if meta.get("dataset_sha256") != info["sha256"]:
+        log.warning("the teacher %s was trained on dataset %s, this run's is %s: if its training split holds this "
+                    "run's validation or test samples, the student's scores are optimistic", path,
+                    str(meta.get("dataset_sha256"))[:8], info["sha256"][:8])
+    n = sum(p.numel() for p in teacher.parameters())
+    log.info("distilling from %s (%s, %d parameters, epoch %s)", path, meta["model"]["family"], n, meta.get("epoch"))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device, memory_format=memory_format).eval()
+
+
+def _fingerprint(config: Config, description: dict, info: dict) -> dict:
+    """What must not change between a run and its resumption."""
+    return {"train": {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES},
+            "model": description, "dataset_sha256": info["sha256"]}
+
+
+def _check_resumable(state: dict, fingerprint: dict, path: Path) -> None:
+    old = state.get("fingerprint", {})
+    diffs = []
+    for key in ("model", "dataset_sha256", "device_type", "resident"):
+        if old.get(key) != fingerprint[key]:
+            diffs.append(key)
+    old_train, new_train = old.get("train", {}), fingerprint["train"]
+    diffs += [f"train.{k} ({old_train.get(k)!r} -> {new_train.get(k)!r})"
+              for k in sorted(set(old_train) | set(new_train)) if old_train.get(k) != new_train.get(k)]
+    if diffs:
+        raise StageError(f"cannot resume from {path}: the recipe or data changed since it was written "
+                         f"({'; '.join(diffs)}); resume with the same recipe or train again without --resume")
+
+
+@contextlib.contextmanager
+def _progress(show: bool, description: str, total: int):
+    """A rich progress bar for one epoch in a terminal; nothing otherwise (the epoch's log line follows)."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
