@@ -1,6 +1,8 @@
 """A GRU or LSTM sequence classifier.
 
-Signals (C, L) are read as L steps of C features; images (C, H, W) as H rows of C*W features. The
+Signals (C, L) are read as L / step_size steps of C * step_size features (consecutive values grouped:
+shorter sequences train faster and carry gradients further); images (C, H, W) as H rows of C*W
+features. The
 sequence summary is the last step's hidden state (both directions' final states when bidirectional)
 or the mean over steps.
 """
@@ -22,6 +24,7 @@ class Config:
     bidirectional: bool = False
     pooling: Literal["last", "mean"] = "last"
     dropout: float = 0.0  # between stacked layers and before the head
+    step_size: int = 1  # signals: consecutive values read as one step
 
     def __post_init__(self) -> None:
         if self.cell not in ("gru", "lstm"):
@@ -34,6 +37,8 @@ class Config:
             raise ValueError(f"`pooling` must be last or mean, got {self.pooling!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}")
+        if self.step_size < 1:
+            raise ValueError(f"`step_size` must be >= 1, got {self.step_size}")
 
 
 class SequenceClassifier(nn.Module):
@@ -41,7 +46,10 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         if len(input_shape) not in (2, 3):
             raise ValueError(f"rnn needs (C, L) signals or (C, H, W) images, got shape {input_shape}")
-        features = input_shape[0] if len(input_shape) == 2 else input_shape[0] * input_shape[2]
+        if len(input_shape) == 2 and input_shape[1] % config.step_size:
+            raise ValueError(f"rnn: signal length {input_shape[1]} is not a multiple of `step_size` {config.step_size}")
+        self.step_size = config.step_size if len(input_shape) == 2 else 1
+        features = input_shape[0] * self.step_size if len(input_shape) == 2 else input_shape[0] * input_shape[2]
         cell = nn.GRU if config.cell == "gru" else nn.LSTM
         self.rnn = cell(features, config.hidden, num_layers=config.layers, batch_first=True,
                         bidirectional=config.bidirectional, dropout=config.dropout if config.layers > 1 else 0.0)
@@ -52,8 +60,10 @@ class SequenceClassifier(nn.Module):
     def forward(self, x):
         if x.dim() == 4:  # (N, C, H, W) -> (N, H, C*W): one row per step
             x = x.permute(0, 2, 1, 3).flatten(2)
-        else:  # (N, C, L) -> (N, L, C)
+        else:  # (N, C, L) -> (N, L / k, k * C): k consecutive values per step
             x = x.transpose(1, 2)
+            if self.step_size > 1:
+                x = x.reshape(x.shape[0], -1, x.shape[2] * self.step_size)
         out, _ = self.rnn(x)  # (N, steps, hidden * directions)
         if self.pooling == "mean":
             summary = out.mean(dim=1)

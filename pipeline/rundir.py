@@ -58,6 +58,14 @@ class RunDir:
     def confusion_matrix(self) -> Path:
         return self.root / "confusion_matrix.png"
 
+    @property
+    def predictions_plot(self) -> Path:  # regression: predicted against true
+        return self.root / "predictions.png"
+
+    @property
+    def reconstructions(self) -> Path:  # vae: originals above their reconstructions
+        return self.root / "reconstructions.png"
+
     # export
     @property
     def onnx(self) -> Path:

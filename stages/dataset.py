@@ -17,23 +17,46 @@ class Data:
     arrays: dict[str, np.ndarray]
 
     @property
+    def task(self) -> str:
+        """classification | regression (what the dataset's targets are; a VAE ignores them)."""
+        return self.info.get("task", "classification")  # files from before tasks were classification
+
+    @property
     def labels(self) -> list[str]:
-        return list(self.info["label_names"])
+        """Class names (classification) or target names (regression): what the model's outputs mean."""
+        return list(self.info["label_names"] if self.task == "classification" else self.info["target_names"])
 
     @property
-    def mean(self) -> float:
-        return float(self.info["normalization"]["mean"])
+    def num_outputs(self) -> int:
+        """Model outputs the dataset asks for: classes or regression targets."""
+        return len(self.labels)
 
     @property
-    def std(self) -> float:
-        return float(self.info["normalization"]["std"])
+    def mean(self) -> float | list[float]:
+        return self.info["normalization"]["mean"]
+
+    @property
+    def std(self) -> float | list[float]:
+        return self.info["normalization"]["std"]
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std).astype(np.float32)
+        """(x - mean) / std as float32; a list mean/std holds one value per entry of axis 1
+        (channels of NCHW / NCL, features of NF)."""
+        return normalize(x, self.mean, self.std)
 
     def split(self, name: str, normalized: bool = True) -> tuple[np.ndarray, np.ndarray]:
         x, y = self.arrays[f"x_{name}"], self.arrays[f"y_{name}"]
         return (self.normalize(x) if normalized else x), y
+
+
+def normalize(x: np.ndarray, mean: float | list[float], std: float | list[float]) -> np.ndarray:
+    """(x - mean) / std in float32; list statistics broadcast along axis 1."""
+    x = np.asarray(x, dtype=np.float32)
+    m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    if m.ndim or s.ndim:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        m, s = m.reshape(shape), s.reshape(shape)
+    return ((x - m) / s).astype(np.float32)
 
 
 def load(data_path: Path, info_path: Path) -> Data:

@@ -1,14 +1,24 @@
-"""evaluate: the trained PyTorch model on the test split -> metrics.json + confusion_matrix.png."""
+"""evaluate: the trained PyTorch model on the test split -> metrics.json + a plot for its task.
+
+classification: accuracy, macro F1, per-class precision/recall/F1, confusion matrix (confusion_matrix.png);
+regression: r2, MSE, MAE overall and per target, predicted-vs-true scatter (predictions.png);
+vae: reconstruction MSE (per input element, normalized units), KL and ELBO, and originals above their
+reconstructions (reconstructions.png). metrics.json always holds ``task`` and ``primary``
+(stages.metrics.score), which quantize's budget and register compare on.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
+import models
 from stages import checkpoint, dataset
-from stages.common import write_json
-from stages.metrics import classification_metrics, plot_confusion
-from stages.predictors import TorchPredictor, predict_batched
+from stages.common import StageError, write_json
+from stages.metrics import plot_confusion, plot_reconstructions, plot_regression, score
+from stages.predictors import TorchPredictor
 
 if TYPE_CHECKING:
     from pipeline.rundir import RunDir
@@ -27,26 +37,69 @@ class Config:
 
 @dataclass(frozen=True)
 class Result:
-    accuracy: float
-    macro_f1: float
+    task: str
+    metric: str  # the primary metric's name
+    value: float
+    accuracy: float | None = None  # classification only
+    macro_f1: float | None = None
 
     def summary(self) -> str:
-        return f"test_acc {self.accuracy:.4f}, macro F1 {self.macro_f1:.4f}"
+        if self.task == "classification":
+            return f"test_acc {self.accuracy:.4f}, macro F1 {self.macro_f1:.4f}"
+        return f"test {self.metric} {self.value:.4f} ({self.task})"
+
+
+def run_task(meta: dict, data: "dataset.Data") -> str:
+    """The task the checkpoint was trained for (stored by train; older checkpoints: from the family)."""
+    if meta.get("task"):
+        return meta["task"]
+    try:
+        return models.resolve_task(meta["model"]["family"], data.task)
+    except models.TaskError as e:
+        raise StageError(str(e)) from None
+
+
+def outputs_batched(predictor: TorchPredictor, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, ...]:
+    chunks = [predictor.outputs(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return tuple(np.concatenate(parts) for parts in zip(*chunks))
 
 
 def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     tracker.log_params(config.__dict__)
     data = dataset.load(rundir.data, rundir.dataset)
     model, meta = checkpoint.load(rundir.checkpoint)
+    task = run_task(meta, data)
     x, y = data.split("test")
-    logits = predict_batched(TorchPredictor(model, config.device), x, config.batch_size)
-    metrics = classification_metrics(y, logits, data.labels)
+    outputs = outputs_batched(TorchPredictor(model, config.device), x, config.batch_size)
+
+    if task == "vae":
+        metrics = score(task, x, outputs, [])
+        plot = rundir.reconstructions
+        plot_reconstructions(x, outputs[0], plot,
+                             f"test split, reconstruction MSE {metrics['reconstruction_mse']:.4f}")
+    elif task == "regression":
+        metrics = score(task, y, outputs[0], data.labels)
+        plot = rundir.predictions_plot
+        plot_regression(y, outputs[0], data.labels, plot, f"test split, r2 {metrics['r2']:.4f}")
+    else:
+        metrics = score(task, y, outputs[0], data.labels)
+        plot = rundir.confusion_matrix
+        plot_confusion(metrics["confusion_matrix"], data.labels, plot,
+                       f"test split, accuracy {metrics['accuracy']:.4f}")
     metrics["checkpoint_epoch"] = meta["epoch"]
     write_json(rundir.metrics, metrics)
-    plot_confusion(metrics["confusion_matrix"], data.labels, rundir.confusion_matrix,
-                   f"test split, accuracy {metrics['accuracy']:.4f}")
-    tracker.log_metrics({"test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
-                         **{f"test_f1.{label}": m["f1"] for label, m in metrics["per_class"].items()}})
+
+    primary = metrics["primary"]
+    logged = {f"test_{primary['name']}": primary["value"]}
+    if task == "classification":
+        logged.update({"test_macro_f1": metrics["macro_f1"],
+                       **{f"test_f1.{label}": m["f1"] for label, m in metrics["per_class"].items()}})
+    elif task == "regression":
+        logged.update({"test_mse": metrics["mse"], "test_mae": metrics["mae"]})
+    else:
+        logged.update({"test_kl": metrics["kl"], "test_elbo": metrics["elbo"]})
+    tracker.log_metrics(logged)
     tracker.log_artifact(rundir.metrics)
-    tracker.log_artifact(rundir.confusion_matrix)
-    return Result(accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"])
+    tracker.log_artifact(plot)
+    return Result(task=task, metric=primary["name"], value=primary["value"], accuracy=metrics.get("accuracy"),
+                  macro_f1=metrics.get("macro_f1"))

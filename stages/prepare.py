@@ -1,8 +1,13 @@
-"""prepare: a bundled dataset -> seeded stratified train/val/test split -> data.npz + dataset.json.
+"""prepare: a dataset source -> seeded train/val/test split -> data.npz + dataset.json.
 
-Raw inputs are stored as they come (digits: 8x8 pixel intensities 0..16, float32, NCHW) with the
-normalization statistics computed on the training split only; every consumer normalizes with those
-statistics, and the exported model's metadata repeats them so apps do the same.
+Sources (stages/sources.py): bundled digits, MNIST-1D (generated offline), diabetes, and user files
+(IDX directory, .npz, .csv). Raw inputs are stored as they come (digits 0..16 float32, IDX uint8
+pixels, ...) with normalization statistics computed on the training split only: one mean/std for
+single-channel images and signals, one per channel otherwise, one per feature for feature vectors.
+Every consumer normalizes with those statistics (``stages.dataset.Data.normalize``), and the
+exported model's metadata repeats them so apps do the same. Classification splits are stratified.
+Sources with a test split of their own (MNIST-1D, IDX with t10k-* files) keep it as it is and carve
+validation from their training split.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from stages.common import atomic_path, write_json
+from stages import sources
+from stages.common import StageError, atomic_path, write_json
 
 if TYPE_CHECKING:
     from pipeline.rundir import RunDir
@@ -23,15 +29,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+FILE_DATASETS = ("idx", "npz", "csv")  # read from prepare.path; the others ship with the install
 
 
 @dataclass(frozen=True)
 class Config:
-    dataset: Literal["digits"] = "digits"
-    val_fraction: float = 0.15
-    test_fraction: float = 0.2
+    dataset: Literal["digits", "mnist1d", "diabetes", "idx", "npz", "csv"] = "digits"
+    path: str = ""  # idx: a directory of IDX files; npz, csv: the file
+    features: tuple[str, ...] = ()  # npz: array key(s); csv: column names (empty: every column but the label)
+    label: str = ""  # npz: array key; csv: column name
+    task: Literal["auto", "classification", "regression"] = "auto"  # npz/csv; auto: integer labels are classes
+    layout: Literal["auto", "NF", "NCL", "NCHW"] = "auto"  # npz: how to read one (N, ...) feature array
+    val_fraction: float = 0.15  # of all samples, or of the train split where the source has its own test split
+    test_fraction: float = 0.2  # unused where the source has its own test split
     seed: int = 0
-    max_samples: int = 0  # 0: the whole dataset; a stratified subsample otherwise (tiny test recipes)
+    max_samples: int = 0  # 0: the whole dataset; a (stratified) subsample otherwise (tiny test recipes)
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -40,34 +52,37 @@ class Config:
                 raise ValueError(f"`{name}` must be between 0 and 0.5 (exclusive), got {v}")
         if self.max_samples < 0 or 0 < self.max_samples < 100:
             raise ValueError(f"`max_samples` must be 0 (all) or at least 100, got {self.max_samples}")
+        if self.dataset in FILE_DATASETS and not self.path:
+            what = "a directory holding train-images-idx3-ubyte[.gz]" if self.dataset == "idx" else f"a .{self.dataset} file"
+            raise ValueError(f"`path` is required for dataset {self.dataset}: set it to {what}")
+        if self.dataset not in FILE_DATASETS and self.path:
+            raise ValueError(f"`path` applies to the idx, npz and csv datasets only; {self.dataset} ships with the install")
+        tabular = ("npz", "csv")
+        if self.dataset in tabular and not self.label:
+            raise ValueError(f"`label` is required for dataset {self.dataset}: the "
+                             f"{'array key' if self.dataset == 'npz' else 'column'} holding the targets")
+        if self.dataset == "npz" and not self.features:
+            raise ValueError("`features` is required for dataset npz: the array key(s) holding the inputs")
+        for name, default in (("features", ()), ("label", ""), ("task", "auto")):
+            if self.dataset not in tabular and getattr(self, name) != default:
+                raise ValueError(f"`{name}` applies to the npz and csv datasets only, not {self.dataset}")
+        if self.dataset != "npz" and self.layout != "auto":
+            raise ValueError(f"`layout` applies to the npz dataset only, not {self.dataset}")
+        if self.label and self.label in self.features:
+            raise ValueError(f"`label` {self.label!r} is also listed in `features`; a model must not see its target")
 
 
 @dataclass(frozen=True)
 class Result:
     sizes: dict[str, int]
     sha256: str
-    num_classes: int
+    num_classes: int  # 0 unless the task is classification
+    task: str = "classification"
+    num_outputs: int = 0  # classes or regression targets
 
     def summary(self) -> str:
-        return f"{sum(self.sizes.values())} samples ({'/'.join(str(self.sizes[s]) for s in SPLITS)}) {self.sha256[:8]}"
-
-
-def load_source(name: str) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
-    """Inputs (N, C, H, W) float32, labels int64, label names, and a description of the source."""
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()  # ships inside scikit-learn: no download
-        x = bunch.images.astype(np.float32)[:, None, :, :]
-        y = bunch.target.astype(np.int64)
-        labels = [str(int(t)) for t in bunch.target_names]
-        return x, y, labels, {
-            "name": "digits",
-            "source": "sklearn.datasets.load_digits",
-            "description": "UCI optical recognition of handwritten digits: 8x8 images, intensities 0..16",
-            "value_range": [0.0, 16.0],
-        }
-    raise ValueError(f"unknown dataset {name!r}")
+        return (f"{sum(self.sizes.values())} samples ({'/'.join(str(self.sizes[s]) for s in SPLITS)}) "
+                f"{self.task} {self.sha256[:8]}")
 
 
 def content_hash(arrays: dict[str, np.ndarray]) -> str:
@@ -80,53 +95,108 @@ def content_hash(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def split(x: np.ndarray, y: np.ndarray, config: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _cut(x, y, size, stratified: bool, seed: int, what: str):
+    """-> (x_a, x_b, y_a, y_b) with ``size`` (a fraction or a count) in b; stratified for classes."""
     from sklearn.model_selection import train_test_split
 
-    if config.max_samples and config.max_samples < len(x):
-        x, _, y, _ = train_test_split(x, y, train_size=config.max_samples, stratify=y, random_state=config.seed)
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=config.test_fraction, stratify=y, random_state=config.seed)
-    val_of_rest = config.val_fraction / (1.0 - config.test_fraction)
-    x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=val_of_rest, stratify=y_rest, random_state=config.seed)
+    try:
+        return train_test_split(x, y, test_size=size, stratify=y if stratified else None, random_state=seed)
+    except ValueError as e:  # e.g. a class with a single sample cannot be stratified
+        raise StageError(f"cannot split off the {what} split: {e}; use more samples per class "
+                         "(or a larger max_samples)") from None
+
+
+def _keep(x, y, n: int, stratified: bool, seed: int):
+    """A (stratified) subsample of ``n`` rows, or everything when there are no more."""
+    if n >= len(x):
+        return x, y
+    x_kept, _, y_kept, _ = _cut(x, y, len(x) - n, stratified, seed, "subsample")
+    return x_kept, y_kept
+
+
+def split(src: sources.Source, config: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    stratified = src.task == "classification"
+    x, y = src.x, src.y
+    x_test, y_test = src.x_test, src.y_test
+    if config.max_samples:
+        total = len(x) + (len(x_test) if x_test is not None else 0)
+        if config.max_samples < total:
+            # Keep the train:test proportion of a fixed test split.
+            n_test = round(config.max_samples * len(x_test) / total) if x_test is not None else 0
+            x, y = _keep(x, y, config.max_samples - n_test, stratified, config.seed)
+            if x_test is not None:
+                x_test, y_test = _keep(x_test, y_test, n_test, stratified, config.seed)
+    if x_test is None:
+        x, x_test, y, y_test = _cut(x, y, config.test_fraction, stratified, config.seed, "test")
+        val_size = config.val_fraction / (1.0 - config.test_fraction)
+    else:
+        val_size = config.val_fraction
+    x_train, x_val, y_train, y_val = _cut(x, y, val_size, stratified, config.seed, "validation")
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+
+
+def normalization(x_train: np.ndarray, layout: str) -> dict:
+    """mean/std from the training split: per feature (NF), per channel (NCL, NCHW; one float for one channel)."""
+    axes = (0,) if layout == "NF" else tuple(i for i in range(x_train.ndim) if i != 1)
+    x64 = x_train.astype(np.float64)
+    mean, std = x64.mean(axis=axes), x64.std(axis=axes)
+    if (std == 0).any():  # a constant feature carries nothing; dividing by 1 keeps it finite
+        log.warning("%d constant input %s(s) in the training split; their std is set to 1",
+                    int((std == 0).sum()), "feature" if layout == "NF" else "channel")
+        std = np.where(std == 0, 1.0, std)
+    per = "feature" if layout == "NF" else "channel"
+    if layout != "NF" and len(mean) == 1:
+        return {"mean": float(mean[0]), "std": float(std[0]), "per": "all", "formula": "(x - mean) / std"}
+    return {"mean": mean.tolist(), "std": std.tolist(), "per": per,
+            "formula": f"(x - mean) / std, one mean/std per {per} (axis 1)"}
 
 
 def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     tracker.log_params(config.__dict__)
-    x, y, labels, source = load_source(config.dataset)
-    parts = split(x, y, config)
+    src = sources.load(config)
+    if src.x_test is not None and config.test_fraction != Config.test_fraction:
+        log.warning("%s has a test split of its own; prepare.test_fraction is not used", src.info["name"])
+    parts = split(src, config)
     arrays = {}
     for name, (xs, ys) in parts.items():
         arrays[f"x_{name}"], arrays[f"y_{name}"] = xs, ys
     x_train = parts["train"][0]
     # Statistics from the training split only, so validation and test stay unseen.
-    mean, std = float(x_train.mean()), float(x_train.std())
+    norm = normalization(x_train, src.layout)
     digest = content_hash(arrays)
 
     with atomic_path(rundir.data) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
             np.savez(f, **arrays)
+    value_range = src.info.get("value_range") or [float(src.x.min()), float(src.x.max())]
     info = {
-        **source,
+        **src.info,
+        "value_range": value_range,
+        "task": src.task,
         "splits": {s: int(len(parts[s][1])) for s in SPLITS},
-        "class_counts": {s: np.bincount(parts[s][1], minlength=len(labels)).tolist() for s in SPLITS},
-        "input_shape": list(x.shape[1:]),
-        "input_layout": "NCHW",
-        "dtype": "float32",
-        "label_names": labels,
-        "num_classes": len(labels),
-        "normalization": {"mean": mean, "std": std, "formula": "(x - mean) / std"},
+        "test_split": "source" if src.x_test is not None else "carved",
+        "input_shape": list(src.x.shape[1:]),
+        "input_layout": src.layout,
+        "dtype": "float32",  # what models see, after normalization
+        "raw_dtype": str(x_train.dtype),  # what data.npz stores
+        "normalization": norm,
         "seed": config.seed,
         "sha256": digest,
     }
+    if src.task == "classification":
+        info["class_counts"] = {s: np.bincount(parts[s][1], minlength=len(src.names)).tolist() for s in SPLITS}
+        info["label_names"] = src.names
+        info["num_classes"] = len(src.names)
+    else:
+        info["target_names"] = src.names
+        info["num_targets"] = len(src.names)
     write_json(rundir.dataset, info)
-    log.info("prepared %s: %s, mean %.3f std %.3f", source["name"], info["splits"], mean, std)
+    log.info("prepared %s (%s, %s): %s", src.info["name"], src.task, src.layout, info["splits"])
 
     tracker.log_metrics({f"samples_{s}": n for s, n in info["splits"].items()})
-    tracker.set_tags({"dataset.name": source["name"], "dataset.sha256": digest})
-    tracker.log_dataset(name=source["name"], digest=digest, source=source["source"],
+    tracker.set_tags({"dataset.name": src.info["name"], "dataset.sha256": digest, "dataset.task": src.task})
+    tracker.log_dataset(name=src.info["name"], digest=digest, source=src.info["source"],
                         features=arrays["x_train"], targets=arrays["y_train"], context="training")
     tracker.log_artifact(rundir.dataset)
-    return Result(sizes=info["splits"], sha256=digest, num_classes=len(labels))
+    return Result(sizes=info["splits"], sha256=digest, num_classes=info.get("num_classes", 0), task=src.task,
+                  num_outputs=len(src.names))

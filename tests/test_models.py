@@ -22,7 +22,7 @@ TINY = {
     "mlp": models.mlp.Config(hidden=(32,)),
     "cnn": models.cnn.Config(channels=(8, 16), hidden=16),
     "cnn1d": models.cnn1d.Config(channels=(8, 16), hidden=16),
-    "rnn": models.rnn.Config(hidden=16),
+    "rnn": models.rnn.Config(hidden=16, step_size=2),
     "transformer": models.transformer.Config(patch_size=4, dim=16, depth=1, heads=2),
     "vae": models.vae.Config(hidden=(32,), latent_dim=4),
 }
@@ -209,6 +209,7 @@ def test_unknown_family_names_the_choices():
     (lambda: models.linear.Config(dropout=-0.1), "dropout"),
     (lambda: models.cnn1d.Config(kernel_size=4), "kernel_size"),
     (lambda: models.rnn.Config(cell="rnn"), "cell"),
+    (lambda: models.rnn.Config(step_size=0), "step_size"),
     (lambda: models.transformer.Config(dim=30, heads=4), "dim"),
     (lambda: models.vae.Config(latent_dim=0), "latent_dim"),
 ])
@@ -220,5 +221,7 @@ def test_config_validation_names_the_key(make_config, key):
 def test_shapes_a_family_cannot_read_are_refused():
     with pytest.raises(ValueError, match="not a multiple of `patch_size`"):
         models.build("transformer", models.transformer.Config(patch_size=3), (1, 16), 2)
+    with pytest.raises(ValueError, match="not a multiple of `step_size`"):
+        models.build("rnn", models.rnn.Config(step_size=3), (1, 16), 2)
     with pytest.raises(ValueError, match="use architecture: mlp"):
         models.build("vae", models.vae.Config(architecture="conv"), (1, 16), 0)
