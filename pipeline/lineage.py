@@ -250,22 +250,29 @@ def feed(session, x_raw: np.ndarray) -> np.ndarray:
 
 
 def score(session, x_raw: np.ndarray, y: np.ndarray) -> tuple[str, float, bool]:
-    """(metric name, value, higher is better): the task's primary metric when stages.metrics has one."""
+    """(metric name, value, higher is better): the task's primary metric (stages.metrics.score)."""
     name = session.get_inputs()[0].name
-    out = np.concatenate([session.run(None, {name: feed(session, x_raw[i:i + 256])})[0]
-                          for i in range(0, len(x_raw), 256)])
-    task = session.get_modelmeta().custom_metadata_map.get("task", "classification")
+    meta = session.get_modelmeta().custom_metadata_map
+    task = meta.get("task", "classification")
+    fed = [feed(session, x_raw[i:i + 256]) for i in range(0, len(x_raw), 256)]
+    runs = [session.run(None, {name: xb}) for xb in fed]
+    outs = [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
     try:
-        from stages.metrics import score as task_score  # the data-models lane's per-task metric
+        from stages.metrics import score as task_score  # one primary metric per task
     except ImportError:
         task_score = None
     if task_score is not None:
+        labels = json.loads(meta.get("labels", "null") or "null") or json.loads(meta.get("target_names", "null") or "null")
+        labels = labels or [str(i) for i in range(outs[0].shape[-1] if outs[0].ndim > 1 else 1)]
         try:
-            primary = task_score(task, y, out, None)["primary"]
+            if task == "vae":  # the truth of an autoencoder is its (fed) input
+                primary = task_score(task, np.concatenate(fed), outs, labels)["primary"]
+            else:
+                primary = task_score(task, y, outs[0], labels)["primary"]
             return primary["name"], float(primary["value"]), bool(primary["higher_is_better"])
-        except Exception as e:  # an older signature: fall back to accuracy, the classification metric
-            log.debug("stages.metrics.score failed (%s); using accuracy", e)
-    return "accuracy", float((out.argmax(1) == y).mean()), True
+        except Exception as e:  # an unexpected signature: fall back to accuracy, the classification metric
+            log.warning("stages.metrics.score failed (%s); comparing accuracy", e)
+    return "accuracy", float((outs[0].argmax(1) == y).mean()), True
 
 
 def _test_split(client, mv, dest: Path) -> tuple[np.ndarray, np.ndarray, str]:

@@ -142,6 +142,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so every open MLflow run ends KILLED on the way out."""
 
 
+def secondary_rank() -> bool:
+    """Under torchrun, ranks other than 0 neither track, lock, nor write stamps (rank 0 does)."""
+    return int(os.environ.get("RANK", "0") or 0) != 0
+
+
 def default_rundir(recipe: Recipe) -> RunDir:
     return RunDir(Path("runs") / recipe.name)
 
@@ -308,6 +313,9 @@ def locked(rundir: RunDir) -> Iterator[None]:
     import fcntl
 
     rundir.ensure()
+    if secondary_rank():
+        yield
+        return
     fd = os.open(rundir.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -335,6 +343,8 @@ def recover_stale(rundir: RunDir, track: bool) -> list[str]:
     (SIGKILL, power loss): mark it killed, and its RUNNING MLflow runs KILLED. Returns the run ids marked."""
     state = read_state(rundir)
     marked: list[str] = []
+    if secondary_rank():
+        return marked
     if state is not None and state.get("status") == "running":
         log.warning("the pipeline run of %s (pid %s, started %s) died without finishing; marking it killed",
                     rundir.root, state.get("pid"), state.get("started"))
@@ -385,7 +395,8 @@ class _State:
         self.update(current_stage=stage)
 
     def save(self) -> None:
-        write_json(self.rundir.state, self.data)
+        if not secondary_rank():
+            write_json(self.rundir.state, self.data)
 
 
 # ---------------------------------------------------------------- running
@@ -416,7 +427,8 @@ def _execute(stage: str, ctx: Context, tracker, decision: Decision, track: bool)
         tracker.set_tags({"pipeline.fingerprint": stamp.get("fingerprint", ""),
                           "pipeline.outputs": json.dumps(outputs, sort_keys=True)[:tracking.MAX_TAG_LENGTH],
                           "pipeline.summary": stamp["summary"][:500]})
-    write_json(ctx.rundir.result(stage), stamp)
+    if not secondary_rank():
+        write_json(ctx.rundir.result(stage), stamp)
     outcome = Outcome(stage, "done", seconds, stamp["summary"], tracker.run_id, "; ".join(decision.reasons))
     log.info("✔ %s (%.1f s): %s", stage, seconds, outcome.summary)
     return outcome
@@ -453,6 +465,7 @@ def run_pipeline(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str
     run per stage (a reused stage's run says which run it reuses)."""
     stages = tuple(_check_stages(stages))
     force = tuple(force)
+    track = track and not secondary_rank()
     rundir = (rundir or default_rundir(recipe)).ensure()
     with locked(rundir), _signals_as_interrupts():
         if track:
@@ -563,6 +576,7 @@ def run_stage(stage: str, recipe: Recipe, rundir: RunDir | None = None, track: b
     """One stage in a run of its own (a `pipeline <stage>` command): always runs, and stamps its outputs
     so a later `pipeline run` can reuse them."""
     _check_stages([stage])
+    track = track and not secondary_rank()
     rundir = (rundir or default_rundir(recipe)).ensure()
     with locked(rundir), _signals_as_interrupts():
         if track:
