@@ -6,7 +6,8 @@ A fingerprint is a flat table of *components*, each a name and a short value:
 - ``option:<name>``            command-line options that change the result (``--device``) or the store
 - ``file:<name>``              the sha256 of each run-directory file the stage reads ("absent" if missing)
 - ``code:<path>``              the sha256 of the stage's module and of every project module it imports,
-                               transitively (found by reading their ``import`` lines), plus all of models/
+                               transitively (found by reading their ``import`` lines; models/ comes in
+                               whole through models/__init__, which imports every family)
 - ``lib:<dist>``               the installed versions of the libraries that change numbers
 
 The digest is the sha256 of the sorted table. Keeping the table (not only the digest) lets
@@ -86,7 +87,7 @@ def _project_imports(path: Path) -> set[str]:
 
 @functools.lru_cache(maxsize=None)
 def code_files(modules: tuple[str, ...]) -> tuple[Path, ...]:
-    """The source files of ``modules`` and of every project module they import, transitively, plus models/."""
+    """The source files of ``modules`` and of every project module they import, transitively."""
     seen: dict[str, Path] = {}
     todo = list(modules)
     while todo:
@@ -101,11 +102,9 @@ def code_files(modules: tuple[str, ...]) -> tuple[Path, ...]:
         parent = name.rpartition(".")[0]
         if parent:
             todo.append(parent)  # a package's __init__ runs on import
-    models_init = _module_file("models")
-    files = set(seen.values())
-    if models_init is not None:
-        files.update(models_init.parent.glob("*.py"))
-    return tuple(sorted(files))
+    # models/__init__ imports every family, so a stage that builds models depends on all of models/;
+    # one that never imports models (prepare) does not rerun when a model file changes.
+    return tuple(sorted(set(seen.values())))
 
 
 def _code_root() -> Path:
