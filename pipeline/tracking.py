@@ -10,6 +10,7 @@ temporary directory).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -179,8 +180,18 @@ def experiment_id(name: str) -> str:
         return exp.experiment_id
 
 
+@functools.lru_cache(maxsize=1)
+def _environment_tags() -> tuple:
+    return tuple(_collect_environment_tags().items())
+
+
 def environment_tags() -> dict[str, str]:
-    """Where and with what a run ran: git commit, host, library versions, device."""
+    """Where and with what a run ran: git commit (and dirty), host, library versions, device. Collected
+    once per process (git and torch are asked once, not per stage run)."""
+    return dict(_environment_tags())
+
+
+def _collect_environment_tags() -> dict[str, str]:
     tags = {"host": socket.gethostname(), "python": platform.python_version(), "platform": platform.platform()}
     tags.update({f"version.{dist}": v for dist, v in library_versions().items()})
     tags.update(git_state())
@@ -365,7 +376,7 @@ def record_reused(experiment: str, stage: str, parent_run_id: str, source_run_id
     run = client.create_run(experiment_id(experiment), run_name=stage, tags={
         "mlflow.parentRunId": parent_run_id, "pipeline.stage": stage, "pipeline.parent_run_id": parent_run_id,
         "pipeline.reused_from": source_run_id or "untracked", "pipeline.fingerprint": digest,
-        "pipeline.summary": summary[:500]})
+        "pipeline.summary": summary[:500], **environment_tags()})
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
