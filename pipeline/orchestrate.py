@@ -261,7 +261,11 @@ def decide(stage: str, ctx: Context, *, track: bool, force: Iterable[str] = (),
         if found is not None:
             return Decision(stage, False, [f"unchanged since run {found['run_id']} (found in the MLflow store)"], print_,
                             found["run_id"], found)
-    return Decision(stage, True, fp.explain(stamp.get("components") if stamp else None, print_.components), print_)
+    previous = _previous_components(ctx.rundir, stage)
+    reasons = fp.explain(previous, print_.components)
+    if stamp is None and previous is not None:  # a superseded stamp: the stage started and never finished
+        reasons = ["its last run here did not finish"] + ([] if reasons == ["fingerprint differs"] else reasons)
+    return Decision(stage, True, reasons, print_)
 
 
 def _declared_outputs(rundir: RunDir, stage: str) -> set[str]:
@@ -403,7 +407,7 @@ class _State:
 
 def _execute(stage: str, ctx: Context, tracker, decision: Decision, track: bool) -> Outcome:
     log.info("▶ %s (%s)", stage, "; ".join(decision.reasons))
-    ctx.rundir.result(stage).unlink(missing_ok=True)  # a stage killed mid-way leaves no stamp to reuse
+    _supersede_stamp(ctx.rundir, stage)  # a stage killed mid-way leaves no stamp to reuse
     before = _snapshot(ctx.rundir)
     t0 = time.perf_counter()
     result = RUNNERS[stage](ctx, tracker)
@@ -432,6 +436,31 @@ def _execute(stage: str, ctx: Context, tracker, decision: Decision, track: bool)
     outcome = Outcome(stage, "done", seconds, stamp["summary"], tracker.run_id, "; ".join(decision.reasons))
     log.info("✔ %s (%.1f s): %s", stage, seconds, outcome.summary)
     return outcome
+
+
+def _supersede_stamp(rundir: RunDir, stage: str) -> None:
+    """Replace the stamp by one that cannot be reused (no fingerprint) but keeps what the stage last ran
+    with, so --explain can still say what changed after a killed or failed rerun."""
+    path = rundir.result(stage)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    components = old.get("components") if isinstance(old, dict) else None
+    if secondary_rank():
+        return
+    if components:
+        write_json(path, {"stage": stage, "superseded": True, "started": _now(), "components": components})
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _previous_components(rundir: RunDir, stage: str) -> dict | None:
+    try:
+        old = json.loads(rundir.result(stage).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return old.get("components") if isinstance(old, dict) else None
 
 
 def _record_outputs(stage: str, rundir: RunDir, before: dict[str, tuple[int, int]]) -> dict[str, str]:
