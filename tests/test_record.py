@@ -327,7 +327,7 @@ def test_concurrent_runs_share_a_store_but_not_a_run_directory(small_yaml, tmp_p
     client = client_for(store)
     parents = parent_runs(client, "small")
     assert len(parents) == 2 and {r.info.status for r in parents} == {"FINISHED"}
-    assert sorted(mv.version for mv in client.search_model_versions("name = 'concurrent'")) == ["1", "2"]
+    assert sorted(str(mv.version) for mv in client.search_model_versions("name = 'concurrent'")) == ["1", "2"]
     for name in ("a", "b"):  # each run directory holds its own, intact artifacts
         stamps = [json.loads((tmp_path / name / "results" / f"{s}.json").read_text()) for s in STAGES]
         from stages.common import sha256_file
