@@ -18,7 +18,7 @@ STORE    ?= sqlite:///mlruns/mlflow.db
 TRITON_VENV  ?= .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: all install run test test-deps ui serve bench-serve clean help
+.PHONY: all install run test test-deps ui serve bench-serve tracking-server clean help
 
 all: $(STAMP)  ## set up, then run every stage with the default recipe
 	$(BIN)/pipeline run --recipe $(RECIPE)
@@ -64,6 +64,9 @@ serve: $(STAMP)  ## serve the champion over the KServe v2 protocol
 
 bench-serve: $(STAMP)  ## load benchmark: our server vs mlflow models serve (about 2 minutes)
 	$(BIN)/python benchmarks/serve_load.py
+
+tracking-server: $(STAMP)  ## team MLflow server on PostgreSQL (.tracking/), http://127.0.0.1:5000
+	$(BIN)/python -m pipeline.tracking_server --root .tracking --host $(HOST) --port $(UI_PORT)
 
 clean:  ## remove run directories (keeps mlruns/ and .venv)
 	rm -rf runs

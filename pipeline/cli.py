@@ -178,29 +178,120 @@ def register(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: W
     _stage_command("register", recipe, set_, workdir, False)
 
 
+def _print_plan(decisions) -> None:
+    width = max(len(d.stage) for d in decisions)
+    for d in decisions:
+        verb = "RUN  " if d.run else "reuse"
+        typer.echo(f"{d.stage:<{width}}  {verb}  {d.reasons[0]}")
+        for more in d.reasons[1:]:
+            typer.echo(f"{'':<{width}}         {more}")
+
+
 @app.command()
 def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False,
         device: Annotated[Optional[Device], typer.Option(help="Training device [default: the recipe's train.device].")] = None,
-        init_from: InitFromOpt = None):
-    """Run every stage in order: prepare, train, evaluate, export, quantize, benchmark, register."""
-    _setup_logging()
-    with _user_errors():
-        from pipeline.orchestrate import PipelineFailed, default_rundir, run_pipeline
+        init_from: InitFromOpt = None,
+        stages: Annotated[Optional[list[str]], typer.Argument(metavar="[STAGE]...", show_default=False,
+                                                              help="With --force: the stages to rerun [default: all].")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Rerun the named stages (all if none) even if unchanged.")] = False,
+        explain: Annotated[bool, typer.Option("--explain", help="Say per stage whether it would run and why; run nothing.")] = False,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the last failed or killed pipeline run in the run "
+                                                              "directory, with its recorded recipe.")] = False):
+    """Run every stage in order: prepare, train, evaluate, export, quantize, benchmark, register.
 
-        cfg = _load(recipe, set_)
-        rundir = _rundir(workdir) or default_rundir(cfg)
+    A stage whose inputs (recipe section, upstream files, code, library versions) did not change since its
+    last run in this run directory is reused, not rerun; the log says which run it reuses.
+    """
+    _setup_logging()
+    if stages and not force:
+        raise _fail(f"stage names ({' '.join(stages)}) are only taken with --force, e.g. pipeline run --force train", 2)
+    if resume and (set_ or force or explain):
+        raise _fail("--resume continues the recorded recipe and stages; drop --set/--force/--explain", 2)
+    with _user_errors():
+        from pipeline.orchestrate import ALL, PipelineFailed, default_rundir, plan, read_state, run_pipeline
+        from pipeline.orchestrate import resume as resume_pipeline
+        from pipeline.rundir import RunDir
+
+        force_set = tuple(stages or (ALL,)) if force else ()
         try:
-            outcomes = run_pipeline(cfg, rundir, track=not no_track, device=device.value if device else None,
-                                    init_from=init_from)
+            if resume:
+                if workdir:
+                    rundir = RunDir(workdir)
+                else:
+                    rundir = default_rundir(_load(recipe, None))
+                outcomes = resume_pipeline(rundir, track=False if no_track else None)
+                if outcomes is None:
+                    state = read_state(rundir) or {}
+                    typer.echo(f"nothing to resume: the last pipeline run in {rundir.root} finished "
+                               f"({state.get('parent_run_id') or 'untracked'}, {state.get('ended', '?')})")
+                    return
+            else:
+                cfg = _load(recipe, set_)
+                rundir = _rundir(workdir) or default_rundir(cfg)
+                if explain:
+                    _print_plan(plan(cfg, rundir, track=not no_track, device=device.value if device else None,
+                                     force=force_set, init_from=init_from))
+                    return
+                outcomes = run_pipeline(cfg, rundir, track=not no_track, device=device.value if device else None,
+                                        force=force_set, init_from=init_from)
         except PipelineFailed as failed:
             _print_outcomes(failed.outcomes)
             from stages.common import StageError
 
             if isinstance(failed.error, StageError):
-                raise _fail(f"stage {failed.outcomes[-1].stage} failed: {failed.error}") from None
+                raise _fail(f"stage {failed.outcomes[-1].stage} failed: {failed.error}; fix it, then "
+                            "`pipeline run --resume` continues from there") from None
             raise failed.error
+        except KeyboardInterrupt as e:
+            from pipeline.orchestrate import Terminated
+
+            raise _fail(f"interrupted ({e or 'Ctrl-C'}); the MLflow runs are marked KILLED; "
+                        "`pipeline run --resume` continues from the unfinished stage",
+                        143 if isinstance(e, Terminated) else 130) from None
     _print_benchmark(rundir)
     _print_outcomes(outcomes)
+
+
+@app.command()
+def promote(name: Annotated[str, typer.Argument(help="Registered model name, e.g. digits-cnn.")],
+            force: Annotated[bool, typer.Option("--force", help="Promote even if the candidate is worse.")] = False):
+    """Make the `candidate` version the `champion` if it is at least as good on the candidate's test data.
+
+    Both ONNX files run with ONNX Runtime on the candidate's test split; a worse candidate is refused
+    (exit code 1), saying by how much, unless --force.
+    """
+    _setup_logging()
+    with _user_errors():
+        from pipeline.lineage import promote as promote_model
+
+        verdict = promote_model(name, force=force)
+    typer.echo(verdict.message)
+    if not verdict.promoted and verdict.champion != verdict.candidate:
+        raise typer.Exit(1)
+
+
+@app.command()
+def lineage(model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION.")]):
+    """Print where a registered model came from: version, pipeline run, stage runs, checkpoint, dataset, recipe."""
+    _setup_logging()
+    with _user_errors():
+        from pipeline.lineage import lineage as lineage_of
+
+        text = lineage_of(model)
+    typer.echo(text)
+
+
+@app.command()
+def compare(run_a: Annotated[str, typer.Argument(help="MLflow run id (a pipeline run or a stage run).")],
+            run_b: Annotated[str, typer.Argument(help="MLflow run id to compare with.")],
+            all_: Annotated[bool, typer.Option("--all", help="Show equal values too.")] = False):
+    """Show the params and metrics that differ between two runs (like `dvc params diff`)."""
+    _setup_logging()
+    with _user_errors():
+        from pipeline.lineage import compare as compare_runs
+
+        text = compare_runs(run_a, run_b, show_all=all_)
+    typer.echo(text)
 
 
 @app.command()

@@ -1,25 +1,56 @@
-"""Stage order (in one place), the parent MLflow run, and one nested run per stage.
+"""Stage order (in one place), fingerprints and reuse, the parent MLflow run, and one nested run per stage.
 
 ``run_pipeline`` runs the stages in ``STAGES`` order inside one parent run; ``run_stage`` runs a single
 stage in a run of its own (what `pipeline train`, `pipeline export`, ... do). Either way a stage gets
 its own config section, the run directory and a Tracker, and returns a Result with a one-line summary.
+
+Reuse. ``IO`` says, per stage, which recipe sections, run-directory files and code it reads and which
+files it writes. From it a stage's fingerprint is computed (pipeline/fingerprint.py). After a stage
+finishes, a stamp ``results/<stage>.json`` records its fingerprint, the sha256 of every file it wrote
+(the declared ones plus any other file that appeared or changed while it ran, so new artifacts are
+covered without editing the table) and its MLflow run id; the same fingerprint and output hashes go
+on the stage's MLflow run as tags. A later run reuses the stage when the fingerprint is the same AND
+every recorded output is still present with its recorded hash; otherwise it reruns and says why.
+
+Precedence: the run directory's stamp decides, because it sits beside the files it vouches for and
+works with ``--no-track``. The store is asked only when the stamp is missing or stale: a FINISHED run
+of the stage with the same fingerprint whose recorded outputs are all present here with the same
+hashes is reused (and a fresh stamp written). A store never overrides a stamp.
+
+Safety. A pipeline holds an exclusive ``flock`` on ``<rundir>/.pipeline.lock``; a second pipeline on
+the same directory is refused with a message naming the holder. ``pipeline.json`` records the
+running pipeline (recipe, stages, MLflow run ids). SIGTERM and Ctrl-C end the MLflow runs as KILLED.
+After a SIGKILL nothing can run, so the next pipeline on the directory detects it: the lock is free
+(the kernel drops an flock when its holder dies) yet ``pipeline.json`` still says "running"; the
+runs it names, and any other RUNNING run tagged with this directory and host, are marked KILLED.
+``--resume`` reruns the recorded recipe; finished stages are reused through their stamps, so it
+continues at the first unfinished stage, in a new parent run tagged ``pipeline.resumes``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime as dt
+import json
 import logging
+import os
+import signal
+import socket
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
+from pipeline import fingerprint as fp
 from pipeline import tracking
-from pipeline.config import Recipe
+from pipeline.config import Recipe, recipe_from_dict
 from pipeline.rundir import RunDir
 from stages import benchmark, distributed, evaluate, export, prepare, quantize, register, train
-from stages.common import StageError, write_json, write_text
+from stages.common import StageError, sha256_file, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +110,59 @@ RUNNERS: dict[str, Callable[[Context, Any], Any]] = {
 STAGES: tuple[str, ...] = tuple(RUNNERS)
 
 
+@dataclass(frozen=True)
+class StageIO:
+    """What a stage depends on and produces: the one table reuse, --explain and lineage go by.
+
+    ``sections``: recipe sections it reads ("name" is the recipe's name). ``reads`` / ``writes``:
+    RunDir attribute names (a Path, or a list of Paths). ``modules``: its code (project modules it
+    imports are followed). ``options``: Context fields that change its result. ``models``: written
+    files logged as MLflow LoggedModels; ``evaluates``: read models its metrics are linked to.
+    """
+
+    sections: tuple[str, ...]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    modules: tuple[str, ...]
+    options: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    evaluates: tuple[str, ...] = ()
+    registers: bool = False  # writes to the model registry: the store is part of its fingerprint
+    system_metrics: bool = False  # record CPU / memory / GPU while it runs
+    dataset_context: str = ""  # log the run directory's dataset as an MLflow input in this context
+
+
+IO: dict[str, StageIO] = {
+    "prepare": StageIO(("prepare",), (), ("data", "dataset"), ("stages.prepare",)),
+    "train": StageIO(("train", "model"), ("data", "dataset"),
+                     ("checkpoint", "checkpoint_json", "history", "training_curves"), ("stages.train",),
+                     options=("device", "init_from", "resume"), models=("checkpoint",), system_metrics=True, dataset_context="training"),
+    "evaluate": StageIO(("evaluate",), ("data", "dataset", "checkpoint"), ("metrics", "confusion_matrix"),
+                        ("stages.evaluate",), evaluates=("checkpoint",), dataset_context="evaluation"),
+    "export": StageIO(("export",), ("checkpoint", "data", "dataset", "metrics"), ("onnx", "export_report"),
+                      ("stages.export",), models=("onnx",)),
+    "quantize": StageIO(("quantize",), ("onnx", "data", "dataset"), ("variants", "quantized_variants"),
+                        ("stages.quantize",), models=("quantized_variants",), evaluates=("onnx",),
+                        dataset_context="calibration-and-evaluation"),
+    "benchmark": StageIO(("benchmark",), ("variants", "onnx", "quantized_variants", "checkpoint", "data", "dataset"),
+                         ("benchmark_json", "benchmark_md"), ("stages.benchmark",), dataset_context="benchmark"),
+    "register": StageIO(("register", "name"), ("variants", "benchmark_json", "onnx", "quantized_variants", "data",
+                                               "dataset", "checkpoint_json", "export_report"),
+                        ("registration",), ("stages.register",), registers=True),
+}
+# Context fields every stage may see; any other (added later) makes a stage rerun unless IO names it.
+_KNOWN_CONTEXT = {"recipe", "rundir", "pipeline_run_id", "device"}
+ALL = "all"
+
+
 @dataclass
 class Outcome:
     stage: str
-    status: str  # done | failed | skipped
+    status: str  # done | reused | failed | killed | skipped
     seconds: float = 0.0
     summary: str = ""
     run_id: str | None = None
+    reason: str = ""
 
 
 class PipelineFailed(RuntimeError):
@@ -94,76 +171,491 @@ class PipelineFailed(RuntimeError):
         self.outcomes, self.error = outcomes, error
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so every open MLflow run ends KILLED on the way out."""
+
+
+def secondary_rank() -> bool:
+    """Under torchrun, ranks other than 0 neither track, lock, nor write stamps (rank 0 does)."""
+    return int(os.environ.get("RANK", "0") or 0) != 0
+
+
 def default_rundir(recipe: Recipe) -> RunDir:
     return RunDir(Path("runs") / recipe.name)
 
 
 def _write_recipe(recipe: Recipe, rundir: RunDir) -> Path:
-    return write_text(rundir.root / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    return write_text(rundir.recipe, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
-def _execute(stage: str, ctx: Context, tracker) -> Outcome:
-    log.info("▶ %s", stage)
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- files a stage reads and writes
+
+def _paths(rundir: RunDir, names: Iterable[str]) -> list[Path]:
+    out: list[Path] = []
+    for name in names:
+        value = getattr(rundir, name)
+        out.extend(value if isinstance(value, (list, tuple)) else [value])
+    return out
+
+
+def _rel(rundir: RunDir, path: Path) -> str:
+    return Path(path).relative_to(rundir.root).as_posix()
+
+
+def _snapshot(rundir: RunDir) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of every artifact file, to find what a stage wrote beyond its declared outputs."""
+    snap = {}
+    for path in rundir.root.rglob("*"):
+        rel = _rel(rundir, path)
+        if (path.is_file() and rel.split("/")[0] not in RunDir.BOOKKEEPING
+                and not any(part.startswith(".") for part in rel.split("/"))):
+            st = path.stat()
+            snap[rel] = (st.st_mtime_ns, st.st_size)
+    return snap
+
+
+def compute_fingerprint(stage: str, ctx: Context, track: bool) -> fp.Fingerprint | None:
+    io = IO.get(stage)
+    if io is None:
+        return None
+    plain = ctx.recipe.to_dict()
+    sections = {s: plain.get(s) for s in io.sections}
+    options = {o: getattr(ctx, o, None) for o in io.options}
+    if io.registers:
+        options["store"] = tracking.tracking_uri() if track else "none"
+    files = {_rel(ctx.rundir, p): p for p in _paths(ctx.rundir, io.reads)}
+    return fp.compute(sections=sections, options=options, files=files, modules=io.modules)
+
+
+# ---------------------------------------------------------------- stamps and the reuse decision
+
+def read_stamp(rundir: RunDir, stage: str) -> dict | None:
+    try:
+        stamp = json.loads(rundir.result(stage).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return stamp if isinstance(stamp, dict) and stamp.get("fingerprint") else None
+
+
+def _outputs_intact(rundir: RunDir, outputs: dict[str, str]) -> str | None:
+    """None when every recorded output is present with its recorded sha256, else what is wrong."""
+    for rel, digest in outputs.items():
+        path = rundir.root / rel
+        if not path.is_file():
+            return f"output {rel} is missing"
+        if sha256_file(path) != digest:
+            return f"output {rel} changed since it was written"
+    return None
+
+
+@dataclass
+class Decision:
+    stage: str
+    run: bool
+    reasons: list[str]
+    fingerprint: fp.Fingerprint | None
+    reuse_run_id: str | None = None
+    reuse_stamp: dict | None = None
+
+
+def decide(stage: str, ctx: Context, *, track: bool, force: Iterable[str] = (),
+           upstream_reruns: Iterable[str] = ()) -> Decision:
+    """Would ``stage`` run, and why? ``upstream_reruns``: stages planned to rerun before it (--explain)."""
+    print_ = compute_fingerprint(stage, ctx, track)
+    force = set(force)
+    if ALL in force or stage in force:
+        return Decision(stage, True, ["forced by --force"], print_)
+    if print_ is None:
+        return Decision(stage, True, ["no fingerprint for this stage (no IO table entry): always runs"], None)
+    unknown = sorted(f.name for f in dataclasses.fields(ctx) if f.name not in _KNOWN_CONTEXT | set(IO[stage].options)
+                     and getattr(ctx, f.name) not in (None, False, (), ""))
+    if unknown:
+        return Decision(stage, True, [f"option {', '.join(unknown)} given"], print_)
+    io = IO[stage]
+    reads = {_rel(ctx.rundir, p) for p in _paths(ctx.rundir, io.reads)}
+    upstream = [s for s in upstream_reruns if s in IO and reads & _declared_outputs(ctx.rundir, s)]
+    stamp = read_stamp(ctx.rundir, stage)
+    if upstream:
+        return Decision(stage, True, [f"upstream stage {s} reruns" for s in upstream], print_)
+    if stamp is not None and stamp["fingerprint"] == print_.digest:
+        problem = _outputs_intact(ctx.rundir, stamp.get("outputs", {}))
+        if problem is None and io.registers and track:
+            problem = tracking.registration_missing(stamp.get("result", {}))
+        if problem is None:
+            return Decision(stage, False, [f"unchanged since run {stamp.get('run_id') or '(untracked)'}"], print_,
+                            stamp.get("run_id"), stamp)
+        return Decision(stage, True, [problem], print_)
+    if track:
+        found = _reusable_from_store(ctx, stage, print_)
+        if found is not None:
+            return Decision(stage, False, [f"unchanged since run {found['run_id']} (found in the MLflow store)"], print_,
+                            found["run_id"], found)
+    previous = _previous_components(ctx.rundir, stage)
+    reasons = fp.explain(previous, print_.components)
+    if stamp is None and previous is not None:  # a superseded stamp: the stage started and never finished
+        reasons = ["its last run here did not finish"] + ([] if reasons == ["fingerprint differs"] else reasons)
+    return Decision(stage, True, reasons, print_)
+
+
+def _declared_outputs(rundir: RunDir, stage: str) -> set[str]:
+    names = {_rel(rundir, p) for p in _paths(rundir, IO[stage].writes)}
+    stamp = read_stamp(rundir, stage)
+    return names | set((stamp or {}).get("outputs", {}))
+
+
+def _reusable_from_store(ctx: Context, stage: str, print_: fp.Fingerprint) -> dict | None:
+    try:
+        candidates = tracking.find_stage_runs(ctx.recipe.name, stage, print_.digest)
+    except Exception as e:  # the store is a convenience here, never a reason to fail
+        log.debug("store lookup failed: %s", e)
+        return None
+    for run_id, outputs, summary in candidates:
+        if outputs and _outputs_intact(ctx.rundir, outputs) is None:
+            return {"stage": stage, "run_id": run_id, "fingerprint": print_.digest, "components": print_.components,
+                    "outputs": outputs, "summary": summary, "result": {}, "seconds": 0.0, "reused_from_store": True}
+    return None
+
+
+def plan(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str, ...] = STAGES, track: bool = True,
+         device: str | None = None, force: Iterable[str] = (), init_from: str | None = None) -> list[Decision]:
+    """What `pipeline run` would do, per stage, without running anything (``--explain``)."""
+    rundir = rundir or default_rundir(recipe)
+    ctx = Context(recipe, rundir, device, init_from=init_from)
+    if track:
+        tracking.configure()
+    decisions: list[Decision] = []
+    for stage in _check_stages(stages):
+        d = decide(stage, ctx, track=track, force=force, upstream_reruns=[x.stage for x in decisions if x.run])
+        decisions.append(d)
+    return decisions
+
+
+def _check_stages(stages: Iterable[str]) -> list[str]:
+    stages = list(stages)
+    unknown = [s for s in stages if s not in RUNNERS]
+    if unknown:
+        raise StageError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
+    return stages
+
+
+# ---------------------------------------------------------------- the run directory lock and state
+
+@contextlib.contextmanager
+def locked(rundir: RunDir) -> Iterator[None]:
+    """Hold the run directory for this process, or refuse with who holds it."""
+    import fcntl
+
+    rundir.ensure()
+    if secondary_rank():
+        yield
+        return
+    fd = os.open(rundir.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise StageError(f"run directory {rundir.root} is in use by another pipeline ({holder}); wait for it "
+                             "to finish, or pass --workdir DIR to run in another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+def read_state(rundir: RunDir) -> dict | None:
+    try:
+        return json.loads(rundir.state.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def recover_stale(rundir: RunDir, track: bool) -> list[str]:
+    """Call with the lock held. A state still "running" means its process died without cleaning up
+    (SIGKILL, power loss): mark it killed, and its RUNNING MLflow runs KILLED. Returns the run ids marked."""
+    state = read_state(rundir)
+    marked: list[str] = []
+    if secondary_rank():
+        return marked
+    if state is not None and state.get("status") == "running":
+        log.warning("the pipeline run of %s (pid %s, started %s) died without finishing; marking it killed",
+                    rundir.root, state.get("pid"), state.get("started"))
+        state.update(status="killed", ended=_now(), note="found dead by a later run: lock free while running")
+        write_json(rundir.state, state)
+        if track and state.get("tracking_uri") == tracking.tracking_uri():
+            ids = [state.get("parent_run_id"), *state.get("stage_runs", {}).values()]
+            marked += tracking.mark_killed([i for i in ids if i], reason=f"pid {state.get('pid')} died (found by pid {os.getpid()})")
+    if track:
+        marked += tracking.mark_killed_by_rundir(str(rundir.root.resolve()), socket.gethostname(),
+                                                 reason=f"lock of {rundir.root} free while the run said RUNNING")
+    return marked
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) so runs end KILLED; Ctrl-C already raises one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _State:
+    """pipeline.json, rewritten atomically as the pipeline goes."""
+
+    def __init__(self, rundir: RunDir, **fields: Any):
+        self.rundir = rundir
+        self.data = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                     "stage_runs": {}, "current_stage": None, **fields}
+        self.save()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def stage_run(self, stage: str, run_id: str | None) -> None:
+        if run_id:
+            self.data["stage_runs"][stage] = run_id
+        self.update(current_stage=stage)
+
+    def save(self) -> None:
+        if not secondary_rank():
+            write_json(self.rundir.state, self.data)
+
+
+# ---------------------------------------------------------------- running
+
+def _execute(stage: str, ctx: Context, tracker, decision: Decision, track: bool) -> Outcome:
+    log.info("▶ %s (%s)", stage, "; ".join(decision.reasons))
+    _supersede_stamp(ctx.rundir, stage)  # a stage killed mid-way leaves no stamp to reuse
+    before = _snapshot(ctx.rundir)
     t0 = time.perf_counter()
     result = RUNNERS[stage](ctx, tracker)
     seconds = time.perf_counter() - t0
-    if not distributed.is_main():  # under torchrun only rank 0 writes files
+    if not distributed.is_main():  # under torchrun only rank 0 records and writes files
         return Outcome(stage, "done", seconds, result.summary(), None)
-    write_json(ctx.rundir.result(stage), {"stage": stage, "run_id": tracker.run_id, "seconds": seconds,
-                                          "result": result.__dict__})
-    outcome = Outcome(stage, "done", seconds, result.summary(), tracker.run_id)
+    outputs = _record_outputs(stage, ctx.rundir, before)
+    stamp = {"stage": stage, "run_id": tracker.run_id, "seconds": seconds, "result": result.__dict__,
+             "summary": result.summary(), "finished": _now(), "experiment": ctx.recipe.name,
+             "tracking_uri": tracking.tracking_uri() if track else None, "outputs": outputs}
+    if decision.fingerprint is not None:
+        # The code may have changed while it ran (an edit mid-run): record what it started with.
+        stamp.update(fingerprint=decision.fingerprint.digest, components=decision.fingerprint.components)
+    if track and stage in IO:
+        io = IO[stage]
+        if io.dataset_context and ctx.rundir.dataset.is_file() and ctx.rundir.data.is_file():
+            tracking.log_dataset_input(ctx.rundir, io.dataset_context)
+        if "data" in io.writes:  # the split itself, so `pipeline promote` finds test data without the run directory
+            tracker.log_artifact(ctx.rundir.data)
+        stamp["models"] = tracking.log_stage_models(ctx.rundir, stage, io.models, io.evaluates,
+                                                    _upstream_models(ctx.rundir, stage),
+                                                    getattr(tracker, "final_metrics", {}))
+        tracker.set_tags({"pipeline.fingerprint": stamp.get("fingerprint", ""),
+                          "pipeline.outputs": json.dumps(outputs, sort_keys=True)[:tracking.MAX_TAG_LENGTH],
+                          "pipeline.summary": stamp["summary"][:500]})
+    if not secondary_rank():
+        write_json(ctx.rundir.result(stage), stamp)
+    outcome = Outcome(stage, "done", seconds, stamp["summary"], tracker.run_id, "; ".join(decision.reasons))
     log.info("✔ %s (%.1f s): %s", stage, seconds, outcome.summary)
     return outcome
 
 
+def _supersede_stamp(rundir: RunDir, stage: str) -> None:
+    """Replace the stamp by one that cannot be reused (no fingerprint) but keeps what the stage last ran
+    with, so --explain can still say what changed after a killed or failed rerun."""
+    path = rundir.result(stage)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    components = old.get("components") if isinstance(old, dict) else None
+    if secondary_rank():
+        return
+    if components:
+        write_json(path, {"stage": stage, "superseded": True, "started": _now(), "components": components})
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _previous_components(rundir: RunDir, stage: str) -> dict | None:
+    try:
+        old = json.loads(rundir.result(stage).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return old.get("components") if isinstance(old, dict) else None
+
+
+def _record_outputs(stage: str, rundir: RunDir, before: dict[str, tuple[int, int]]) -> dict[str, str]:
+    after = _snapshot(rundir)
+    declared = {_rel(rundir, p) for p in _paths(rundir, IO[stage].writes)} if stage in IO else set()
+    changed = {rel for rel, sig in after.items() if before.get(rel) != sig}
+    return {rel: sha256_file(rundir.root / rel) for rel in sorted((declared & set(after)) | changed)}
+
+
+def _upstream_models(rundir: RunDir, stage: str) -> dict[str, str]:
+    """file -> LoggedModel id, from the stamps of the stages before ``stage``."""
+    found: dict[str, str] = {}
+    for s in STAGES[:STAGES.index(stage)] if stage in STAGES else ():
+        found.update((read_stamp(rundir, s) or {}).get("models", {}) or {})
+    return found
+
+
+def _reuse(stage: str, ctx: Context, decision: Decision) -> Outcome:
+    stamp = decision.reuse_stamp or {}
+    if stamp.get("reused_from_store"):
+        write_json(ctx.rundir.result(stage), {k: v for k, v in stamp.items() if k != "reused_from_store"})
+    source = f"run {decision.reuse_run_id}" if decision.reuse_run_id else f"an untracked run ({stamp.get('finished', '?')})"
+    log.info("↺ %s reused from %s (fingerprint %s)", stage, source, decision.fingerprint.digest[:12])
+    return Outcome(stage, "reused", 0.0, stamp.get("summary", ""), decision.reuse_run_id, decision.reasons[0])
+
+
 def run_pipeline(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str, ...] = STAGES,
-                 track: bool = True, device: str | None = None, init_from: str | None = None) -> list[Outcome]:
-    """Run ``stages`` in order; with tracking, one parent MLflow run and a nested run per stage."""
+                 track: bool = True, device: str | None = None, *, force: Iterable[str] = (),
+                 resumes: str | None = None, init_from: str | None = None) -> list[Outcome]:
+    """Run ``stages`` in order, reusing unchanged ones; with tracking, one parent MLflow run and a nested
+    run per stage (a reused stage's run says which run it reuses)."""
     if distributed.world_from_env().distributed:
         raise StageError("`pipeline run` runs one process; under torchrun run the train stage alone: "
                          "`pipeline prepare`, then `torchrun --nproc_per_node N -m pipeline.cli train`, then "
                          "`pipeline evaluate` and the later stages")
+    stages = tuple(_check_stages(stages))
+    force = tuple(force)
+    track = track and not secondary_rank()
     rundir = (rundir or default_rundir(recipe)).ensure()
-    recipe_file = _write_recipe(recipe, rundir)
-    outcomes: list[Outcome] = []
-    if not track:
-        ctx = Context(recipe, rundir, device, init_from=init_from)
-        for stage in stages:
-            try:
-                outcomes.append(_execute(stage, ctx, tracking.NullTracker()))
-            except Exception as e:
-                outcomes.append(Outcome(stage, "failed", summary=str(e).splitlines()[0]))
-                raise PipelineFailed(outcomes, e) from e
-        return outcomes
-
-    env = tracking.environment_tags()
-    with tracking.start_run(recipe.name, "pipeline", tags={**env, "pipeline.kind": "pipeline",
-                                                           "pipeline.stages": ",".join(stages)}) as parent:
-        parent.log_params({f"recipe.{k}": v for k, v in tracking.flatten(recipe.to_dict()).items()})
-        parent.log_artifact(recipe_file)
-        ctx = Context(recipe, rundir, device, pipeline_run_id=parent.run_id, init_from=init_from)
-        log.info("MLflow: pipeline run %s in %s", parent.run_id, tracking.tracking_uri())
-        for stage in stages:
-            try:
-                with tracking.start_run(recipe.name, stage, nested=True,
-                                        tags={"pipeline.stage": stage, "pipeline.parent_run_id": parent.run_id}) as t:
-                    outcomes.append(_execute(stage, ctx, t))
-            except Exception as e:
-                outcomes.append(Outcome(stage, "failed", summary=str(e).splitlines()[0]))
-                parent.set_tags({"pipeline.failed_stage": stage})
-                raise PipelineFailed(outcomes, e) from e
-            parent.log_metrics({f"{stage}_seconds": outcomes[-1].seconds})
-        parent.set_tags({"pipeline.status": "done"})
+    with locked(rundir), _signals_as_interrupts():
+        if track:
+            tracking.configure()
+        recover_stale(rundir, track)
+        recipe_file = _write_recipe(recipe, rundir)
+        state = _State(rundir, kind="pipeline", recipe=recipe.to_dict(), stages=list(stages), device=device,
+                       track=track, tracking_uri=tracking.tracking_uri() if track else None, resumes=resumes,
+                       init_from=init_from,
+                       parent_run_id=None)
+        outcomes: list[Outcome] = []
+        try:
+            if not track:
+                _run_stages(stages, Context(recipe, rundir, device, init_from=init_from), None, state, outcomes, track, force)
+            else:
+                tags = {**tracking.environment_tags(), "pipeline.kind": "pipeline", "pipeline.stages": ",".join(stages),
+                        "pipeline.rundir": str(rundir.root.resolve())}
+                if resumes:
+                    tags["pipeline.resumes"] = resumes
+                with tracking.start_run(recipe.name, "pipeline", tags=tags) as parent:
+                    state.update(parent_run_id=parent.run_id)
+                    if resumes:
+                        tracking.set_run_tags(resumes, {"pipeline.resumed_by": parent.run_id})
+                    parent.log_params({f"recipe.{k}": v for k, v in tracking.flatten(recipe.to_dict()).items()})
+                    parent.log_artifact(recipe_file)
+                    log.info("MLflow: pipeline run %s in %s", parent.run_id, tracking.tracking_uri())
+                    ctx = Context(recipe, rundir, device, pipeline_run_id=parent.run_id, init_from=init_from)
+                    try:
+                        _run_stages(stages, ctx, parent, state, outcomes, track, force)
+                    finally:
+                        parent.set_tags({"pipeline.status": state.data["status"] if state.data["status"] != "running"
+                                         else "done",
+                                         "pipeline.reused": ",".join(o.stage for o in outcomes if o.status == "reused"),
+                                         "pipeline.ran": ",".join(o.stage for o in outcomes if o.status == "done")})
+        except KeyboardInterrupt:
+            state.update(status="killed", ended=_now())
+            raise
+        except PipelineFailed:
+            state.update(status="failed", ended=_now())
+            raise
+        state.update(status="done", ended=_now(), current_stage=None)
     return outcomes
+
+
+def _run_stages(stages, ctx: Context, parent, state: _State, outcomes: list[Outcome], track: bool, force) -> None:
+    for stage in stages:
+        decision = decide(stage, ctx, track=track, force=force)
+        if not decision.run:
+            outcome = _reuse(stage, ctx, decision)
+            if parent is not None:
+                run_id = tracking.record_reused(ctx.recipe.name, stage, parent.run_id, decision.reuse_run_id or "",
+                                                decision.fingerprint.digest, outcome.summary)
+                state.stage_run(stage, run_id)
+            outcomes.append(outcome)
+            continue
+        try:
+            if parent is None:
+                state.stage_run(stage, None)
+                outcomes.append(_execute(stage, ctx, tracking.NullTracker(), decision, track))
+            else:
+                io = IO.get(stage)
+                with tracking.start_run(ctx.recipe.name, stage, nested=True,
+                                        system_metrics=bool(io and io.system_metrics),
+                                        tags={"pipeline.stage": stage, "pipeline.parent_run_id": parent.run_id,
+                                              "pipeline.rundir": str(ctx.rundir.root.resolve()),
+                                              "pipeline.reason": "; ".join(decision.reasons)[:5000],
+                                              **tracking.environment_tags()}) as t:
+                    state.stage_run(stage, t.run_id)
+                    outcomes.append(_execute(stage, ctx, t, decision, track))
+                parent.log_metrics({f"{stage}_seconds": outcomes[-1].seconds})
+        except KeyboardInterrupt:
+            outcomes.append(Outcome(stage, "killed", summary="interrupted"))
+            state.update(status="killed", failed_stage=stage)
+            if parent is not None:
+                parent.set_tags({"pipeline.failed_stage": stage, "pipeline.status": "killed"})
+            raise
+        except Exception as e:
+            outcomes.append(Outcome(stage, "failed", summary=str(e).splitlines()[0] if str(e) else type(e).__name__))
+            state.update(status="failed", failed_stage=stage)
+            if parent is not None:
+                parent.set_tags({"pipeline.failed_stage": stage, "pipeline.status": "failed"})
+            raise PipelineFailed(outcomes, e) from e
+
+
+def resume(rundir: RunDir, track: bool | None = None) -> list[Outcome] | None:
+    """Continue the last failed or killed pipeline run in ``rundir`` with its recorded recipe and stages.
+    Returns None when there is nothing to resume (the last run finished)."""
+    with locked(rundir):
+        recover_stale(rundir, track if track is not None else True)
+    state = read_state(rundir)
+    if state is None or state.get("kind", "pipeline") != "pipeline" or "recipe" not in state:
+        raise StageError(f"no pipeline run to resume in {rundir.root} (no {rundir.state.name}); start one with `pipeline run`")
+    if state.get("status") == "done":
+        return None
+    recipe = recipe_from_dict(state["recipe"])
+    track = state.get("track", True) if track is None else track
+    if track and state.get("tracking_uri") and state["tracking_uri"] != tracking.tracking_uri():
+        log.warning("the run being resumed was tracked in %s; this one goes to %s", state["tracking_uri"],
+                    tracking.tracking_uri())
+    first = next((s for s in state["stages"] if read_stamp(rundir, s) is None), state.get("failed_stage"))
+    log.info("resuming the %s pipeline run %s in %s from stage %s", state.get("status"),
+             state.get("parent_run_id") or "(untracked)", rundir.root, first)
+    return run_pipeline(recipe, rundir, tuple(state["stages"]), track=track, device=state.get("device"),
+                        resumes=state.get("parent_run_id") or None, init_from=state.get("init_from"))
 
 
 def run_stage(stage: str, recipe: Recipe, rundir: RunDir | None = None, track: bool = True,
               device: str | None = None, resume: bool = False, init_from: str | None = None) -> Outcome:
-    """One stage in a run of its own (a `pipeline <stage>` command). Under torchrun only rank 0
-    records in MLflow; the other ranks get a NullTracker."""
+    """One stage in a run of its own (a `pipeline <stage>` command): always runs, and stamps its outputs
+    so a later `pipeline run` can reuse them. Under torchrun only rank 0 records in MLflow."""
+    _check_stages([stage])
+    track = track and not secondary_rank()
     rundir = (rundir or default_rundir(recipe)).ensure()
-    ctx = Context(recipe, rundir, device, pipeline_run_id=None, resume=resume, init_from=init_from)
-    if not track or not distributed.is_main():
-        return _execute(stage, ctx, tracking.NullTracker())
-    with tracking.start_run(recipe.name, stage, tags={**tracking.environment_tags(), "pipeline.stage": stage}) as t:
-        return _execute(stage, ctx, t)
+    with locked(rundir), _signals_as_interrupts():
+        if track:
+            tracking.configure()
+        ctx = Context(recipe, rundir, device, resume=resume, init_from=init_from)
+        decision = Decision(stage, True, [f"`pipeline {stage}` always runs"], compute_fingerprint(stage, ctx, track))
+        if not track:
+            return _execute(stage, ctx, tracking.NullTracker(), decision, track)
+        io = IO.get(stage)
+        with tracking.start_run(recipe.name, stage, system_metrics=bool(io and io.system_metrics),
+                                tags={**tracking.environment_tags(), "pipeline.stage": stage,
+                                      "pipeline.rundir": str(rundir.root.resolve())}) as t:
+            return _execute(stage, ctx, t, decision, track)

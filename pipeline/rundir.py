@@ -80,6 +80,16 @@ class RunDir:
         """ONNX file of a named variant: fp32 is model.onnx, others model.<name>.onnx."""
         return self.root / ("model.onnx" if name == "fp32" else f"model.{name}.onnx")
 
+    def model_tag(self, path: Path) -> str:
+        """The short name a model file goes by (MLflow LoggedModel name, metric suffix): fp32 for
+        model.onnx, the variant for model.<variant>.onnx, the stem for anything else (checkpoint)."""
+        name = Path(path).name
+        if name == "model.onnx":
+            return "fp32"
+        if name.startswith("model.") and name.endswith(".onnx"):
+            return name[len("model."):-len(".onnx")]
+        return name.split(".")[0]
+
     @property
     def variants(self) -> Path:
         return self.root / "variants.json"
@@ -92,6 +102,11 @@ class RunDir:
     @property
     def sensitivity_md(self) -> Path:
         return self.root / "sensitivity.md"
+
+    @property
+    def quantized_variants(self) -> list[Path]:
+        """Every model.<name>.onnx present (the quantized variants; fp32 is model.onnx)."""
+        return sorted(self.root.glob("model.*.onnx"))
 
     # benchmark
     @property
@@ -110,6 +125,23 @@ class RunDir:
     def result(self, stage: str) -> Path:
         """Each stage's Result as JSON, so a later stage run (or command) can read it back."""
         return self.root / "results" / f"{stage}.json"
+
+    # pipeline bookkeeping (pipeline/orchestrate.py): not stage artifacts
+    @property
+    def state(self) -> Path:
+        """The last pipeline run in this directory: recipe, stages, status, MLflow run ids (for --resume)."""
+        return self.root / "pipeline.json"
+
+    @property
+    def lock(self) -> Path:
+        """Held (flock) while a pipeline uses the directory; the kernel frees it when the holder dies."""
+        return self.root / ".pipeline.lock"
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    BOOKKEEPING = ("results", "pipeline.json", ".pipeline.lock", "recipe.yaml")
 
     def ensure(self) -> "RunDir":
         (self.root / "results").mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,362 @@
+"""Questions asked of the record: where did a registered model come from (``lineage``), what differs
+between two runs (``compare``), and is the candidate better than the champion (``promote``).
+
+All three read the MLflow store (through pipeline/tracking.py's configuration) and return plain text
+or plain values; the CLI prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import tracking
+from stages.common import StageError
+
+log = logging.getLogger(__name__)
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    tracking.configure()
+    return MlflowClient()
+
+
+def resolve_version(uri: str):
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the ModelVersion, or a StageError saying why not."""
+    from mlflow.exceptions import MlflowException
+
+    body = uri[len("models:/"):] if uri.startswith("models:/") else ""
+    if not body:
+        raise StageError(f"model URI {uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
+    client = _client()
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = body.partition("/")
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        raise StageError(f"cannot resolve {uri!r} in the store {tracking.tracking_uri()}: {e.message.splitlines()[0]}") from None
+
+
+def _run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _origin(client, run):
+    """A reused stage run stands for the run it reused: follow ``pipeline.reused_from``."""
+    seen = 0
+    while run is not None and run.data.tags.get("pipeline.reused_from") not in (None, "", "untracked") and seen < 10:
+        nxt = _run(client, run.data.tags["pipeline.reused_from"])
+        if nxt is None:
+            break
+        run, seen = nxt, seen + 1
+    return run
+
+
+def stage_runs(client, parent_run_id: str) -> list:
+    run = _run(client, parent_run_id)
+    if run is None:
+        return []
+    children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  order_by=["attributes.start_time ASC"], max_results=200)
+    return list(children)
+
+
+def _download_text(client, run_id: str, path: str) -> str | None:
+    import mlflow
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+            return Path(local).read_text()
+    except Exception:
+        return None
+
+
+def _when(ms: int | None) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ms else "?"
+
+
+# ---------------------------------------------------------------- lineage
+
+def lineage(uri: str) -> str:
+    """The chain from a registered version back to its data: version -> pipeline run -> stage runs ->
+    checkpoint -> dataset digest and source, and the recipe."""
+    client = _client()
+    mv = resolve_version(uri)
+    tags = dict(mv.tags)
+    aliases = ", ".join(getattr(mv, "aliases", []) or []) or "none"
+    lines = [uri,
+             f"registered model {mv.name} version {mv.version} (aliases: {aliases}; variant {tags.get('variant', '?')}; "
+             f"test accuracy {tags.get('test_accuracy', '?')}; onnx sha256 {tags.get('onnx_sha256', '?')[:12]})",
+             f"  description: {mv.description or '(none)'}",
+             f"  source: {mv.source}  logged model {tags.get('logged_model_id', getattr(mv, 'model_id', '') or '?')}"]
+    pipeline_id = tags.get("pipeline_run_id") or ""
+    parent = _run(client, pipeline_id) if pipeline_id else None
+    if parent is None:
+        lines.append(f"  pipeline run: {pipeline_id or '(not recorded)'} not found in this store")
+    else:
+        t = parent.data.tags
+        lines.append(f"  └─ pipeline run {parent.info.run_id} ({parent.info.status}, started {_when(parent.info.start_time)}, "
+                     f"git {t.get('git.commit', '?')[:12]} dirty={t.get('git.dirty', '?')}, host {t.get('host', '?')})")
+        if t.get("pipeline.resumes"):
+            lines.append(f"     resumes pipeline run {t['pipeline.resumes']}")
+        lines.append(f"     run directory {t.get('pipeline.rundir', '?')}")
+        for child in stage_runs(client, parent.info.run_id):
+            origin = _origin(client, child)
+            stage = child.data.tags.get("pipeline.stage", child.info.run_name)
+            how = (f"reused run {origin.info.run_id}" if origin is not None and origin.info.run_id != child.info.run_id
+                   else "ran")
+            lines.append(f"     ├─ {stage:<10} {child.info.run_id} {child.info.status:<8} {how}: "
+                         f"{child.data.tags.get('pipeline.summary', '')}")
+    train_id = tags.get("training_run_id") or ""
+    train = _run(client, train_id) if train_id else None
+    if train is None:
+        lines.append(f"  checkpoint: training run {train_id or '(not recorded)'} not found in this store")
+    else:
+        meta = json.loads(_download_text(client, train_id, "checkpoint.json") or "{}")
+        lines.append(f"  └─ checkpoint from training run {train_id} ({train.info.status}): epoch {meta.get('epoch', '?')}, "
+                     f"val accuracy {meta.get('val_accuracy', '?')}, device {meta.get('train_device', '?')}, "
+                     f"model {meta.get('model', {}).get('family', '?')}")
+        outputs = json.loads(train.data.tags.get("pipeline.outputs", "{}") or "{}")
+        if "checkpoint.pt" in outputs:
+            lines.append(f"     checkpoint.pt sha256 {outputs['checkpoint.pt']}")
+        inputs = getattr(train.inputs, "dataset_inputs", None) or []
+        for di in inputs:
+            ds = di.dataset
+            lines.append(f"     └─ dataset {ds.name} digest {ds.digest} source {_source(ds.source)} "
+                         f"(MLflow dataset input, {', '.join(t.value for t in di.tags) or 'no context'})")
+        if meta.get("dataset_sha256"):
+            lines.append(f"        dataset sha256 {meta['dataset_sha256']} source {meta.get('dataset_source', '?')}")
+    if tags.get("dataset_sha256") and not train:
+        lines.append(f"  dataset sha256 {tags['dataset_sha256']} source {tags.get('dataset_source', '?')}")
+    recipe = _download_text(client, pipeline_id, "recipe.yaml") if parent is not None else None
+    if recipe:
+        lines.append("  recipe (recipe.yaml of the pipeline run):")
+        lines += [f"    {line}" for line in recipe.rstrip().splitlines()]
+    return "\n".join(lines)
+
+
+def _source(source: str) -> str:
+    try:
+        return json.loads(source).get("uri", source)
+    except (json.JSONDecodeError, AttributeError):
+        return source
+
+
+# ---------------------------------------------------------------- compare
+
+def _values(client, run) -> tuple[dict[str, str], dict[str, float]]:
+    """A run's params and metrics; a pipeline run adds each stage run's, prefixed with the stage."""
+    params = dict(run.data.params)
+    metrics = dict(run.data.metrics)
+    if run.data.tags.get("pipeline.kind") == "pipeline":
+        for child in stage_runs(client, run.info.run_id):
+            origin = _origin(client, child) or child
+            stage = child.data.tags.get("pipeline.stage", child.info.run_name)
+            params.update({f"{stage}.{k}": v for k, v in origin.data.params.items()})
+            metrics.update({f"{stage}.{k}": v for k, v in origin.data.metrics.items() if not k.startswith("system/")})
+    return params, metrics
+
+
+def compare(run_a: str, run_b: str, show_all: bool = False) -> str:
+    """Params and metrics that differ between two runs, like `dvc params diff` / `dvc metrics diff`."""
+    client = _client()
+    runs = []
+    for rid in (run_a, run_b):
+        run = _run(client, rid)
+        if run is None:
+            raise StageError(f"run {rid!r} is not in the store {tracking.tracking_uri()}; pass MLflow run ids "
+                             "(the parent `pipeline` run or a stage run)")
+        runs.append(run)
+    (pa, ma), (pb, mb) = _values(client, runs[0]), _values(client, runs[1])
+    rows = [("Param", "RUN_A " + run_a[:8], "RUN_B " + run_b[:8], "")]
+    for key in sorted(set(pa) | set(pb)):
+        a, b = pa.get(key, "-"), pb.get(key, "-")
+        if a != b or show_all:
+            rows.append((key, a, b, ""))
+    param_rows = len(rows) - 1
+    rows.append(("Metric", "", "", "change"))
+    for key in sorted(set(ma) | set(mb)):
+        a, b = ma.get(key), mb.get(key)
+        same = a is not None and b is not None and math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+        if not same or show_all:
+            change = f"{b - a:+.6g}" if a is not None and b is not None else "new" if a is None else "gone"
+            rows.append((key, _fmt(a), _fmt(b), change))
+    metric_rows = len(rows) - 2 - param_rows
+    width = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    out = [f"{runs[0].info.run_name} {run_a}  vs  {runs[1].info.run_name} {run_b}"]
+    for r in rows:
+        if r[0] in ("Param", "Metric"):
+            out.append("")
+        out.append("  ".join(str(c).ljust(width[i]) for i, c in enumerate(r)).rstrip())
+    if not param_rows:
+        out.insert(out.index(next(o for o in out if o.startswith("Metric"))) - 1, "(no params differ)")
+    if not metric_rows:
+        out.append("(no metrics differ)")
+    return "\n".join(out)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.6g}"
+
+
+# ---------------------------------------------------------------- promote
+
+@dataclass(frozen=True)
+class Verdict:
+    candidate: str
+    champion: str | None
+    metric: str
+    higher_is_better: bool
+    candidate_value: float
+    champion_value: float | None
+    samples: int
+    promoted: bool
+    message: str
+
+
+def feed(session, x_raw: np.ndarray) -> np.ndarray:
+    """What an ONNX file wants as input, from raw inputs, by its own metadata: its `preprocessing`
+    (mean/std, float or per channel along axis 1, unless `applied_in_graph`) and `input.dtype`.
+    The one place promote feeds a model; swap for the export lane's helper when it lands."""
+    meta = session.get_modelmeta().custom_metadata_map
+    pre = json.loads(meta.get("preprocessing", "{}") or "{}")
+    dtype = np.dtype(meta.get("input.dtype", "float32"))
+    if pre.get("applied_in_graph"):
+        return x_raw.astype(dtype)
+    mean, std = np.asarray(pre.get("mean", 0.0), np.float64), np.asarray(pre.get("std", 1.0), np.float64)
+    if mean.ndim == 1 and x_raw.ndim > 1:  # one value per channel / feature, along axis 1
+        shape = (1, -1) + (1,) * (x_raw.ndim - 2)
+        mean, std = mean.reshape(shape), std.reshape(shape)
+    return ((x_raw - mean) / std).astype(dtype)
+
+
+def score(session, x_raw: np.ndarray, y: np.ndarray) -> tuple[str, float, bool]:
+    """(metric name, value, higher is better): the task's primary metric (stages.metrics.score)."""
+    name = session.get_inputs()[0].name
+    meta = session.get_modelmeta().custom_metadata_map
+    task = meta.get("task", "classification")
+    fed = [feed(session, x_raw[i:i + 256]) for i in range(0, len(x_raw), 256)]
+    runs = [session.run(None, {name: xb}) for xb in fed]
+    outs = [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
+    try:
+        from stages.metrics import score as task_score  # one primary metric per task
+    except ImportError:
+        task_score = None
+    if task_score is not None:
+        labels = json.loads(meta.get("labels", "null") or "null") or json.loads(meta.get("target_names", "null") or "null")
+        labels = labels or [str(i) for i in range(outs[0].shape[-1] if outs[0].ndim > 1 else 1)]
+        try:
+            if task == "vae":  # the truth of an autoencoder is its (fed) input
+                primary = task_score(task, np.concatenate(fed), outs, labels)["primary"]
+            else:
+                primary = task_score(task, y, outs[0], labels)["primary"]
+            return primary["name"], float(primary["value"]), bool(primary["higher_is_better"])
+        except Exception as e:  # an unexpected signature: fall back to accuracy, the classification metric
+            log.warning("stages.metrics.score failed (%s); comparing accuracy", e)
+    return "accuracy", float((outs[0].argmax(1) == y).mean()), True
+
+
+def _test_split(client, mv, dest: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """The candidate's raw test split: from its run directory when the content hash still matches,
+    else from the data.npz its prepare run logged."""
+    from stages import prepare
+
+    tags = dict(mv.tags)
+    want = tags.get("dataset_sha256", "")
+    candidates: list[Path] = []
+    parent = _run(client, tags.get("pipeline_run_id", "")) if tags.get("pipeline_run_id") else None
+    if parent is not None and parent.data.tags.get("pipeline.rundir"):
+        candidates.append(Path(parent.data.tags["pipeline.rundir"]) / "data.npz")
+    if parent is not None:
+        import mlflow
+
+        for child in stage_runs(client, parent.info.run_id):
+            if child.data.tags.get("pipeline.stage") == "prepare":
+                origin = _origin(client, child) or child
+                try:
+                    candidates.append(Path(mlflow.artifacts.download_artifacts(
+                        run_id=origin.info.run_id, artifact_path="data.npz", dst_path=str(dest))))
+                except Exception:
+                    pass
+    for path in candidates:
+        if not path.is_file():
+            continue
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        if not want or prepare.content_hash(arrays) == want:
+            return arrays["x_test"], arrays["y_test"], str(path)
+    raise StageError(f"cannot find the test split of {mv.name} v{mv.version} (dataset sha256 {want[:12]}): its run "
+                     "directory is gone and its prepare run logged no data.npz; rerun the pipeline")
+
+
+def promote(name: str, force: bool = False) -> Verdict:
+    """Make ``candidate`` the ``champion`` if it is at least as good on the candidate's test split."""
+    import mlflow
+    import onnxruntime as ort
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        cand = client.get_model_version_by_alias(name, "candidate")
+    except MlflowException as e:
+        raise StageError(f"registered model {name!r} has no `candidate` version in {tracking.tracking_uri()} "
+                         f"({e.message.splitlines()[0]}); run the pipeline to register one") from None
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champ = None
+    if champ is not None and champ.version == cand.version:
+        return Verdict(cand.version, champ.version, "", True, math.nan, None, 0, False,
+                       f"{name} v{cand.version} is already the champion")
+    with tempfile.TemporaryDirectory() as tmp:
+        x, y, where = _test_split(client, cand, Path(tmp))
+        results = {}
+        for label, mv in (("candidate", cand), ("champion", champ)):
+            if mv is None:
+                continue
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(Path(tmp) / label)))
+            onnx_file = sorted(local.rglob("*.onnx"))[0]
+            session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+            results[label] = score(session, x, y)
+    metric, cv, higher = results["candidate"]
+    if champ is None:
+        verdict = Verdict(cand.version, None, metric, higher, cv, None, len(y), True,
+                          f"no champion yet: {name} v{cand.version} ({metric} {cv:.4f} on {len(y)} test samples) "
+                          "becomes the champion")
+    else:
+        _, hv, _ = results["champion"]
+        delta = cv - hv if higher else hv - cv  # > 0: the candidate is better
+        points = f"{abs(delta) * 100:.2f} points" if metric == "accuracy" else f"{abs(delta):.4g}"
+        comparison = (f"candidate v{cand.version} {metric} {cv:.4f} vs champion v{champ.version} {hv:.4f} "
+                      f"on the candidate's test split ({len(y)} samples, {where})")
+        if delta < 0 and not force:
+            return Verdict(cand.version, champ.version, metric, higher, cv, hv, len(y), False,
+                           f"refused: {comparison}: the candidate is worse by {points}; pass --force to promote it anyway")
+        word = "better by" if delta > 0 else "equal" if delta == 0 else "worse by"
+        verdict = Verdict(cand.version, champ.version, metric, higher, cv, hv, len(y), True,
+                          f"promoted: {comparison}: {word}{' ' + points if delta else ''}"
+                          + (" (forced)" if delta < 0 else ""))
+    client.set_registered_model_alias(name, "champion", cand.version)
+    client.set_model_version_tag(name, cand.version, "promotion", verdict.message[:5000])
+    if champ is not None:
+        client.set_model_version_tag(name, cand.version, "promoted_over_version", champ.version)
+    return verdict
