@@ -69,7 +69,7 @@ def preprocessing_spec(info: Mapping[str, Any], in_graph: bool) -> dict:
     per_axis = isinstance(mean, (list, tuple)) or isinstance(std, (list, tuple))
     stats = "mean[c] and std[c] per channel/feature (axis 1)" if per_axis else "scalar mean and std"
     formula = "x = (float32(input) - mean) / std"
-    steps = [f"cast {raw_dtype} to float32", f"{formula} ({stats})"]
+    steps = ([] if raw_dtype == "float32" else [f"cast {raw_dtype} to float32"]) + [f"{formula} ({stats})"]
     return {
         "applied_in_graph": bool(in_graph),
         "input_dtype": raw_dtype if in_graph else "float32",
