@@ -203,28 +203,26 @@ def markdown(rows: list[dict], env: dict) -> str:
 
 
 def plot(rows: list[dict], path) -> None:
-    """samples/s per variant (grouped bars) at each batch size, one panel per provider; log scale."""
+    """samples/s per variant (grouped bars) at each batch size, one panel per device (CPU, CUDA); log scale."""
     from stages.metrics import _pyplot, _save
 
     plt = _pyplot()
-    providers = sorted({r["provider"].replace("ExecutionProvider", "").replace("torch-", "") for r in rows})
+    devices = sorted({r["device"] for r in rows})
     batches = sorted({r["batch_size"] for r in rows})
     labels = list(dict.fromkeys(f"{r['variant']} ({r['engine']})" if r["engine"] != "onnxruntime" else r["variant"]
                                 for r in rows))
-    fig, axes = plt.subplots(1, len(providers), figsize=(4 + 2.2 * len(batches) * len(providers), 4), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(devices), figsize=(4 + 2.2 * len(batches) * len(devices), 4), dpi=110, squeeze=False)
     width = 0.8 / max(1, len(labels))
-    for ax, prov in zip(axes[0], providers):
+    for ax, dev in zip(axes[0], devices):
         for j, label in enumerate(labels):
             values = []
             for bs in batches:
-                match = [r for r in rows if r["batch_size"] == bs
-                         and r["provider"].replace("ExecutionProvider", "").replace("torch-", "") == prov
+                match = [r for r in rows if r["batch_size"] == bs and r["device"] == dev
                          and (f"{r['variant']} ({r['engine']})" if r["engine"] != "onnxruntime" else r["variant"]) == label]
                 values.append(match[0]["samples_per_s"] if match else 0.0)
             ax.bar(np.arange(len(batches)) + j * width, values, width, label=label)
         ax.set_xticks(np.arange(len(batches)) + width * (len(labels) - 1) / 2, [str(b) for b in batches])
-        ax.set(xlabel="batch size", ylabel="samples/s (median)", title=prov.upper() if prov in ("cpu", "cuda") else prov,
-               yscale="log")
+        ax.set(xlabel="batch size", ylabel="samples/s (median)", title=dev.upper(), yscale="log")
     axes[0][-1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     _save(fig, path)
