@@ -66,8 +66,8 @@ class Result:
 
 
 def eligible(variants: dict) -> set[str]:
-    """Variants that built and stayed within the accuracy budget."""
-    return {n for n, v in variants.items() if v.get("ok") and v.get("within_budget")}
+    """Variants that built and stayed within the accuracy budget (and that quantize calls eligible, where it says)."""
+    return {n for n, v in variants.items() if v.get("ok") and v.get("within_budget") and v.get("eligible", True)}
 
 
 def serving_provider(rows: list[dict]) -> str:
@@ -86,7 +86,7 @@ def candidates(variants: dict, rows: list[dict], config: Config, provider: str) 
         table.append({"variant": name, "eligible": name in ok, "within_budget": bool(v.get("within_budget")),
                       "ok": bool(v.get("ok")), "accuracy": v.get("accuracy"), "delta_points": v.get("delta_points"),
                       "median_ms": r and r["median_ms"], "p90_ms": r and r.get("p90_ms"),
-                      "samples_per_s": r and r["samples_per_s"]})
+                      "samples_per_s": r and r.get("samples_per_s", r["batch_size"] / (r["median_ms"] / 1e3))})
     return sorted(table, key=lambda c: (not c["eligible"], c["samples_per_s"] is None,
                                         -(c["samples_per_s"] or 0), c["p90_ms"] or 0))
 
