@@ -104,11 +104,12 @@ def _print_benchmark(rundir) -> None:
         return
     rows = json.loads(rundir.benchmark_json.read_text())["rows"]
     table = Table(title=f"benchmark ({rundir.benchmark_md})")
-    for col in ("variant", "provider", "batch", "median ms", "p99 ms", "samples/s"):
-        table.add_column(col, justify="left" if col in ("variant", "provider") else "right")
+    for col in ("variant", "engine", "provider", "batch", "median ms", "p90 ms", "p99 ms", "samples/s", "cold start ms"):
+        table.add_column(col, justify="left" if col in ("variant", "engine", "provider") else "right")
     for r in rows:
-        table.add_row(r["variant"], r["provider"], str(r["batch_size"]), f"{r['median_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                      f"{r['samples_per_s']:,.0f}")
+        table.add_row(r["variant"], r.get("engine", ""), r["provider"], str(r["batch_size"]), f"{r['median_ms']:.3f}",
+                      f"{r.get('p90_ms', 0):.3f}", f"{r['p99_ms']:.3f}", f"{r['samples_per_s']:,.0f}",
+                      f"{r.get('cold_start_ms', 0):.1f}")
     Console().print(table)
 
 

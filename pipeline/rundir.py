@@ -75,6 +75,10 @@ class RunDir:
     def export_report(self) -> Path:
         return self.root / "export.json"
 
+    def onnx_part(self, name: str) -> Path:
+        """An extra file exported from a submodule (ExportSpec.parts), e.g. encoder.onnx of a VAE."""
+        return self.root / f"{name}.onnx"
+
     # quantize
     def variant(self, name: str) -> Path:
         """ONNX file of a named variant: fp32 is model.onnx, others model.<name>.onnx."""
@@ -116,6 +120,10 @@ class RunDir:
     @property
     def benchmark_md(self) -> Path:
         return self.root / "benchmark.md"
+
+    @property
+    def benchmark_png(self) -> Path:
+        return self.root / "benchmark.png"
 
     # register
     @property

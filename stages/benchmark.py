@@ -1,25 +1,35 @@
 """benchmark: PyTorch eager and every ONNX variant x execution provider x batch size, measured honestly.
 
-Each row is warmed up, then timed call by call (host arrays in, host arrays out, so the GPU is
-synchronized by the copy back) until both a minimum number of calls and a minimum time are reached.
-Median and p99 latency and samples/s are reported with the execution provider the session actually
-used, and the device, library versions and git commit are written next to the numbers.
+For each batch size every contender is created fresh (its cold start: session creation or checkpoint
+load, plus the first inference, is timed), warmed up, and its peak memory taken; then all contenders
+are timed in interleaved rounds (``timing.interleaved``) until each has both a minimum number of calls
+and a minimum time, so the load of a shared machine hits them alike. Rows give median, p90 and p99
+latency, samples/s, cold start and peak memory, with the execution provider each session really used
+(a CUDA request that fell back to CPU is skipped, never reported under a CUDA label), and the device,
+library versions and git commit beside the numbers.
+
+Each variant is fed what its own metadata says (``conversion.onnx_input``): raw input when the
+preprocessing is in the graph, normalized float32 otherwise. PyTorch eager runs the same wrapper the
+fp32 file was exported from (preprocessing and softmax included), on the same input, so both engines
+do the same work.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import os
 import platform
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import numpy as np
 
-from stages import checkpoint, dataset
-from stages.common import git_state, library_versions, read_json, write_json, write_text
-from stages.predictors import CUDA_EP, OrtPredictor, TorchPredictor, cuda_available
+from stages import checkpoint, conversion, dataset, timing
+from stages.common import git_state, library_versions, read_json, require, write_json, write_text
+from stages.predictors import CUDA_EP, IoBindingPredictor, OrtPredictor, TorchPredictor, cuda_available
 
 if TYPE_CHECKING:
     from pipeline.rundir import RunDir
@@ -30,13 +40,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Config:
-    batch_sizes: tuple[int, ...] = (1, 64)
+    # 256: register's default target (the throughput goal); 1: the latency baseline against PyTorch eager.
+    batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
     warmup_runs: int = 20
     min_runs: int = 50
-    min_seconds: float = 1.0  # per row: long enough for a stable median on a noisy 2-core machine
+    min_seconds: float = 1.0  # per row, over all rounds: long enough for a stable median on a noisy 2-core machine
     max_seconds: float = 10.0
+    rounds: int = 3  # interleaved rounds per batch size (1: each row timed in one go)
     devices: Literal["auto", "cpu"] = "auto"  # auto: CPU, plus CUDA when a GPU is usable
     include_torch: bool = True
+    io_binding: bool = True  # on CUDA, also time ONNX Runtime with I/O binding (engine onnxruntime-iobinding)
     threads: int = 0  # intra-op threads for torch and ONNX Runtime alike; 0: torch's default (one per core)
 
     def __post_init__(self) -> None:
@@ -48,6 +61,8 @@ class Config:
             raise ValueError(f"`threads` must be >= 0 (0: one per core), got {self.threads}")
         if not 0 < self.min_seconds <= self.max_seconds:
             raise ValueError(f"`min_seconds` must be > 0 and <= max_seconds, got {self.min_seconds}")
+        if self.rounds < 1:
+            raise ValueError(f"`rounds` must be >= 1, got {self.rounds}")
 
 
 @dataclass(frozen=True)
@@ -61,23 +76,12 @@ class Result:
         return f"{len(self.rows)} rows; batch {best['batch_size']}: {best['variant']} {best['median_ms']:.3f} ms ({where})"
 
 
-def time_calls(fn, x: np.ndarray, config: Config) -> dict:
-    for _ in range(config.warmup_runs):
-        fn(x)
-    times = []
-    start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
-        if (len(times) >= config.min_runs and elapsed >= config.min_seconds) or elapsed >= config.max_seconds:
-            break
-    ms = np.asarray(times) * 1e3
-    median = float(np.median(ms))
-    return {"runs": len(times), "median_ms": median, "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
-            "samples_per_s": len(x) / (median / 1e3)}
+@dataclass(frozen=True)
+class Contender:
+    variant: str
+    engine: str  # torch-eager | onnxruntime | onnxruntime-iobinding
+    device: str  # cpu | cuda
+    make: Callable[[], tuple[object, Callable[[np.ndarray], np.ndarray]]]  # -> (predictor, raw -> fed input)
 
 
 def environment() -> dict:
@@ -97,67 +101,168 @@ def environment() -> dict:
     return env
 
 
+def contenders(config: Config, rundir: "RunDir", variants: dict, devices: list[str], threads: int) -> list[Contender]:
+    fp32_props = conversion.metadata_props(require(rundir.onnx, "export"))
+    pre = json.loads(fp32_props.get("preprocessing", "{}"))
+    softmax = "probabilities" in json.loads(fp32_props.get("output.names", "[]"))
+
+    def torch_eager(dev: str):
+        model, meta = checkpoint.load(rundir.checkpoint)
+        wrapped = conversion.InGraph(model, pre if pre.get("applied_in_graph") else None, softmax,
+                                     len(meta["model"]["input_shape"]) + 1)
+        return TorchPredictor(wrapped, dev), lambda x: conversion.onnx_input(x, fp32_props)
+
+    def ort(path, dev: str, io_binding: bool):
+        predictor = OrtPredictor(path, dev, intra_op_threads=threads)
+        props = predictor.metadata
+        return (IoBindingPredictor(predictor) if io_binding else predictor), lambda x: conversion.onnx_input(x, props)
+
+    out = []
+    for dev in devices:
+        if config.include_torch:
+            out.append(Contender("torch", "torch-eager", dev, lambda dev=dev: torch_eager(dev)))
+        for name, info in variants.items():
+            if not info.get("ok"):
+                continue
+            path = rundir.root / info["file"] if info.get("file") else rundir.variant(name)
+            out.append(Contender(name, "onnxruntime", dev, lambda p=path, d=dev: ort(p, d, False)))
+            if dev == "cuda" and config.io_binding:
+                out.append(Contender(name, "onnxruntime-iobinding", dev, lambda p=path, d=dev: ort(p, d, True)))
+    return out
+
+
+def _gpu_memory_start(device: str):
+    if device != "cuda":
+        return None
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.mem_get_info()[0]
+
+
+def _gpu_memory_mib(device: str, engine: str, free_before) -> float | None:
+    """torch: torch.cuda.max_memory_allocated; ONNX Runtime: the drop in free device memory
+    (cudaMemGetInfo), which includes its CUDA arena."""
+    if device != "cuda":
+        return None
+    import torch
+
+    torch.cuda.synchronize()
+    if engine == "torch-eager":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return max(0.0, (free_before - torch.cuda.mem_get_info()[0]) / 2**20)
+
+
+def measure_batch(config: Config, entries: list[Contender], x_raw: np.ndarray, bs: int) -> tuple[list[dict], list[str]]:
+    """Every contender at one batch size: cold start, warm-up and memory one by one, then interleaved timing."""
+    xb = np.resize(x_raw, (bs, *x_raw.shape[1:]))
+    live, fallbacks = [], []
+    for c in entries:
+        gc.collect()
+        before, gpu_before = timing.reset_peak_rss(), _gpu_memory_start(c.device)
+        t0 = time.perf_counter()
+        predictor, feed = c.make()
+        x = feed(xb)
+        predictor.predict(x)
+        cold_ms = (time.perf_counter() - t0) * 1e3
+        if c.engine != "torch-eager" and c.device == "cuda" and predictor.provider != CUDA_EP:
+            # Requested CUDA, got CPU: never report CPU numbers under a CUDA label.
+            log.warning("skipping %s on CUDA: ONNX Runtime fell back to %s", c.variant, predictor.provider)
+            fallbacks.append(c.variant)
+            continue
+        timing.measure(lambda: predictor.predict(x), warmup=config.warmup_runs, min_runs=0, max_seconds=0)
+        live.append((c, predictor, x, {"cold_start_ms": cold_ms, "peak_rss_mib": timing.peak_rss_delta_mib(before),
+                                       "gpu_mem_mib": _gpu_memory_mib(c.device, c.engine, gpu_before)}))
+    calls = {i: (lambda p=p, x=x: p.predict(x)) for i, (_, p, x, _) in enumerate(live)}
+    times = timing.interleaved(calls, rounds=config.rounds, min_runs=config.min_runs, min_seconds=config.min_seconds,
+                               max_seconds=config.max_seconds)
+    rows = []
+    for i, (c, predictor, x, extra) in enumerate(live):
+        rows.append({"variant": c.variant, "engine": c.engine, "device": c.device, "provider": predictor.provider,
+                     "batch_size": bs, "input_dtype": str(x.dtype), **timing.summarize(times[i], bs), **extra})
+    return rows, fallbacks
+
+
 def markdown(rows: list[dict], env: dict) -> str:
-    lines = [f"# Benchmark\n\nCPU: {env['cpu']} ({env['cpu_count']} cores, {env['threads']} threads per engine){'; GPU: ' + env['gpu'] if 'gpu' in env else ''}; "
-             f"onnxruntime {env.get('onnxruntime-gpu') or env.get('onnxruntime')}, torch {env.get('torch')}, "
-             f"commit {env['git.commit'][:12]}\n",
-             "| variant | engine | provider | batch | median ms | p99 ms | samples/s | runs |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    mem = lambda v: "" if v is None else f"{v:.1f}"
+    lines = [f"# Benchmark\n\nCPU: {env['cpu']} ({env['cpu_count']} cores, {env['threads']} threads per engine)"
+             f"{'; GPU: ' + env['gpu'] if 'gpu' in env else ''}; onnxruntime {env.get('onnxruntime-gpu') or env.get('onnxruntime')}, "
+             f"torch {env.get('torch')}, commit {env['git.commit'][:12]}{' (dirty)' if env.get('git.dirty') == 'True' else ''}\n",
+             f"Latency per call, host arrays in and out; samples/s at the median. Cold start: session creation "
+             f"(torch: checkpoint load) + first inference. Peak RSS: {timing.MEMORY_METHOD}. GPU MiB: "
+             "torch.cuda.max_memory_allocated (torch), drop in free device memory (ONNX Runtime).\n",
+             "| variant | engine | provider | batch | input | median ms | p90 ms | p99 ms | samples/s | cold start ms "
+             "| peak RSS MiB | GPU MiB | runs |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['engine']} | {r['provider']} | {r['batch_size']} | {r['median_ms']:.3f} | "
-                     f"{r['p99_ms']:.3f} | {r['samples_per_s']:,.0f} | {r['runs']} |")
+        lines.append(f"| {r['variant']} | {r['engine']} | {r['provider']} | {r['batch_size']} | {r['input_dtype']} | "
+                     f"{r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['samples_per_s']:,.0f} | "
+                     f"{r['cold_start_ms']:.1f} | {mem(r['peak_rss_mib'])} | {mem(r['gpu_mem_mib'])} | {r['runs']} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path) -> None:
+    """samples/s per variant (grouped bars) at each batch size, one panel per device (CPU, CUDA); log scale."""
+    from stages.metrics import _pyplot, _save
+
+    plt = _pyplot()
+    devices = sorted({r["device"] for r in rows})
+    batches = sorted({r["batch_size"] for r in rows})
+    labels = list(dict.fromkeys(f"{r['variant']} ({r['engine']})" if r["engine"] != "onnxruntime" else r["variant"]
+                                for r in rows))
+    fig, axes = plt.subplots(1, len(devices), figsize=(4 + 2.2 * len(batches) * len(devices), 4), dpi=110, squeeze=False)
+    width = 0.8 / max(1, len(labels))
+    for ax, dev in zip(axes[0], devices):
+        for j, label in enumerate(labels):
+            values = []
+            for bs in batches:
+                match = [r for r in rows if r["batch_size"] == bs and r["device"] == dev
+                         and (f"{r['variant']} ({r['engine']})" if r["engine"] != "onnxruntime" else r["variant"]) == label]
+                values.append(match[0]["samples_per_s"] if match else 0.0)
+            ax.bar(np.arange(len(batches)) + j * width, values, width, label=label)
+        ax.set_xticks(np.arange(len(batches)) + width * (len(labels) - 1) / 2, [str(b) for b in batches])
+        ax.set(xlabel="batch size", ylabel="samples/s (median)", title=dev.upper(), yscale="log")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     tracker.log_params({**config.__dict__, "batch_sizes": ",".join(map(str, config.batch_sizes))})
     variants = read_json(rundir.variants, "quantize")["variants"]
-    x_test, _ = dataset.load(rundir.data, rundir.dataset).split("test")
+    x_raw, _ = dataset.load(rundir.data, rundir.dataset).split("test", normalized=False)
     devices = ["cpu", "cuda"] if config.devices == "auto" and cuda_available() else ["cpu"]
     import torch
 
     # Same thread budget for both engines, or the comparison measures thread counts, not engines.
     threads = config.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    env = {**environment(), "threads": threads}
+    env = {**environment(), "threads": threads, "memory_method": timing.MEMORY_METHOD, "rounds": config.rounds}
+    entries = contenders(config, rundir, variants, devices, threads)
 
-    engines = []  # (variant, engine, device, predictor factory)
-    if config.include_torch:
-        for dev in devices:
-            engines.append(("torch", "torch-eager", dev, lambda dev=dev: TorchPredictor(checkpoint.load(rundir.checkpoint)[0], dev)))
-    for name, info in variants.items():
-        if not info.get("ok"):
-            continue
-        for dev in devices:
-            engines.append((name, "onnxruntime", dev, lambda name=name, dev=dev: OrtPredictor(rundir.variant(name), dev, intra_op_threads=threads)))
-
-    rows, fallbacks = [], []
-    for variant, engine, dev, factory in engines:
-        predictor = factory()
-        provider = predictor.provider
-        if engine == "onnxruntime" and dev == "cuda" and provider != CUDA_EP:
-            # Requested CUDA, got CPU: never report CPU numbers under a CUDA label.
-            log.warning("skipping %s on CUDA: ONNX Runtime fell back to %s", variant, provider)
-            fallbacks.append(variant)
-            continue
-        for bs in config.batch_sizes:
-            x = np.resize(x_test, (bs, *x_test.shape[1:])).astype(np.float32)
-            row = {"variant": variant, "engine": engine, "device": dev, "provider": provider, "batch_size": bs,
-                   **time_calls(predictor.predict, x, config)}
+    rows, fallbacks = [], set()
+    for bs in config.batch_sizes:
+        found, fell_back = measure_batch(config, entries, x_raw, bs)
+        fallbacks.update(fell_back)
+        for row in found:
             rows.append(row)
-            log.info("%-13s %-11s %-22s batch %4d  median %8.3f ms  p99 %8.3f ms  %10.0f samples/s", variant, engine,
-                     provider, bs, row["median_ms"], row["p99_ms"], row["samples_per_s"])
-            key = f"{variant}.{provider.replace('ExecutionProvider', '').lower()}.b{bs}"
-            tracker.log_metrics({f"median_ms.{key}": row["median_ms"], f"p99_ms.{key}": row["p99_ms"],
-                                 f"samples_per_s.{key}": row["samples_per_s"]})
+            log.info("%-13s %-21s %-22s batch %4d  median %8.3f ms  p90 %8.3f ms  %10.0f samples/s  cold %7.1f ms",
+                     row["variant"], row["engine"], row["provider"], bs, row["median_ms"], row["p90_ms"],
+                     row["samples_per_s"], row["cold_start_ms"])
+            engine = "" if row["engine"] == "onnxruntime" else "." + row["engine"]
+            key = f"{row['variant']}{engine}.{row['provider'].replace('ExecutionProvider', '').lower()}.b{bs}"
+            tracker.log_metrics({f"{m}.{key}": row[m] for m in ("median_ms", "p90_ms", "p99_ms", "samples_per_s",
+                                                              "cold_start_ms", "peak_rss_mib") if row[m] is not None})
 
     write_json(rundir.benchmark_json, {"environment": env, "config": config.__dict__, "rows": rows})
     write_text(rundir.benchmark_md, markdown(rows, env))
+    plot(rows, rundir.benchmark_png)
     tracker.set_tags({"benchmark.cpu": env["cpu"], **({"benchmark.gpu": env["gpu"]} if "gpu" in env else {}),
                       "providers.requested": ",".join(sorted({"CUDAExecutionProvider" if d == "cuda" else "CPUExecutionProvider"
                                                               for d in devices})),
-                      "providers.active": ",".join(sorted({r["provider"] for r in rows if r["engine"] == "onnxruntime"})),
-                      "providers.cuda_fallback": ",".join(fallbacks) or "none"})
-    tracker.log_artifact(rundir.benchmark_json)
-    tracker.log_artifact(rundir.benchmark_md)
+                      "providers.active": ",".join(sorted({r["provider"] for r in rows if r["engine"] != "torch-eager"})),
+                      "providers.cuda_fallback": ",".join(sorted(fallbacks)) or "none"})
+    for path in (rundir.benchmark_json, rundir.benchmark_md, rundir.benchmark_png):
+        tracker.log_artifact(path)
     return Result(rows=rows)

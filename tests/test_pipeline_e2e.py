@@ -148,9 +148,10 @@ def test_serve_the_champion_over_http(store, pipeline_run, client):
         params = json.dumps(meta)
         assert "registered_version" in params and "CPUExecutionProvider" in params
 
-        data = np.load(workdir / "data.npz")
-        info = json.loads((workdir / "dataset.json").read_text())
-        x = ((data["x_test"][:3] - info["normalization"]["mean"]) / info["normalization"]["std"]).astype(np.float32)
+        # The served file takes raw pixels (0..16) and normalizes them itself, as its metadata says.
+        props = meta["parameters"]
+        assert json.loads(props["preprocessing"])["applied_in_graph"] is True and props["input.dtype"] == "float32"
+        x = np.load(workdir / "data.npz")["x_test"][:3].astype(np.float32)
         body = {"id": "e2e", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                          "data": x.flatten().tolist()}]}
         r = httpx.post(f"{base}/v2/models/tiny/infer", json=body, timeout=10)

@@ -187,7 +187,7 @@ def test_a_variant_over_budget_is_kept_as_evidence_but_never_registered(outlier_
     assert "budget 0.5 points" in v["reason"]
     rows = [{"variant": n, "engine": "onnxruntime", "provider": "CPUExecutionProvider", "batch_size": 1,
              "median_ms": ms} for n, ms in (("fp32", 1.0), ("int8-static", 0.1))]
-    name, why = register.choose(_report(rd)["variants"], rows, register.Config())
+    name, why = register.choose(_report(rd)["variants"], rows, register.Config(target_batch_size=1))
     assert name == "fp32" and "not eligible: int8-static" in why
     with pytest.raises(StageError, match="not an eligible variant"):
         register.choose(_report(rd)["variants"], rows, register.Config(variant="int8-static"))

@@ -116,9 +116,10 @@ def test_export_is_one_checked_self_describing_file_with_a_dynamic_batch(exporte
 
 def test_exported_model_matches_torch_at_odd_batch(exported):
     model, _ = checkpoint.load(exported.checkpoint)
-    x, _ = dataset.load(exported.data, exported.dataset).split("test")
-    x = x[:37]
-    np.testing.assert_allclose(OrtPredictor(exported.onnx).predict(x), TorchPredictor(model).predict(x), atol=1e-4)
+    data = dataset.load(exported.data, exported.dataset)
+    raw = data.split("test", normalized=False)[0][:37]  # the file takes raw pixels and normalizes them itself
+    np.testing.assert_allclose(OrtPredictor(exported.onnx).predict(raw), TorchPredictor(model).predict(data.normalize(raw)),
+                               atol=1e-4)
 
 
 def test_compare_outputs_reports_every_mismatch_at_once():
@@ -175,16 +176,16 @@ def test_benchmark_covers_torch_and_every_variant_with_the_provider_used(benchma
 
 def _rows(**ms):
     return [{"variant": v, "engine": "onnxruntime", "provider": "CPUExecutionProvider", "batch_size": 1,
-             "median_ms": t} for v, t in ms.items()]
+             "median_ms": t, "p90_ms": t * 1.1, "samples_per_s": 1e3 / t} for v, t in ms.items()]
 
 
 def test_register_picks_the_fastest_variant_within_budget():
     variants = {"fp32": {"ok": True, "within_budget": True}, "int8-static": {"ok": True, "within_budget": True},
                 "int8-dynamic": {"ok": True, "within_budget": False}}
-    name, why = register.choose(variants, _rows(fp32=0.06, **{"int8-static": 0.05, "int8-dynamic": 0.01}),
-                                register.Config())
-    assert name == "int8-static" and "not eligible: int8-dynamic" in why
-    name, _ = register.choose(variants, _rows(fp32=0.04, **{"int8-static": 0.05}), register.Config())
+    at_1 = register.Config(target_batch_size=1)
+    name, why = register.choose(variants, _rows(fp32=0.06, **{"int8-static": 0.05, "int8-dynamic": 0.01}), at_1)
+    assert name == "int8-static" and "not eligible: int8-dynamic (over the accuracy budget)" in why
+    name, _ = register.choose(variants, _rows(fp32=0.04, **{"int8-static": 0.05}), at_1)
     assert name == "fp32"
 
 

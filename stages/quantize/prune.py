@@ -12,6 +12,7 @@ Models with branches (residuals, attention, recurrences) are not a chain and are
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -219,14 +220,19 @@ def make(src: Path, dst: Path, ctx: "Context") -> dict:
     pruned.eval()
 
     props = onnx_props(src)
-    if json.loads(props.get("preprocessing") or "{}").get("applied_in_graph"):
-        raise RuntimeError("the fp32 file has its preprocessing in the graph; the pruned export does not add it yet")
+    # The pruned file takes what the fp32 file takes: the same preprocessing (in the graph or not) and
+    # the same outputs (a softmax beside the logits), so fp32's metadata stays true of it.
+    pre = json.loads(props.get("preprocessing") or "{}")
+    outputs = tuple(json.loads(props.get("output.names") or "[]"))
     spec = models.export_spec(meta["model"]["family"], ctx.task)
+    spec = dataclasses.replace(spec, output_names=outputs or spec.output_names)
+    module = conversion.InGraph(pruned, pre if pre.get("applied_in_graph") else None, "probabilities" in outputs,
+                                len(meta["model"]["input_shape"]) + 1).eval()
     exporter = props.get("export.exporter", "dynamo")
     opset = int(props.get("export.opset", 18))
-    x_val, _ = ctx.data.split("val")
-    conversion.export_onnx(pruned, conversion.torch_example(x_val), dst, spec, opset, exporter)
-    problems, report = conversion.validate(dst, pruned, x_val, spec)
+    x_val = conversion.onnx_input(ctx.data.split("val", normalized=False)[0], props)
+    conversion.export_onnx(module, conversion.torch_example(x_val), dst, spec, opset, exporter)
+    problems, report = conversion.validate(dst, module, x_val, spec)
     if problems:
         raise RuntimeError("pruned export does not reproduce the pruned PyTorch model: " + "; ".join(problems))
     layers = {c.layer: f"{c.before}->{len(c.keep)}" for c in cuts}
