@@ -118,7 +118,7 @@ def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 180
 
 
 def start_ours(onnx: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    cmd = [str(BIN / "pipeline"), "serve", "--model", str(onnx), "--name", MODEL_NAME, "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(onnx), "--name", MODEL_NAME, "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_http(port, "/v2/health/ready", proc)
     return proc
@@ -138,7 +138,7 @@ def start_mlflow(onnx: Path, port: int, store: Path, log: Path) -> subprocess.Po
         mlflow.onnx.log_model(onnx_lib.load(str(onnx)), name="model", input_example=x,
                               signature=infer_signature(x, np.zeros((1, 10), np.float32)))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{run.info.run_id}/model", "--env-manager", "local",
+    cmd = [str(BIN / "mlflow") if (BIN / "mlflow").exists() else (shutil.which("mlflow") or "mlflow"), "models", "serve", "-m", f"runs:/{run.info.run_id}/model", "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port)]
     proc = subprocess.Popen(cmd, cwd=store, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own group: mlflow forks a uvicorn child
