@@ -343,7 +343,9 @@ def main() -> None:
             r = httpx.post(f"http://127.0.0.1:{port}{path}", content=body(check),
                            headers={"content-type": "application/json"}, timeout=30)
             assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:300]}"
-            np.testing.assert_allclose(read(r.content), expected, atol=1e-4, err_msg=f"{name} answers differently")
+            # CUDA convolutions run in TF32 by default: ~1e-3 off the CPU's fp32 logits (seen on an H100).
+            atol = 5e-3 if args.device == "cuda" else 1e-4
+            np.testing.assert_allclose(read(r.content), expected, atol=atol, err_msg=f"{name} answers differently")
         print("both servers answer like in-process ONNX Runtime; driving load "
               f"({args.seconds:g} s per cell after 1 s warm-up)", flush=True)
 
