@@ -331,7 +331,7 @@ def make_session(path: Path, device: Device, intra_op_threads: int = 0):
     """An ONNX Runtime session with providers and threads chosen for serving on this machine."""
     import onnxruntime as ort
 
-    from stages.predictors import ort_providers
+    from stages.predictors import ort_providers, provider_options
 
     opts = ort.SessionOptions()
     cores = os.cpu_count() or 1
@@ -342,7 +342,7 @@ def make_session(path: Path, device: Device, intra_op_threads: int = 0):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # errors only: a provider fallback is reported by us, plainly
     providers = ort_providers(device)
-    session = ort.InferenceSession(str(path), opts, providers=providers)
+    session = ort.InferenceSession(str(path), opts, providers=providers, provider_options=provider_options(providers))
     session.requested_providers = providers  # what we asked for, beside get_providers(): what we got
     return session
 
