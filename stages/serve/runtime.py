@@ -19,7 +19,6 @@ concurrency 1).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, get_args
 
 import numpy as np
+
+from stages.common import sha256_file
 
 from stages.serve.protocol import DataType, ProtocolError, Tensor, format_shape, from_onnx
 
@@ -317,14 +318,6 @@ def lineage_of(props: Mapping[str, str], given: Mapping[str, Any], onnx_sha256: 
         out[key] = str(value)
     out["lineage.onnx_sha256"] = onnx_sha256
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_session(path: Path, device: Device, intra_op_threads: int = 0):
