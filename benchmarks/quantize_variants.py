@@ -33,7 +33,7 @@ def main() -> None:
     import onnx
     import torch
 
-    from pipeline.rundir import RunDir
+    from stages.contract import RunDir
     from stages import benchmark, checkpoint, dataset
     from stages.predictors import OrtPredictor, TorchPredictor
     from stages.quantize import Config, judge, variants

@@ -29,7 +29,7 @@ def main() -> None:
 
     from pipeline.config import load_recipe
     from pipeline.orchestrate import default_rundir, run_pipeline
-    from pipeline.rundir import RunDir
+    from stages.contract import RunDir
 
     recipe = load_recipe(args.recipe, args.overrides)
     rundir = RunDir(Path(args.workdir)) if args.workdir else default_rundir(recipe)

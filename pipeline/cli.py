@@ -75,7 +75,7 @@ def _load(recipe: Path, overrides: Optional[list[str]]):
 
 
 def _rundir(workdir: Optional[Path]):
-    from pipeline.rundir import RunDir
+    from stages.contract import RunDir
 
     return RunDir(workdir) if workdir else None
 
@@ -211,7 +211,7 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
     with _user_errors():
         from pipeline.orchestrate import ALL, PipelineFailed, default_rundir, plan, read_state, run_pipeline
         from pipeline.orchestrate import resume as resume_pipeline
-        from pipeline.rundir import RunDir
+        from stages.contract import RunDir
 
         force_set = tuple(stages or (ALL,)) if force else ()
         try:

@@ -48,7 +48,7 @@ import yaml
 from pipeline import fingerprint as fp
 from pipeline import tracking
 from pipeline.config import Recipe, recipe_from_dict
-from pipeline.rundir import RunDir
+from stages.contract import RunDir
 from stages import benchmark, distributed, evaluate, export, prepare, quantize, register, train
 from stages.common import StageError, sha256_file, write_json, write_text
 

@@ -19,9 +19,10 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Iterator, Mapping
 
 from stages.common import git_state, library_versions
+from stages.contract import NullTracker, Tracker  # noqa: F401 - the conductor hands these to stages
 
 log = logging.getLogger(__name__)
 
@@ -29,48 +30,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer parameter values
 MAX_TAG_LENGTH = 8000  # and longer tag values
 SQLITE_BUSY_TIMEOUT_S = 60  # concurrent pipelines on one sqlite store wait for each other's writes this long
-
-
-class Tracker(Protocol):
-    """What a stage may record. Every method is safe to call on a NullTracker."""
-
-    run_id: str | None
-
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
-    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
-    def log_dataset(self, *, name: str, digest: str, source: str, features: Any, targets: Any, context: str) -> None: ...
-    def register_onnx(self, *, onnx_path: Path, registered_name: str, input_example: Any, output_example: Any,
-                      providers: list[str], description: str, tags: Mapping[str, str]) -> dict | None: ...
-    def set_alias(self, registered_name: str, alias: str, version: str) -> None: ...
-
-
-class NullTracker:
-    """Records nothing: for tests of a single stage and for `--no-track`."""
-
-    run_id: str | None = None
-
-    def log_params(self, params):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        pass
-
-    def log_artifact(self, path, artifact_path=None):
-        pass
-
-    def set_tags(self, tags):
-        pass
-
-    def log_dataset(self, **kwargs):
-        pass
-
-    def register_onnx(self, **kwargs):
-        return None
-
-    def set_alias(self, registered_name, alias, version):
-        pass
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -23,17 +23,15 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Callable, Literal
 
 import numpy as np
 
 from stages import checkpoint, conversion, dataset, timing
 from stages.common import git_state, library_versions, read_json, require, write_json, write_text
 from stages.predictors import CUDA_EP, IoBindingPredictor, OrtPredictor, TorchPredictor, cuda_available
+from stages.contract import RunDir, Tracker
 
-if TYPE_CHECKING:
-    from pipeline.rundir import RunDir
-    from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ reconstructions (reconstructions.png). metrics.json always holds ``task`` and ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -19,10 +19,8 @@ from stages import checkpoint, dataset
 from stages.common import StageError, write_json
 from stages.metrics import plot_confusion, plot_reconstructions, plot_regression, score
 from stages.predictors import TorchPredictor
+from stages.contract import RunDir, Tracker
 
-if TYPE_CHECKING:
-    from pipeline.rundir import RunDir
-    from pipeline.tracking import Tracker
 
 
 @dataclass(frozen=True)

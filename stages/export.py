@@ -23,16 +23,14 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import models
 from stages import checkpoint, conversion, dataset
 from stages.common import PRODUCT_VERSION, StageError, atomic_path, git_state, sha256_file, stamp_onnx, write_json
 from stages.conversion import EXAMPLE_BATCH, EXPORTERS, ValidationError  # noqa: F401  (ValidationError: re-exported)
+from stages.contract import RunDir, Tracker
 
-if TYPE_CHECKING:
-    from pipeline.rundir import RunDir
-    from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 IMAGE_LAYOUTS = ("NCHW", "NCL")

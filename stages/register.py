@@ -15,17 +15,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stages import conversion, dataset, timing
 from stages.common import StageError, read_json, write_json
 from stages.predictors import CPU_EP, CUDA_EP, OrtPredictor, cuda_available
+from stages.contract import RunDir, Tracker
 
-if TYPE_CHECKING:
-    from pipeline.rundir import RunDir
-    from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

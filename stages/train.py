@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import models
 from stages import checkpoint, dataset, distributed, optim
@@ -39,10 +39,8 @@ from stages.common import StageError, seed_everything, write_json
 from stages.losses import compute_loss
 from stages.metrics import PRIMARY, plot_history, score
 from stages.predictors import torch_device
+from stages.contract import RunDir, Tracker
 
-if TYPE_CHECKING:
-    from pipeline.rundir import RunDir
-    from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ def _stage_fixture(stage: str, after: str | None):
     @pytest.fixture(scope="session")
     def fixture(request, tiny_recipe, tmp_path_factory):
         from pipeline.orchestrate import run_stage
-        from pipeline.rundir import RunDir
+        from stages.contract import RunDir
 
         rundir = request.getfixturevalue(after) if after else RunDir(tmp_path_factory.mktemp("run")).ensure()
         run_stage(stage, tiny_recipe, rundir, track=False)
@@ -73,7 +73,7 @@ benchmarked = _stage_fixture("benchmark", "quantized")
 @pytest.fixture
 def copy_of(tmp_path):
     """A private copy of a shared run directory, for tests that damage files."""
-    from pipeline.rundir import RunDir
+    from stages.contract import RunDir
 
     def copy(rundir) -> RunDir:
         dst = tmp_path / "copy"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import models
-from pipeline.rundir import RunDir
-from pipeline.tracking import NullTracker
+from stages.contract import RunDir
+from stages.contract import NullTracker
 from stages import checkpoint, dataset, evaluate, prepare
 from stages.losses import compute_loss
 

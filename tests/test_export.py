@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import models
-from pipeline.tracking import NullTracker
+from stages.contract import NullTracker
 from stages import checkpoint, conversion, dataset, export, register
 from stages.predictors import OrtPredictor, TorchPredictor
 

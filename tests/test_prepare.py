@@ -11,8 +11,8 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline.rundir import RunDir
-from pipeline.tracking import NullTracker
+from stages.contract import RunDir
+from stages.contract import NullTracker
 from stages import dataset, prepare, sources
 from stages.common import StageError
 

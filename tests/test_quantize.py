@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.tracking import NullTracker
+from stages.contract import NullTracker
 from stages import conversion, dataset, quantize, register
 from stages.common import StageError
 from stages.predictors import OrtPredictor
@@ -146,7 +146,7 @@ def outlier_run(prepared, tmp_path_factory):
     """A run directory whose model.onnx is the outlier model (fp32 accuracy = the trained MLP's)."""
     import shutil
 
-    from pipeline.rundir import RunDir
+    from stages.contract import RunDir
 
     rd = RunDir(tmp_path_factory.mktemp("outlier")).ensure()
     for p in (prepared.data, prepared.dataset):

@@ -199,7 +199,7 @@ def test_a_changed_code_library_or_output_file_is_a_miss(retrained, workdir, tmp
     they were when the stage last ran, and an output file since."""
     from pipeline.config import load_recipe
     from pipeline.orchestrate import plan
-    from pipeline.rundir import RunDir
+    from stages.contract import RunDir
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     copy = RunDir(tmp_path / "copy")

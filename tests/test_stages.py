@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 
-from pipeline.rundir import RunDir
-from pipeline.tracking import NullTracker
+from stages.contract import RunDir
+from stages.contract import NullTracker
 from stages import benchmark, checkpoint, conversion, dataset, export, prepare, quantize, register, train
 from stages.common import StageError
 from stages.predictors import OrtPredictor, TorchPredictor

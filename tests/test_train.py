@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import models
-from pipeline.rundir import RunDir
-from pipeline.tracking import NullTracker
+from stages.contract import RunDir
+from stages.contract import NullTracker
 from stages import checkpoint, optim, train
 from stages.common import StageError, write_json
 

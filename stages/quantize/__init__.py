@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import Iterator, Literal
 
 import numpy as np
 
@@ -32,10 +32,8 @@ from stages.common import StageError, atomic_path, require, sha256_file, stamp_o
 from stages.predictors import OrtPredictor
 from stages.quantize import judge
 from stages.quantize.variants import VARIANTS, CalibrationReader, Context, Variant  # noqa: F401 (the table)
+from stages.contract import RunDir, Tracker
 
-if TYPE_CHECKING:
-    from pipeline.rundir import RunDir
-    from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,16 @@
-"""The run directory: the one place artifact file names are defined.
+"""The contract between the conductor and the stages: the run directory's file names and the Tracker.
 
-Stages hand work to each other through these named files (the contract), never by importing each
-other. ``RunDir`` is a plain value the pipeline passes to every stage; stages import nothing from
-``pipeline`` and receive it typed by duck (attributes below).
+The layer that uses an interface owns it. Stages hand work to each other through the named files of
+``RunDir`` (never by importing each other) and report to a ``Tracker``; both are defined here, in
+``stages/``, and the conductor (``pipeline/``) implements and passes them. No stage imports anything
+from ``pipeline``: tests of a single stage pass a ``NullTracker`` and a temporary ``RunDir``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping, Protocol
 
 
 @dataclass(frozen=True)
@@ -154,3 +156,47 @@ class RunDir:
     def ensure(self) -> "RunDir":
         (self.root / "results").mkdir(parents=True, exist_ok=True)
         return self
+
+
+# ---------------------------------------------------------------- what a stage may record
+
+class Tracker(Protocol):
+    """What a stage may record. Every method is safe to call on a NullTracker."""
+
+    run_id: str | None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_dataset(self, *, name: str, digest: str, source: str, features: Any, targets: Any, context: str) -> None: ...
+    def register_onnx(self, *, onnx_path: Path, registered_name: str, input_example: Any, output_example: Any,
+                      providers: list[str], description: str, tags: Mapping[str, str]) -> dict | None: ...
+    def set_alias(self, registered_name: str, alias: str, version: str) -> None: ...
+
+
+class NullTracker:
+    """Records nothing: for tests of a single stage and for `--no-track`."""
+
+    run_id: str | None = None
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+    def log_dataset(self, **kwargs):
+        pass
+
+    def register_onnx(self, **kwargs):
+        return None
+
+    def set_alias(self, registered_name, alias, version):
+        pass
