@@ -168,7 +168,7 @@ def compare(run_a: str, run_b: str, show_all: bool = False) -> str:
     for rid in (run_a, run_b):
         run = _run(client, rid)
         if run is None:
-            raise StageError(f"run {rid!r} is not in the store {tracking.redact(tracking.tracking_uri())}; pass MLflow run ids "
+            raise StageError(f"run {rid!r} is not in the store {tracking.shown_uri()}; pass MLflow run ids "
                              "(the parent `pipeline` run or a stage run)")
         runs.append(run)
     (pa, ma), (pb, mb) = _values(client, runs[0]), _values(client, runs[1])

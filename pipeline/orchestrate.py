@@ -50,8 +50,8 @@ import yaml
 
 from pipeline import fingerprint as fp
 from pipeline import tracking
-from pipeline.tracking import Recorder
 from pipeline.config import Recipe, recipe_from_dict
+from pipeline.tracking import Recorder
 from stages.contract import RunDir
 from stages import benchmark, distributed, evaluate, export, prepare, quantize, register, train
 from stages.common import StageError, sha256_file, write_json, write_text
@@ -280,13 +280,13 @@ def decide(stage: str, ctx: Context, recorder: Recorder, *, force: Iterable[str]
     force = set(force)
     if ALL in force or stage in force:
         return Decision(stage, True, ["forced by --force"], print_)
-    unknown = sorted(f.name for f in dataclasses.fields(ctx) if f.name not in _KNOWN_CONTEXT | set(IO[stage].options)
+    io = IO[stage]
+    unknown = sorted(f.name for f in dataclasses.fields(ctx) if f.name not in _KNOWN_CONTEXT | set(io.options)
                      and getattr(ctx, f.name) not in (None, False, (), ""))
     if unknown:
         return Decision(stage, True, [f"option {', '.join(unknown)} given"], print_)
-    io = IO[stage]
     reads = {_rel(ctx.rundir, p) for p in _paths(ctx.rundir, io.reads)}
-    upstream = [s for s in upstream_reruns if s in IO and reads & _declared_outputs(ctx.rundir, s)]
+    upstream = [s for s in upstream_reruns if reads & _declared_outputs(ctx.rundir, s)]
     stamp = read_stamp(ctx.rundir, stage)
     if upstream:
         return Decision(stage, True, [f"upstream stage {s} reruns" for s in upstream], print_)
@@ -492,7 +492,7 @@ def _record_outputs(stage: str, rundir: RunDir, before: dict[str, tuple[int, int
 def _upstream_models(rundir: RunDir, stage: str) -> dict[str, str]:
     """file -> LoggedModel id, from the stamps of the stages before ``stage``."""
     found: dict[str, str] = {}
-    for s in STAGES[:STAGES.index(stage)] if stage in STAGES else ():
+    for s in STAGES[:STAGES.index(stage)]:
         found.update((read_stamp(rundir, s) or {}).get("models", {}) or {})
     return found
 
@@ -524,13 +524,11 @@ def run_pipeline(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str
         state = _State(rundir, kind="pipeline", recipe=recipe.to_dict(), stages=list(stages), device=device,
                        track=recorder.store is not None, tracking_uri=recorder.store, resumes=resumes,
                        init_from=init_from, parent_run_id=None)
-        outcomes: list[Outcome] = []
         try:
             with recorder.pipeline(recipe.to_dict(), stages, recipe_file, resumes) as parent_run_id:
                 state.update(parent_run_id=parent_run_id)
                 ctx = Context(recipe, rundir, device, pipeline_run_id=parent_run_id, init_from=init_from)
-                for stage in stages:
-                    outcomes.append(_pipeline_stage(stage, ctx, recorder, state, force, outcomes))
+                outcomes = _run_stages(stages, ctx, recorder, state, force)
         except KeyboardInterrupt:
             state.update(status="killed", ended=_now())
             raise
@@ -541,30 +539,36 @@ def run_pipeline(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str
     return outcomes
 
 
-def _pipeline_stage(stage: str, ctx: Context, recorder: Recorder, state: _State, force: tuple[str, ...],
-                    outcomes: list[Outcome]) -> Outcome:
-    """One stage of a pipeline: decide (reuse or run) -> run -> stamp. A failure or an interrupt is
-    recorded (``outcomes``, pipeline.json, the recorder) on its way out."""
-    try:
-        decision = decide(stage, ctx, recorder, force=force)
-        if not decision.run:
-            outcome = _reuse(stage, ctx, decision)
-            state.stage_run(stage, recorder.reused(stage, decision.reuse_run_id, decision.fingerprint.digest,
-                                                   outcome.summary))
-            return outcome
-        with recorder.stage(stage, decision.reasons, system_metrics=IO[stage].system_metrics) as tracker:
-            state.stage_run(stage, tracker.run_id)
-            return _execute(stage, ctx, tracker, decision, recorder)
-    except KeyboardInterrupt:
-        outcomes.append(Outcome(stage, "killed", summary="interrupted"))
-        state.update(status="killed", failed_stage=stage)
-        recorder.killed(stage)
-        raise
-    except Exception as e:
-        outcomes.append(Outcome(stage, "failed", summary=str(e).splitlines()[0] if str(e) else type(e).__name__))
-        state.update(status="failed", failed_stage=stage)
-        recorder.failed(stage)
-        raise PipelineFailed(outcomes, e) from e
+def _run_stages(stages: tuple[str, ...], ctx: Context, recorder: Recorder, state: _State,
+                force: tuple[str, ...]) -> list[Outcome]:
+    """The stages in order. A failure or an interrupt is recorded (pipeline.json, the recorder) on its way out."""
+    outcomes: list[Outcome] = []
+    for stage in stages:
+        try:
+            outcomes.append(_run_or_reuse(stage, ctx, recorder, state, force))
+        except KeyboardInterrupt:
+            outcomes.append(Outcome(stage, "killed", summary="interrupted"))
+            state.update(status="killed", failed_stage=stage)
+            recorder.killed(stage)
+            raise
+        except Exception as e:
+            outcomes.append(Outcome(stage, "failed", summary=str(e).splitlines()[0] if str(e) else type(e).__name__))
+            state.update(status="failed", failed_stage=stage)
+            recorder.failed(stage)
+            raise PipelineFailed(outcomes, e) from e
+    return outcomes
+
+
+def _run_or_reuse(stage: str, ctx: Context, recorder: Recorder, state: _State, force: tuple[str, ...]) -> Outcome:
+    """Decide (reuse or run) -> run -> stamp."""
+    decision = decide(stage, ctx, recorder, force=force)
+    if not decision.run:
+        outcome = _reuse(stage, ctx, decision)
+        state.stage_run(stage, recorder.reused(stage, decision.reuse_run_id, decision.fingerprint.digest, outcome.summary))
+        return outcome
+    with recorder.stage(stage, decision.reasons, system_metrics=IO[stage].system_metrics) as tracker:
+        state.stage_run(stage, tracker.run_id)
+        return _execute(stage, ctx, tracker, decision, recorder)
 
 
 def resume(rundir: RunDir, track: bool | None = None) -> list[Outcome] | None:

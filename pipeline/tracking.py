@@ -54,6 +54,21 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def redact(uri: str) -> str:
+    """``uri`` with the password of a ``user:password@`` part replaced by ``***``: safe to print and record."""
+    scheme, sep, rest = uri.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return uri
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
+def shown_uri() -> str:
+    """The store's URI as messages, logs and records show it: its password redacted."""
+    return redact(tracking_uri())
+
+
 def _sqlite_dir(uri: str) -> Path | None:
     """Directory of a sqlite store's database file; artifacts go beside it."""
     if not uri.startswith("sqlite:///"):
@@ -633,16 +648,6 @@ REGISTER_FIX = ("run `make all` (or `pipeline run`) to register a model, or poin
                 "store that holds it")
 
 
-def redact(uri: str) -> str:
-    """``uri`` with the password of a ``user:password@`` part replaced by ``***``: safe to print and record."""
-    scheme, sep, rest = uri.partition("://")
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, host = netloc.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return uri
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
-
-
 @dataclass(frozen=True)
 class ResolvedModel:
     """What a model URI names in the store, before anything is downloaded."""
@@ -668,7 +673,7 @@ def resolve_model(uri: str) -> ResolvedModel:
     newest, perhaps not yet gated?) is the caller's decision, and the message lists the choices.
     Anything unresolvable is a StageError naming the URI, the store (password redacted) and the fix.
     """
-    store = redact(tracking_uri())
+    store = shown_uri()
 
     def fail(why: str, fix: str = REGISTER_FIX) -> StageError:
         return StageError(f"cannot resolve {uri!r} in the store {store}: {why}; {fix}")
@@ -797,7 +802,7 @@ def fetch_model(uri: str, dest: Path | None = None) -> RegisteredOnnx:
 
     ref = resolve_model(uri)
     dest = Path(dest or tempfile.mkdtemp(prefix="onnx-pipeline-model-"))
-    store = redact(tracking_uri())
+    store = shown_uri()
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.artifact_uri, dst_path=str(dest)))
     except Exception as e:  # the store said it exists; its artifact store could not deliver it
@@ -823,7 +828,7 @@ def download_checkpoint(run_id: str, dest: Path) -> Path:
     import mlflow
 
     configure()
-    store = redact(tracking_uri())
+    store = shown_uri()
     client = _client()
     run = _get_run(client, run_id, lambda why, fix: StageError(
         f"{why} in the store {store}; pass a checkpoint path or the id of a train run (see `make ui`)"))
