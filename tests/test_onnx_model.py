@@ -227,8 +227,8 @@ def test_a_file_that_does_not_say_how_to_feed_it_is_refused_everywhere_with_one_
     assert (code, text.strip()) == (1, f"error: {MISSING}")
 
 
-def test_promote_refuses_a_candidate_that_does_not_say_how_to_feed_it(stripped, tmp_path, monkeypatch):
-    """A real registry (a temporary sqlite store): the candidate version's files are the stripped model."""
+def test_promote_refuses_a_candidate_that_does_not_say_how_to_feed_it(stripped, tmp_path):
+    """A real registry (the session's temporary store): the candidate version's file is the stripped model."""
     from mlflow.tracking import MlflowClient
 
     from pipeline import lineage, tracking
@@ -236,19 +236,15 @@ def test_promote_refuses_a_candidate_that_does_not_say_how_to_feed_it(stripped, 
     model_dir = tmp_path / "registered"
     model_dir.mkdir()
     shutil.copy(stripped.onnx, model_dir / "model.onnx")
-    try:
-        with monkeypatch.context() as env:
-            env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/store/mlflow.db")
-            tracking.configure()
-            client = MlflowClient()
-            run = client.create_run(client.create_experiment("promote"), tags={"pipeline.rundir": str(stripped.root)})
-            client.create_registered_model("stripped")
-            version = client.create_model_version("stripped", source=str(model_dir), run_id=run.info.run_id,
-                                                  tags={"pipeline_run_id": run.info.run_id}).version
-            client.set_registered_model_alias("stripped", "candidate", version)
-            with pytest.raises(StageError) as e:
-                lineage.promote("stripped")
-            assert str(e.value) == MISSING
-            assert "champion" not in client.get_registered_model("stripped").aliases
-    finally:
-        tracking.configure()  # back to the session's store
+    tracking.configure()
+    client = MlflowClient()
+    run = client.create_run(tracking.experiment_id("onnx-model-promote"), tags={"pipeline.rundir": str(stripped.root)})
+    name = f"stripped-{run.info.run_id[:8]}"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=str(model_dir), run_id=run.info.run_id,
+                                          tags={"pipeline_run_id": run.info.run_id}).version
+    client.set_registered_model_alias(name, "candidate", version)
+    with pytest.raises(StageError) as e:
+        lineage.promote(name)
+    assert str(e.value) == MISSING
+    assert "champion" not in client.get_registered_model(name).aliases
