@@ -149,12 +149,12 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     x_train = data.split("train", normalized=False)[0]
     calibration = fp32.feed(x_train[np.random.default_rng(0).permutation(len(x_train))[:config.calibration_samples]])
 
-    def score(path, x, y) -> dict:
+    def score_variant(path, x, y) -> dict:
         """A variant takes what fp32 takes and means what it means: judged with fp32's metadata (its own
         is stamped only once it has passed)."""
         return OnnxModel.open(path, props=props).score(x, y)
 
-    judge_val = lambda path: judge.verdict(task, fp32_val, score(path, x_val, y_val),  # noqa: E731
+    judge_val = lambda path: judge.verdict(task, fp32_val, score_variant(path, x_val, y_val),  # noqa: E731
                                            config.accuracy_budget, config.relative_budget)
     ctx = Context(config=config, task=task, family=fp32.meta.family,
                   fp32=onnx.load(str(rundir.onnx), load_external_data=False), calibration=calibration,
@@ -185,7 +185,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
                     problems = check_variant(tmp, fp32, test_feeds)
                     if problems:
                         raise StageError("; ".join(problems))
-                    metric = score(tmp, x_test, y_test)
+                    metric = score_variant(tmp, x_test, y_test)
                     v = judge.verdict(task, fp32_test, metric, config.accuracy_budget, config.relative_budget)
                     # The file says what it is: fp32's metadata (labels, input, lineage), then the variant's.
                     stamp_onnx(tmp, {**props, **variant_props(name, variant, metric, v, info)})
