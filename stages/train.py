@@ -326,6 +326,7 @@ def setup(config: Config, rundir: "RunDir", tracker: "Tracker", *, world: distri
         raise StageError(f"train.augment_shift needs images (N, C, H, W); this dataset's inputs are "
                          f"{x_train.shape[1:]}: set train.augment_shift=0")
     resident = _resident(config.data_path, device, x_train.nbytes + y_train.nbytes + x_val.nbytes)
+    # channels_last (NHWC): cuDNN's convolution kernels run without layout transposes.
     channels_last = image and (config.channels_last == "on" or (config.channels_last == "auto" and cuda))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     precision, autocast = _precision(config.precision, cuda)
