@@ -7,10 +7,10 @@ the exporter never saw, so a batch axis baked in as a constant fails. All mismat
 once, each with its max absolute difference; if any file of the model fails, the stage fails and
 nothing is written.
 
-For image inputs (layout NCHW or NCL with a known raw value range) the preprocessing goes into the
-graph by default: the file takes the raw input the user has (digits: float32 intensities 0..16; IDX
-data: uint8) and does the cast and the normalization itself; the check then runs on raw inputs
-against the same wrapper in PyTorch. A VAE's encoder and decoder (``ExportSpec.parts``) are exported
+For images and signals (layout NCHW or NCL with a known raw value range) the preprocessing goes
+into the graph by default: the file takes the raw input the user has (digits: float32 intensities
+0..16; IDX data: uint8) and does the cast and the normalization itself; the check then runs on raw
+inputs against the same wrapper in PyTorch. A VAE's encoder and decoder (``ExportSpec.parts``) are exported
 and checked the same way beside model.onnx. Each file carries its task, labels, exact input
 description, preprocessing, outputs, metrics and lineage in ``metadata_props`` so an app can use it
 without this project.
@@ -94,13 +94,6 @@ def wants_preprocessing(config: Config, info: dict) -> bool:
     return info.get("input_layout") in IMAGE_LAYOUTS and info.get("value_range") is not None
 
 
-def export_spec(family: str, task: str) -> "models.ExportSpec":
-    """The family's export spec with the output names of the task (models.export_spec where it exists)."""
-    if hasattr(models, "export_spec"):
-        return models.export_spec(family, task)
-    return models.family(family).export
-
-
 def metadata(meta: dict, info: dict, task: str, input_name: str, input_shape: list, output_names: list[str],
              pre: Preprocessing, outcome: dict, opset: int, test_metrics: dict | None, part: str | None = None,
              takes_model_input: bool = True) -> dict[str, str]:
@@ -156,7 +149,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     data = dataset.load(rundir.data, rundir.dataset)
     task = meta.get("task") or data.info.get("task") or "classification"
     family = meta["model"]["family"]
-    spec = export_spec(family, task)
+    spec = models.export_spec(family, task)
     if config.softmax_output and task != "classification":
         raise StageError(f"export.softmax_output needs a classification model; this one's task is {task!r}. "
                          "Set export.softmax_output=false")
@@ -175,7 +168,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     jobs = [("model", rundir.onnx, conversion.InGraph(model, pre, config.softmax_output,
                                                       len(input_shape) + 1),
              x, dataclasses.replace(spec, output_names=tuple(main_outputs)), spec.input_name, [batch, *input_shape])]
-    for part in getattr(spec, "parts", ()):
+    for part in spec.parts:
         sub = getattr(model, part.attribute)
         if part.input_name == spec.input_name:  # takes the model's input: same preprocessing, same inputs
             jobs.append((part.name, rundir.onnx_part(part.name),

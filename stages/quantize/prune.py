@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stages.losses import compute_loss
+
 if TYPE_CHECKING:
     from stages.quantize.variants import Context
 
@@ -173,9 +175,9 @@ def apply(model, cuts: list[Cut]):
 
 
 def fine_tune(model, x: np.ndarray, y: np.ndarray, task: str, epochs: int, lr: float, seed: int = 0) -> list[float]:
-    """A few epochs of AdamW on the training split (seeded); returns the mean loss per epoch."""
+    """A few epochs of AdamW on the training split (seeded), with the train stage's loss
+    (``stages.losses.compute_loss``, no label smoothing); returns the mean loss per epoch."""
     import torch
-    import torch.nn.functional as F
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -187,8 +189,7 @@ def fine_tune(model, x: np.ndarray, y: np.ndarray, task: str, epochs: int, lr: f
         order, total = torch.randperm(len(xt), generator=gen), 0.0
         for i in range(0, len(order), 64):
             idx = order[i:i + 64]
-            out = model(xt[idx])
-            loss = F.cross_entropy(out, yt[idx]) if task == "classification" else F.mse_loss(out, yt[idx].reshape(out.shape))
+            loss, _ = compute_loss(task, model(xt[idx]), yt[idx], sync=False)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
