@@ -1,6 +1,7 @@
 """serve: a KServe v2 / Open Inference Protocol REST server over ONNX Runtime, with dynamic batching.
 
-Transport, runtime and batching live apart (ARCHITECTURE rule 7):
+Transport, runtime and batching live apart, as in MLServer: the routes only translate HTTP, the
+runtime owns the sessions, the batcher wraps the runtime's ``run``. The modules:
 
 - ``protocol``: the v2 JSON schemas and tensor codec, JSON and binary (no HTTP, no sessions),
 - ``runtime``: ONNX Runtime sessions (providers, threads, I/O binding, warm-up), the recipe's
