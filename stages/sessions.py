@@ -166,7 +166,7 @@ def create_session(path: Path | str, settings: SessionSettings = SessionSettings
     session = ort.InferenceSession(str(path), settings.session_options(), providers=providers,
                                    provider_options=provider_options(providers))
     if CUDA_EP in providers and CUDA_EP not in session.get_providers():
-        log.warning("CUDA was requested for %s but ONNX Runtime runs it on %s (CUDA/cuDNN libraries not found: "
-                    "%s); its numbers are CPU numbers", path.name, session.get_providers()[0],
-                    cuda_problem() or "the CUDA provider failed to start")
+        log.warning("CUDA was requested for %s but ONNX Runtime runs it on %s (%s); what it measures or serves "
+                    "is CPU work", path.name, session.get_providers()[0],
+                    cuda_problem() or "the CUDA provider did not start: CUDA/cuDNN libraries not found?")
     return session
