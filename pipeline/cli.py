@@ -304,9 +304,9 @@ def serve(
         "--model-repository", help="A Triton-layout directory: <repo>/<model>/<version>/model.onnx (+ config.pbtxt).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in the v2 API, with a single --model "
                                                 "[default: registered name or file stem].")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Bind address [default: the recipe's serve.host, 127.0.0.1].")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port [default: the recipe's serve.port, 8000].")] = None,
-    device: Annotated[Optional[Device], typer.Option(help="ONNX Runtime device [default: the recipe's serve.device].")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address [default: the recipe's serve.transport.host, 127.0.0.1].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port [default: the recipe's serve.transport.port, 8000].")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="ONNX Runtime device [default: the recipe's serve.runtime.device].")] = None,
     require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Refuse to start unless ONNX Runtime really "
                                               "runs on CUDA (it falls back to CPU silently otherwise).")] = False,
     recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None,
