@@ -35,14 +35,16 @@ def main() -> None:
 
     from stages.contract import RunDir
     from stages import benchmark, checkpoint, dataset
+    from stages.onnx_model import OnnxModel
     from stages.predictors import OrtPredictor, TorchPredictor
-    from stages.quantize import Config, judge, variants
+    from stages.quantize import Config, variants
 
     rd = RunDir(args.workdir)
     report = json.loads(rd.variants.read_text())
     data = dataset.load(rd.data, rd.dataset)
-    props = judge.onnx_props(rd.onnx)
-    x_test = judge.model_input(props, data, "test")
+    fp32 = OnnxModel.open(rd.onnx)
+    raw_test, y_test = data.split("test", normalized=False)
+    x_test = fp32.feed(raw_test)[fp32.meta.input.name]
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     timing = benchmark.Config(batch_sizes=tuple(args.batch_sizes), warmup_runs=20, min_runs=30,
@@ -78,15 +80,14 @@ def main() -> None:
         "reduce_range": {"reduce_range": True},
         "qoperator format": {"static_format": "qoperator"},
     }
-    x_cal = judge.model_input(props, data, "train")[:512]
-    y_test = data.split("test")[1]
+    x_cal = fp32.feed(data.split("train", normalized=False)[0][:512])
     print(f"\n| int8-static option | {report['metric']} | " + " | ".join(f"b{bs} ms" for bs in args.batch_sizes) + " |\n|"
           + "---|" * (len(args.batch_sizes) + 2))
     with tempfile.TemporaryDirectory() as tmp, variants.preprocessed(rd.onnx) as pre:
         for label, change in options.items():
             cfg = dataclasses.replace(base, **change)
             ctx = variants.Context(config=cfg, task=report["task"], family="", fp32=onnx.load(str(rd.onnx)),
-                                   calibration=x_cal, judge_val=None, val_input=None)
+                                   calibration=x_cal, judge_val=None)
             path = Path(tmp) / f"{len(label)}.onnx"
             variants.static_quantize(pre, path, ctx, [])
             paths = {label: path}
@@ -95,7 +96,7 @@ def main() -> None:
                 variants.make_optimized(path, opt, dataclasses.replace(ctx, config=dataclasses.replace(cfg, optimization_level="extended")))
                 paths["default + optimized (extended) saved"] = opt
             for lab, p in paths.items():
-                acc = judge.evaluate(p, report["task"], x_test, y_test, data.labels)["value"]
+                acc = OnnxModel.open(p, props=fp32.meta.props).score(raw_test, y_test)["value"]
                 ms = times(OrtPredictor(p, device="cpu", intra_op_threads=threads).predict)
                 print(f"| {lab} | {acc:.4f} | " + " | ".join(f"{ms[bs]:.3f}" for bs in args.batch_sizes) + " |")
 

@@ -1,8 +1,9 @@
 """Model registry: family name -> builder, config class, export spec and the tasks it supports.
 
-A model family is one file in this package with an ``nn.Module``, its frozen ``Config`` and an
-``ExportSpec``. Nothing here does I/O or training: the stages build models through ``build`` and
-rebuild them from a checkpoint's plain-dict description through ``rebuild``.
+A model family is one file in this package with its frozen ``Config`` and a ``build`` function (an
+``nn.Module`` of its own, or an ``nn.Sequential``), plus its row in ``FAMILIES`` below: the
+``ExportSpec``, the tasks and the input layouts. Nothing here does I/O or training: the stages build
+models through ``build`` and rebuild them from a checkpoint's plain-dict description through ``rebuild``.
 
 A task is one of ``TASKS``. The run's task comes from the dataset (dataset.json ``task``), except for
 families that define their own (the VAE's task is always "vae"); ``resolve_task`` says which, and

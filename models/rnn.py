@@ -2,9 +2,8 @@
 
 Signals (C, L) are read as L / step_size steps of C * step_size features (consecutive values grouped:
 shorter sequences train faster and carry gradients further); images (C, H, W) as H rows of C*W
-features. The
-sequence summary is the last step's hidden state (both directions' final states when bidirectional)
-or the mean over steps.
+features. The sequence summary is the last step's hidden state (both directions' final states when
+bidirectional) or the mean over steps.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline import tracking
 from stages.common import StageError
+from stages.onnx_model import OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -233,48 +234,6 @@ class Verdict:
     message: str
 
 
-def feed(session, x_raw: np.ndarray) -> np.ndarray:
-    """What an ONNX file wants as input, from raw inputs, by its own metadata: its `preprocessing`
-    (mean/std, float or per channel along axis 1, unless `applied_in_graph`) and `input.dtype`.
-    The one place promote feeds a model; swap for the export lane's helper when it lands."""
-    meta = session.get_modelmeta().custom_metadata_map
-    pre = json.loads(meta.get("preprocessing", "{}") or "{}")
-    dtype = np.dtype(meta.get("input.dtype", "float32"))
-    if pre.get("applied_in_graph"):
-        return x_raw.astype(dtype)
-    mean, std = np.asarray(pre.get("mean", 0.0), np.float64), np.asarray(pre.get("std", 1.0), np.float64)
-    if mean.ndim == 1 and x_raw.ndim > 1:  # one value per channel / feature, along axis 1
-        shape = (1, -1) + (1,) * (x_raw.ndim - 2)
-        mean, std = mean.reshape(shape), std.reshape(shape)
-    return ((x_raw - mean) / std).astype(dtype)
-
-
-def score(session, x_raw: np.ndarray, y: np.ndarray) -> tuple[str, float, bool]:
-    """(metric name, value, higher is better): the task's primary metric (stages.metrics.score)."""
-    name = session.get_inputs()[0].name
-    meta = session.get_modelmeta().custom_metadata_map
-    task = meta.get("task", "classification")
-    fed = [feed(session, x_raw[i:i + 256]) for i in range(0, len(x_raw), 256)]
-    runs = [session.run(None, {name: xb}) for xb in fed]
-    outs = [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
-    try:
-        from stages.metrics import score as task_score  # one primary metric per task
-    except ImportError:
-        task_score = None
-    if task_score is not None:
-        labels = json.loads(meta.get("labels", "null") or "null") or json.loads(meta.get("target_names", "null") or "null")
-        labels = labels or [str(i) for i in range(outs[0].shape[-1] if outs[0].ndim > 1 else 1)]
-        try:
-            if task == "vae":  # the truth of an autoencoder is its (fed) input
-                primary = task_score(task, np.concatenate(fed), outs, labels)["primary"]
-            else:
-                primary = task_score(task, y, outs[0], labels)["primary"]
-            return primary["name"], float(primary["value"]), bool(primary["higher_is_better"])
-        except Exception as e:  # an unexpected signature: fall back to accuracy, the classification metric
-            log.warning("stages.metrics.score failed (%s); comparing accuracy", e)
-    return "accuracy", float((outs[0].argmax(1) == y).mean()), True
-
-
 def _test_split(client, mv, dest: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """The candidate's raw test split: from its run directory when the content hash still matches,
     else from the data.npz its prepare run logged."""
@@ -311,7 +270,6 @@ def _test_split(client, mv, dest: Path) -> tuple[np.ndarray, np.ndarray, str]:
 def promote(name: str, force: bool = False) -> Verdict:
     """Make ``candidate`` the ``champion`` if it is at least as good on the candidate's test split."""
     import mlflow
-    import onnxruntime as ort
     from mlflow.exceptions import MlflowException
 
     client = _client()
@@ -335,15 +293,16 @@ def promote(name: str, force: bool = False) -> Verdict:
                 continue
             local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(Path(tmp) / label)))
             onnx_file = sorted(local.rglob("*.onnx"))[0]
-            session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-            results[label] = score(session, x, y)
-    metric, cv, higher = results["candidate"]
+            # fed, run and scored as the file's own metadata says; one without it is refused
+            results[label] = OnnxModel.open(onnx_file).score(x, y)
+    primary = results["candidate"]
+    metric, cv, higher = primary["name"], primary["value"], primary["higher_is_better"]
     if champ is None:
         verdict = Verdict(cand.version, None, metric, higher, cv, None, len(y), True,
                           f"no champion yet: {name} v{cand.version} ({metric} {cv:.4f} on {len(y)} test samples) "
                           "becomes the champion")
     else:
-        _, hv, _ = results["champion"]
+        hv = results["champion"]["value"]
         delta = cv - hv if higher else hv - cv  # > 0: the candidate is better
         points = f"{abs(delta) * 100:.2f} points" if metric == "accuracy" else f"{abs(delta):.4g}"
         comparison = (f"candidate v{cand.version} {metric} {cv:.4f} vs champion v{champ.version} {hv:.4f} "

@@ -8,7 +8,7 @@ latency, samples/s, cold start and peak memory, with the execution provider each
 (a CUDA request that fell back to CPU is skipped, never reported under a CUDA label), and the device,
 library versions and git commit beside the numbers.
 
-Each variant is fed what its own metadata says (``conversion.onnx_input``): raw input when the
+Each variant is fed what its own metadata says (``stages.onnx_model``): raw input when the
 preprocessing is in the graph, normalized float32 otherwise. PyTorch eager runs the same wrapper the
 fp32 file was exported from (preprocessing and softmax included), on the same input, so both engines
 do the same work.
@@ -17,7 +17,6 @@ do the same work.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import platform
@@ -29,6 +28,7 @@ import numpy as np
 
 from stages import checkpoint, conversion, dataset, timing
 from stages.common import git_state, library_versions, read_json, require, write_json, write_text
+from stages.onnx_model import ModelMeta, OnnxModel
 from stages.predictors import IoBindingPredictor, OrtPredictor, TorchPredictor
 from stages.sessions import CUDA_EP, SessionSettings, cuda_available
 from stages.contract import RunDir, Tracker
@@ -108,20 +108,18 @@ def session_settings(threads: int, device: str = "cpu") -> SessionSettings:
 
 
 def contenders(config: Config, rundir: "RunDir", variants: dict, devices: list[str], threads: int) -> list[Contender]:
-    fp32_props = conversion.metadata_props(require(rundir.onnx, "export"))
-    pre = json.loads(fp32_props.get("preprocessing", "{}"))
-    softmax = "probabilities" in json.loads(fp32_props.get("output.names", "[]"))
+    fp32 = ModelMeta.read(require(rundir.onnx, "export"))  # refuses a file that does not say how to feed it
+    softmax = "probabilities" in fp32.output_names
 
     def torch_eager(dev: str):
         model, meta = checkpoint.load(rundir.checkpoint)
-        wrapped = conversion.InGraph(model, pre if pre.get("applied_in_graph") else None, softmax,
-                                     len(meta["model"]["input_shape"]) + 1)
-        return TorchPredictor(wrapped, dev), lambda x: conversion.onnx_input(x, fp32_props)
+        wrapped = conversion.InGraph(model, fp32.preprocessing, softmax, len(meta["model"]["input_shape"]) + 1)
+        return TorchPredictor(wrapped, dev), lambda x: fp32.feed(x)[fp32.input.name]
 
     def ort(path, dev: str, io_binding: bool):
         predictor = OrtPredictor(path, settings=session_settings(threads, dev))
-        props = predictor.metadata
-        return (IoBindingPredictor(predictor) if io_binding else predictor), lambda x: conversion.onnx_input(x, props)
+        meta = OnnxModel(predictor).meta
+        return (IoBindingPredictor(predictor) if io_binding else predictor), lambda x: meta.feed(x)[meta.input.name]
 
     out = []
     for dev in devices:

@@ -1,36 +1,36 @@
-"""Reusable torch -> ONNX conversion: build what gets exported, write it, check it, feed it.
+"""Reusable torch -> ONNX conversion: build what gets exported, write it, check it.
 
 Not a stage: export uses it for the trained model and its parts, quantize for models it changes in
-PyTorch (the pruned variant), benchmark and register to feed a file what it expects.
+PyTorch (the pruned variant), benchmark to time PyTorch on the same work as the file. Feeding an
+exported file (what its metadata says it takes) belongs to ``stages.onnx_model``.
 
 - ``InGraph`` wraps a model so the file takes the raw input the user has (say uint8 pixels) and does
-  the cast and normalization itself, optionally adding a softmax output beside the logits.
+  the cast and normalization itself (``onnx_model.Preprocessing``), optionally adding a softmax output
+  beside the logits.
 - ``export_checked`` tries the ``torch.export``-based exporter, then the legacy one, and keeps the
   first file whose outputs ONNX Runtime reproduces; ``validate`` compares names, then shapes, then
   values at several batch sizes (one never used at export time, so a baked-in batch axis shows) and
   returns every mismatch at once with its max absolute difference.
-- ``onnx_input`` turns raw samples (``Data.split(name, normalized=False)``) into exactly what a file's
-  metadata says it takes: raw (cast to ``input.dtype``) when preprocessing is in the graph, else
-  normalized float32. Every consumer that feeds an exported file goes through it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from stages.common import StageError
+from stages.dataset import along_axis1
 from stages.predictors import OrtPredictor
 
 if TYPE_CHECKING:
     import models
+    from stages.onnx_model import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -44,92 +44,27 @@ class ValidationError(StageError):
     """An exported file does not reproduce PyTorch; the message lists every mismatch."""
 
 
-# ---------------------------------------------------------------- preprocessing
-
-def _along_axis1(value: Any, ndim: int) -> np.ndarray:
-    """A float, or a list with one value per channel/feature (axis 1), shaped to broadcast over a batch."""
-    a = np.asarray(value, dtype=np.float32)
-    return a if a.ndim == 0 else a.reshape((1, a.size) + (1,) * (ndim - 2))
-
-
-def normalize(x: np.ndarray, mean: Any, std: Any) -> np.ndarray:
-    """``(float32(x) - mean) / std`` with scalar or per-channel/feature (axis 1) statistics."""
-    x = np.asarray(x).astype(np.float32, copy=False)
-    return ((x - _along_axis1(mean, x.ndim)) / _along_axis1(std, x.ndim)).astype(np.float32, copy=False)
-
-
-def preprocessing_spec(info: Mapping[str, Any], in_graph: bool) -> dict:
-    """What the exported file's input is and what happens to it, from dataset.json.
-
-    Becomes the ``preprocessing`` metadata property (JSON) and drives ``InGraph`` and ``onnx_input``.
-    """
-    norm = info["normalization"]
-    mean, std = norm["mean"], norm["std"]
-    raw_dtype = str(info.get("raw_dtype") or info.get("dtype") or "float32")
-    per_axis = isinstance(mean, (list, tuple)) or isinstance(std, (list, tuple))
-    stats = "mean[c] and std[c] per channel/feature (axis 1)" if per_axis else "scalar mean and std"
-    formula = "x = (float32(input) - mean) / std"
-    steps = ([] if raw_dtype == "float32" else [f"cast {raw_dtype} to float32"]) + [f"{formula} ({stats})"]
-    return {
-        "applied_in_graph": bool(in_graph),
-        "input_dtype": raw_dtype if in_graph else "float32",
-        "raw_dtype": raw_dtype,
-        "raw_value_range": info.get("value_range"),
-        "raw_input": info.get("description") or "raw features",
-        "formula": formula,
-        "mean": mean,
-        "std": std,
-        "axis": 1 if per_axis else None,
-        # in the graph: what the file does itself; outside: what the caller must do before feeding it
-        "steps": steps,
-    }
-
-
-def model_input(x_raw: np.ndarray, preprocessing: Mapping[str, Any]) -> np.ndarray:
-    """Raw samples -> the array a file with this ``preprocessing`` spec takes."""
-    if preprocessing.get("applied_in_graph"):
-        return np.ascontiguousarray(x_raw, dtype=np.dtype(preprocessing.get("input_dtype", "float32")))
-    return normalize(x_raw, preprocessing["mean"], preprocessing["std"])
-
-
-def onnx_input(x_raw: np.ndarray, props: Mapping[str, str]) -> np.ndarray:
-    """Raw samples (``Data.split(name, normalized=False)``) -> what an exported file takes, as its
-    ``metadata_props`` say: raw cast to ``input.dtype`` when preprocessing is in the graph, else
-    ``(x - mean) / std`` as float32. ``props``: ``metadata_props(path)`` or ``OrtPredictor.metadata``."""
-    if "preprocessing" not in props:
-        raise StageError("the ONNX file has no `preprocessing` metadata, so what it takes is unknown; "
-                         "rerun `pipeline export`")
-    pre = json.loads(props["preprocessing"])
-    if pre.get("applied_in_graph") and "input.dtype" in props:
-        pre = {**pre, "input_dtype": props["input.dtype"]}
-    return model_input(x_raw, pre)
-
-
-def metadata_props(path: Path | str) -> dict[str, str]:
-    """An ONNX file's ``metadata_props`` as a dict (weights are not loaded)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
-
+# ---------------------------------------------------------------- preprocessing in the graph
 
 class InGraph(nn.Module):
-    """``model`` with the preprocessing (cast + normalization) in front and an optional softmax behind.
+    """``model`` with the file's preprocessing (cast + normalization) in front and an optional softmax behind.
 
-    With ``preprocessing=None`` the input passes through unchanged. With ``softmax`` the module
-    returns ``(logits, softmax(logits))``.
+    Only preprocessing that is ``applied_in_graph`` and has statistics goes in; otherwise (``None``,
+    outside the graph, or none at all) the input passes through unchanged. With ``softmax`` the
+    module returns ``(logits, softmax(logits))``.
     """
 
-    def __init__(self, model: nn.Module, preprocessing: Mapping[str, Any] | None = None, softmax: bool = False,
+    def __init__(self, model: nn.Module, preprocessing: "Preprocessing | None" = None, softmax: bool = False,
                  input_ndim: int = 4):
         super().__init__()
         self.model = model
-        self.preprocess = preprocessing is not None
+        self.preprocess = (preprocessing is not None and preprocessing.applied_in_graph
+                           and preprocessing.mean is not None)
         self.softmax = softmax
         if self.preprocess:
             # Buffers, not constants: they travel with .to(device) and show up as initializers.
-            self.register_buffer("mean", torch.from_numpy(_along_axis1(preprocessing["mean"], input_ndim).copy()))
-            self.register_buffer("std", torch.from_numpy(_along_axis1(preprocessing["std"], input_ndim).copy()))
+            self.register_buffer("mean", torch.from_numpy(along_axis1(preprocessing.mean, input_ndim).copy()))
+            self.register_buffer("std", torch.from_numpy(along_axis1(preprocessing.std, input_ndim).copy()))
 
     def forward(self, x):
         if self.preprocess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,14 +50,18 @@ class Data:
         return (self.normalize(x) if normalized else x), y
 
 
-def normalize(x: np.ndarray, mean: float | list[float], std: float | list[float]) -> np.ndarray:
-    """(x - mean) / std in float32; list statistics broadcast along axis 1."""
-    x = np.asarray(x, dtype=np.float32)
-    m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
-    if m.ndim or s.ndim:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        m, s = m.reshape(shape), s.reshape(shape)
-    return ((x - m) / s).astype(np.float32)
+def along_axis1(value: Any, ndim: int) -> np.ndarray:
+    """A float, or a list with one value per channel/feature (axis 1), shaped to broadcast over a batch
+    of ``ndim`` dimensions (float32)."""
+    a = np.asarray(value, dtype=np.float32)
+    return a if a.ndim == 0 else a.reshape((1, a.size) + (1,) * (ndim - 2))
+
+
+def normalize(x: np.ndarray, mean: Any, std: Any) -> np.ndarray:
+    """``(float32(x) - mean) / std`` with scalar or per-channel/feature (axis 1) statistics: the one
+    implementation (Data.normalize, stages.onnx_model's feeding; export's InGraph does it in torch)."""
+    x = np.asarray(x).astype(np.float32, copy=False)
+    return ((x - along_axis1(mean, x.ndim)) / along_axis1(std, x.ndim)).astype(np.float32, copy=False)
 
 
 def load(data_path: Path, info_path: Path) -> Data:

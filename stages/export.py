@@ -7,10 +7,10 @@ the exporter never saw, so a batch axis baked in as a constant fails. All mismat
 once, each with its max absolute difference; if any file of the model fails, the stage fails and
 nothing is written.
 
-For image inputs (layout NCHW or NCL with a known raw value range) the preprocessing goes into the
-graph by default: the file takes the raw input the user has (digits: float32 intensities 0..16; IDX
-data: uint8) and does the cast and the normalization itself; the check then runs on raw inputs
-against the same wrapper in PyTorch. A VAE's encoder and decoder (``ExportSpec.parts``) are exported
+For images and signals (layout NCHW or NCL with a known raw value range) the preprocessing goes
+into the graph by default: the file takes the raw input the user has (digits: float32 intensities
+0..16; IDX data: uint8) and does the cast and the normalization itself; the check then runs on raw
+inputs against the same wrapper in PyTorch. A VAE's encoder and decoder (``ExportSpec.parts``) are exported
 and checked the same way beside model.onnx. Each file carries its task, labels, exact input
 description, preprocessing, outputs, metrics and lineage in ``metadata_props`` so an app can use it
 without this project.
@@ -29,6 +29,7 @@ import models
 from stages import checkpoint, conversion, dataset
 from stages.common import PRODUCT_VERSION, StageError, atomic_path, git_state, sha256_file, stamp_onnx, write_json
 from stages.conversion import EXAMPLE_BATCH, EXPORTERS, ValidationError  # noqa: F401  (ValidationError: re-exported)
+from stages.onnx_model import Preprocessing
 from stages.contract import RunDir, Tracker
 
 
@@ -93,27 +94,8 @@ def wants_preprocessing(config: Config, info: dict) -> bool:
     return info.get("input_layout") in IMAGE_LAYOUTS and info.get("value_range") is not None
 
 
-def export_spec(family: str, task: str) -> "models.ExportSpec":
-    """The family's export spec with the output names of the task (models.export_spec where it exists)."""
-    if hasattr(models, "export_spec"):
-        return models.export_spec(family, task)
-    return models.family(family).export
-
-
-def input_value_range(pre: dict) -> list | None:
-    """The value range of what the file takes: the raw range, or its image under the normalization."""
-    lo_hi = pre.get("raw_value_range")
-    if lo_hi is None or pre["applied_in_graph"]:
-        return lo_hi
-    import numpy as np
-
-    lo = (np.float64(lo_hi[0]) - np.asarray(pre["mean"], np.float64)) / np.asarray(pre["std"], np.float64)
-    hi = (np.float64(lo_hi[1]) - np.asarray(pre["mean"], np.float64)) / np.asarray(pre["std"], np.float64)
-    return [np.round(lo, 6).tolist(), np.round(hi, 6).tolist()]
-
-
 def metadata(meta: dict, info: dict, task: str, input_name: str, input_shape: list, output_names: list[str],
-             pre: dict, outcome: dict, opset: int, test_metrics: dict | None, part: str | None = None,
+             pre: Preprocessing, outcome: dict, opset: int, test_metrics: dict | None, part: str | None = None,
              takes_model_input: bool = True) -> dict[str, str]:
     """What an app needs to use the file alone, as ONNX metadata_props (string values, JSON where structured)."""
     props = {
@@ -121,11 +103,11 @@ def metadata(meta: dict, info: dict, task: str, input_name: str, input_shape: li
         "model.family": meta["model"]["family"],
         "task": task,
         "input.name": input_name,
-        "input.dtype": pre["input_dtype"] if takes_model_input else "float32",
+        "input.dtype": pre.input_dtype if takes_model_input else "float32",
         "input.shape": json.dumps(input_shape),
         "input.layout": meta.get("input_layout") or info.get("input_layout", ""),
-        "input.value_range": json.dumps(input_value_range(pre) if takes_model_input else None),
-        "preprocessing": json.dumps(pre),
+        "input.value_range": json.dumps(pre.fed_range() if takes_model_input else None),
+        "preprocessing": pre.to_json(),
         "output.names": json.dumps(output_names),
         "output.meaning": json.dumps({n: OUTPUT_MEANING.get(n, "") for n in output_names}),
         "lineage.training_run_id": str(meta.get("run_id") or ""),
@@ -167,14 +149,14 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     data = dataset.load(rundir.data, rundir.dataset)
     task = meta.get("task") or data.info.get("task") or "classification"
     family = meta["model"]["family"]
-    spec = export_spec(family, task)
+    spec = models.export_spec(family, task)
     if config.softmax_output and task != "classification":
         raise StageError(f"export.softmax_output needs a classification model; this one's task is {task!r}. "
                          "Set export.softmax_output=false")
     in_graph = wants_preprocessing(config, data.info)
-    pre = conversion.preprocessing_spec(data.info, in_graph)
+    pre = Preprocessing.from_dataset(data.info, in_graph)
     x_raw, _ = data.split("test", normalized=False)
-    x = conversion.model_input(x_raw, pre)  # exactly what the file will take
+    x = pre.apply(x_raw)  # exactly what the file will take
     test_metrics = json.loads(rundir.metrics.read_text()) if rundir.metrics.is_file() else None
     input_shape = list(meta["model"]["input_shape"])
     batch = -1 if spec.dynamic_batch else 1
@@ -183,14 +165,14 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
 
     # What gets exported: the whole model as model.onnx, then each part beside it.
     main_outputs = list(spec.output_names) + (["probabilities"] if config.softmax_output else [])
-    jobs = [("model", rundir.onnx, conversion.InGraph(model, pre if in_graph else None, config.softmax_output,
+    jobs = [("model", rundir.onnx, conversion.InGraph(model, pre, config.softmax_output,
                                                       len(input_shape) + 1),
              x, dataclasses.replace(spec, output_names=tuple(main_outputs)), spec.input_name, [batch, *input_shape])]
-    for part in getattr(spec, "parts", ()):
+    for part in spec.parts:
         sub = getattr(model, part.attribute)
         if part.input_name == spec.input_name:  # takes the model's input: same preprocessing, same inputs
             jobs.append((part.name, rundir.onnx_part(part.name),
-                         conversion.InGraph(sub, pre if in_graph else None, False, len(input_shape) + 1),
+                         conversion.InGraph(sub, pre, False, len(input_shape) + 1),
                          x, part, part.input_name, [batch, *input_shape]))
         else:
             shape = list(part.input_shape_fn(model, tuple(input_shape)))
@@ -229,8 +211,8 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
         "exporter": result.exporter, "rejected": main["rejected"], "opset": config.opset, "atol": config.atol,
         "rtol": config.rtol, "check_batch_sizes": list(config.check_batch_sizes), "example_batch": EXAMPLE_BATCH,
         "max_abs_diff": result.max_abs_diff, "size_bytes": result.size_bytes, "sha256": result.sha256, "task": task,
-        "preprocessing": pre, "softmax_output": config.softmax_output, "input": {
-            "name": spec.input_name, "dtype": pre["input_dtype"], "shape": [batch, *input_shape],
+        "preprocessing": dict(pre.spec), "softmax_output": config.softmax_output, "input": {
+            "name": spec.input_name, "dtype": pre.input_dtype, "shape": [batch, *input_shape],
             "layout": data.info.get("input_layout")},
         "outputs": main_outputs, "attempts": main["attempts"], "files": outcomes})
     log.info("exported %s with the %s exporter (max |diff| %.2e)%s%s", rundir.onnx, result.exporter, result.max_abs_diff,

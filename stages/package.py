@@ -1,9 +1,10 @@
 """package: one ONNX model -> what another app or serving engine needs to run it without this project.
 
 Three formats, one inspection. Everything written is derived from the ONNX file itself (its graph
-for names, dtypes and shapes; its ``metadata_props`` for labels, layout, preprocessing, task,
-metrics and lineage), never assumed, so a model whose preprocessing lives inside the graph (raw
-uint8 in) and one that takes normalized float32 are packaged alike.
+for names, dtypes and shapes; its ``metadata_props``, read by ``stages.onnx_model.ModelMeta``, for
+labels, layout, preprocessing, task, metrics and lineage), never assumed, so a model whose
+preprocessing lives inside the graph (raw uint8 in) and one that takes normalized float32 are
+packaged alike, and a file whose metadata does not say how to feed it is refused.
 
 - ``bundle``: ``model.onnx`` (one file, no external data), ``model.json`` (everything an app needs),
   ``README.md`` for app developers and ``samples.json`` (test-split inputs, their true labels and the
@@ -21,6 +22,7 @@ Output is built in a temporary directory and renamed into place, so a failure le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +36,8 @@ from typing import Any, Literal
 import numpy as np
 
 from stages.common import PRODUCT_VERSION, StageError, sha256_file
+from stages.onnx_model import ModelMeta, OnnxModel
+from stages.predictors import OrtPredictor
 from stages.serve.config import BatchSettings
 
 log = logging.getLogger(__name__)
@@ -210,16 +214,6 @@ def inspect(path: Path) -> ModelInfo:
     )
 
 
-def _json_prop(props: dict[str, str], key: str, default: Any = None) -> Any:
-    raw = props.get(key)
-    if raw is None:
-        return default
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw  # a plain string value
-
-
 def runtime_requirement(info: ModelInfo) -> str:
     """One sentence: which ONNX Runtime build runs this file."""
     import onnxruntime as ort
@@ -244,145 +238,82 @@ def check_contrib_ops(info: ModelInfo, allow: bool, path: Path) -> None:
 
 # ---------------------------------------------------------------- what the model expects
 
-def describe(info: ModelInfo, source: Source, split: TestSplit | None) -> dict:
-    """The model.json document: everything an app needs, from the file's graph and metadata_props."""
-    props = info.props
+def describe(info: ModelInfo, meta: ModelMeta, source: Source, split: TestSplit | None) -> dict:
+    """The model.json document: everything an app needs, from the file's graph and its metadata
+    (``meta``: ``stages.onnx_model.ModelMeta``, which has already refused a file that does not say how
+    to feed it)."""
     if len(info.inputs) != 1:
         raise StageError(f"{source.path.name} has {len(info.inputs)} inputs {[i['name'] for i in info.inputs]}; "
                          "packaging supports single-input models")
-    graph_in = info.inputs[0]
-    named = props.get("input.name")
-    if named and named != graph_in["name"]:
-        raise StageError(f"{source.path.name}: metadata input.name is {named!r} but the graph's input is "
-                         f"{graph_in['name']!r}; re-export the model")
-    meta_dtype = props.get("input.dtype")
-    if meta_dtype and meta_dtype != graph_in["dtype"]:
-        raise StageError(f"{source.path.name}: metadata input.dtype is {meta_dtype!r} but the graph takes "
-                         f"{graph_in['dtype']}; re-export the model")
-    pre = _json_prop(props, "preprocessing", None)
-    pre = pre if isinstance(pre, dict) else ({"description": pre} if pre else {})
-    applied = bool(pre.get("applied_in_graph", False))
+    graph_in = next(t for t in info.inputs if t["name"] == meta.input.name)
+    pre = meta.preprocessing
     # Raw: what the app has before preprocessing. Input: what the file takes (the export stage writes
     # `input.value_range` for it; older files lack it, so it is derived from the raw range).
-    raw_range = pre.get("raw_value_range") or (split.value_range if split is not None else None)
+    raw_range = pre.raw_value_range or (split.value_range if split is not None else None)
     if raw_range is None and split is not None and split.x.size:
         raw_range = [float(split.x.min()), float(split.x.max())]  # observed on the test split
-    raw_dtype = pre.get("raw_dtype") or (str(split.x.dtype) if split is not None else None)
-    value_range = _json_prop(props, "input.value_range")
-    if value_range is None and raw_range is not None:
-        value_range = raw_range if applied or "mean" not in pre else \
-            [np.round((np.asarray(b, np.float64) - np.asarray(pre["mean"], np.float64))
-                      / np.asarray(pre["std"], np.float64), 6).tolist() for b in raw_range[:2]]
-    labels = _json_prop(props, "labels", None)
-    task = props.get("task") or ("classification" if labels else "unknown")
-    meaning = _json_prop(props, "output.meaning", "")
-    outputs = []
-    for o in info.outputs:
-        m = meaning.get(o["name"], "") if isinstance(meaning, dict) else meaning
-        if not isinstance(meaning, dict) and len(info.outputs) > 1 and o["name"] == "probabilities":
-            m = "softmax probabilities over labels (sum to 1)"
-        outputs.append({"name": o["name"], "dtype": o["dtype"], "shape": o["shape"], "meaning": m})
-    metrics = {}
-    for k, v in props.items():
-        if k.startswith("metrics."):
-            metrics[k[len("metrics."):]] = _number(v)
-    if isinstance(_json_prop(props, "metrics"), dict):
-        metrics.update(_json_prop(props, "metrics"))
-    lineage = {k[len("lineage."):]: v for k, v in props.items() if k.startswith("lineage.")}
-    if isinstance(_json_prop(props, "lineage"), dict):
-        lineage.update(_json_prop(props, "lineage"))
+    raw_range = list(raw_range) if raw_range is not None else None
+    raw_dtype = pre.raw_dtype or (str(split.x.dtype) if split is not None else None)
+    value_range = meta.input.value_range if meta.input.value_range is not None else pre.fed_range(raw_range)
+    meaning = {o.name: o.meaning for o in meta.outputs}
+    outputs = [{"name": o["name"], "dtype": o["dtype"], "shape": o["shape"], "meaning": meaning.get(o["name"], "")}
+               for o in info.outputs]
+    metrics, lineage = dict(meta.metrics), dict(meta.lineage)
     lineage["source"] = source.uri
     if source.name:
         lineage.update({"registered_name": source.name, "registered_version": source.version})
         for tag in ("test_accuracy", "fp32_test_accuracy"):
             if tag in source.tags:
-                metrics.setdefault(tag, _number(source.tags[tag]))
-    if not pre:
-        log.warning("%s carries no `preprocessing` metadata; model.json says the input is fed as is", source.path.name)
+                with contextlib.suppress(ValueError):
+                    metrics.setdefault(tag, float(source.tags[tag]))
+    fed_as = {"in-graph": "raw values (the graph applies the preprocessing)",
+              "none": "raw values as they are (the model takes its input without preprocessing)",
+              "normalize": "preprocessed values: apply `preprocessing` to the raw input first"}[pre.kind]
     return {
         "format": BUNDLE_FORMAT,
-        "task": task,
+        "task": meta.task,
         "input": {
             "name": graph_in["name"], "dtype": graph_in["dtype"], "shape": graph_in["shape"],
-            "dims": graph_in["dims"], "layout": props.get("input.layout"),
+            "dims": graph_in["dims"], "layout": meta.input.layout,
             "value_range": value_range,
             "raw": {"dtype": raw_dtype, "value_range": raw_range},
-            "fed_as": "raw values (the graph applies the preprocessing)" if applied or not pre
-            else "preprocessed values: apply `preprocessing` to the raw input first",
+            "fed_as": fed_as,
         },
-        "preprocessing": {**pre, "applied_in_graph": applied},
-        "labels": labels,
+        "preprocessing": dict(pre.spec),
+        "labels": list(meta.labels) or None,
         "outputs": outputs,
         "metrics": metrics,
         "lineage": lineage,
         "model": {
-            "file": "model.onnx", "variant": props.get("variant", ""), "ir_version": info.proto.ir_version,
+            "file": "model.onnx", "variant": meta.variant, "ir_version": info.proto.ir_version,
             "opsets": info.opsets, "producer": f"{info.proto.producer_name} {info.proto.producer_version}".strip(),
-            "exporter": props.get("export.exporter", ""),
+            "exporter": meta.props.get("export.exporter", ""),
             "non_standard_ops": info.contrib_ops,
         },
         "runtime": {"requires": runtime_requirement(info)},
-        "metadata_props": props,
+        "metadata_props": dict(meta.props),
     }
-
-
-def _number(v: str) -> Any:
-    """A metric as written in metadata_props: a number, a JSON document (e.g. metrics.primary) or text."""
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        pass
-    try:
-        return json.loads(v)
-    except (TypeError, ValueError):
-        return v
-
-
-def model_input(raw: np.ndarray, doc: dict) -> np.ndarray:
-    """What to feed the model for raw inputs, as its metadata says: the graph's own preprocessing,
-    or ``(x - mean) / std`` (scalars, or one value per entry of axis 1) applied here.
-
-    The one place this project turns raw inputs into model inputs for packaging; the examples in
-    examples/ implement the same rule from model.json alone.
-    """
-    pre, dtype = doc["preprocessing"], doc["input"]["dtype"]
-    if pre.get("applied_in_graph") or not pre:
-        return np.ascontiguousarray(raw.astype(dtype, copy=False))
-    if "mean" not in pre or "std" not in pre:
-        raise StageError(f"the model's preprocessing is not in its graph and is not a mean/std normalization this "
-                         f"packager can describe: {json.dumps(pre)[:300]}")
-    x = raw.astype(np.float32)
-    mean, std = np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
-    if mean.ndim == 1:  # one value per channel / feature: along axis 1
-        shape = [1] * x.ndim
-        shape[1] = -1
-        mean, std = mean.reshape(shape), std.reshape(shape)
-    return np.ascontiguousarray(((x - mean) / std).astype(dtype))
 
 
 # ---------------------------------------------------------------- verification
 
-def verify(model_path: Path, doc: dict, split: TestSplit | None) -> dict[str, np.ndarray] | None:
-    """Open the file in ONNX Runtime (CPU) and run the test split through it; returns every output."""
+def verify(model_path: Path, meta: ModelMeta, split: TestSplit | None) -> dict[str, np.ndarray] | None:
+    """Open the file in ONNX Runtime (CPU) and run the test split through it, fed as its metadata
+    says (``OnnxModel``); returns every output."""
     import onnxruntime as ort
 
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        predictor = OrtPredictor(model_path, device="cpu")
     except Exception as e:
         raise StageError(f"ONNX Runtime {ort.__version__} cannot load the model: {str(e).splitlines()[0][:300]}") from None
     if split is None:
         return None
-    want = [d for d in doc["input"]["shape"][1:]]
+    want = [d if isinstance(d, int) else -1 for d in (meta.input.shape or ())[1:]]
     got = list(split.x.shape[1:])
     if len(want) != len(got) or any(w not in (-1, g) for w, g in zip(want, got)):
         raise StageError(f"the test split's samples have shape {got} but the model takes {want} per sample; "
                          "pass the --workdir the model was trained in, or --samples 0")
-    names = [o["name"] for o in doc["outputs"]]
-    x = model_input(split.x, doc)
-    chunks = [session.run(names, {doc["input"]["name"]: x[i:i + 256]}) for i in range(0, len(x), 256)]
-    return {n: np.concatenate([c[j] for c in chunks]) for j, n in enumerate(names)}
+    return OnnxModel(predictor, meta).predict(split.x)
 
 
 def _scores_output(doc: dict) -> str:
@@ -424,7 +355,7 @@ def _bundle_readme(doc: dict, name: str, n_samples: int, sha: str) -> str:
                 f"`std = {json.dumps(pre['std'])}`" + (" (one value per entry of axis 1)" if isinstance(pre["mean"], list) else "")
                 + f", then feed `{inp['dtype']}`.")
     else:
-        feed = f"Feed `{inp['dtype']}` values as they are (the model carries no preprocessing metadata)."
+        feed = f"Feed `{inp['dtype']}` values as they are (the model takes its input without preprocessing)."
     if pre.get("applied_in_graph") or "mean" not in pre:
         snippet = 'x = raw.astype(meta["input"]["dtype"])          # the graph does any preprocessing'
     else:
@@ -577,7 +508,8 @@ def run(config: Config, source: Source, output: Path, split: TestSplit | None = 
         if not config.name and _k8s_name(name) != name:
             log.info("InferenceService name %r (from %r, made a valid Kubernetes name)", _k8s_name(name), name)
         name = _k8s_name(name) if not config.name else name
-    doc = describe(info, source, split if config.format == "bundle" else None)
+    meta = ModelMeta.from_proto(info.proto, source.path.name)  # refuses a file that does not say how to feed it
+    doc = describe(info, meta, source, split if config.format == "bundle" else None)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -589,14 +521,13 @@ def run(config: Config, source: Source, output: Path, split: TestSplit | None = 
         onnx.save(info.proto, str(model_path), save_as_external_data=False)
         sha = sha256_file(model_path)
         doc["model"].update({"sha256": sha, "size_bytes": model_path.stat().st_size})
-        outputs = verify(model_path, doc, split if config.format == "bundle" else None)
+        outputs = verify(model_path, meta, split if config.format == "bundle" else None)
         doc["runtime"]["verified_with"] = {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
                                            "onnx_pipeline": PRODUCT_VERSION}
         accuracy, n_samples = None, 0
         if config.format == "bundle":
-            if outputs is not None and doc.get("labels"):
-                pred = outputs[_scores_output(doc)].argmax(axis=1)
-                accuracy = float((pred == split.y).mean())
+            if outputs is not None and meta.task == "classification" and meta.labels:
+                accuracy = float(meta.evaluate(outputs, split.x, split.y)["accuracy"])
                 doc["runtime"]["verified_with"].update({"test_samples": int(len(split.y)), "test_accuracy": accuracy})
             if outputs is not None and config.samples != 0:
                 records = sample_records(split, outputs, doc, config.samples)

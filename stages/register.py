@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages import conversion, dataset, timing
+from stages import dataset, timing
 from stages.common import StageError, read_json, write_json
+from stages.onnx_model import OnnxModel
 from stages.predictors import OrtPredictor
 from stages.sessions import CPU_EP, CUDA_EP, SessionSettings, cuda_available
 from stages.contract import RunDir, Tracker
@@ -143,7 +144,8 @@ def remeasure(names: list[str], paths: dict, x_raw: np.ndarray, config: Config, 
     calls = {}
     for name in names:
         predictor = OrtPredictor(paths[name], settings=settings)
-        x = conversion.onnx_input(xb, predictor.metadata)
+        meta = OnnxModel(predictor).meta
+        x = meta.feed(xb)[meta.input.name]  # what the file takes (raw when its graph normalizes)
         timing.measure(lambda p=predictor, x=x: p.predict(x), warmup=10, min_runs=0, max_seconds=0)
         calls[name] = lambda p=predictor, x=x: p.predict(x)
     times = timing.interleaved(calls, rounds=config.remeasure_rounds, min_runs=10 * config.remeasure_rounds,
@@ -202,8 +204,10 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
 
     path = paths[name]
     predictor = OrtPredictor(path, settings=serving)
-    x_example = conversion.onnx_input(x_raw[:2], predictor.metadata)  # what the file takes (raw when in graph)
-    outputs = predictor.run({predictor.input_name: x_example})
+    meta = OnnxModel(predictor).meta
+    feeds = meta.feed(x_raw[:2])  # what the file takes (raw when its graph normalizes)
+    outputs = predictor.run(feeds)
+    x_example = feeds if len(feeds) > 1 else feeds[meta.input.name]
     y_example = outputs if len(outputs) > 1 else next(iter(outputs.values()))
     checkpoint_meta = read_json(rundir.checkpoint_json, "train")
     export_report = read_json(rundir.export_report, "export")
@@ -220,8 +224,8 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
         "choice": why[:5000],
         "onnx_sha256": chosen.get("sha256", ""),
         "exporter": export_report["exporter"],
-        "input.dtype": predictor.metadata.get("input.dtype", ""),
-        "preprocessing_in_graph": str(json.loads(predictor.metadata.get("preprocessing", "{}")).get("applied_in_graph")),
+        "input.dtype": meta.input.dtype or "",
+        "preprocessing_in_graph": str(meta.preprocessing.applied_in_graph),
         "training_run_id": str(checkpoint_meta.get("run_id") or ""),
         "pipeline_run_id": str(pipeline_run_id or ""),
         "dataset_sha256": data.info["sha256"],

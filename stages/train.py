@@ -2,9 +2,10 @@
 
 Per step: set the learning rate, forward under autocast, loss, backward, clip, optimizer step. Per
 epoch: validate, log, keep the best checkpoint, save the resumable state every ``checkpoint_every``
-epochs, stop early when the monitored metric stalls. Optimizers and schedules are tables in
-stages/optim.py; torchrun data parallelism lives in stages/distributed.py; checkpoint formats in
-stages/checkpoint.py.
+epochs, stop early when the monitored metric stalls. ``setup`` builds what the loop reads (a frozen
+``Setup``: data, model, optimizer, loss) and what it changes (``State``: fresh, or restored from
+train_state.pt); ``loop`` is the epochs. Optimizers and schedules are tables in stages/optim.py;
+torchrun data parallelism lives in stages/distributed.py; checkpoint formats in stages/checkpoint.py.
 
 Speed tricks, each switched by the config and named where it is applied:
 - GPU-resident data: the whole split lives on the device, shuffled by an index permutation drawn on
@@ -14,8 +15,9 @@ Speed tricks, each switched by the config and named where it is applied:
 - No ``.item()`` per step: loss and accuracy sums accumulate on the device and are read once per
   epoch (every ``.item()`` is a host-device synchronization that stalls the GPU's queue).
 - bf16 autocast on CUDA (tensor cores, half the activation memory; bf16 keeps fp32's range, so no
-  loss scaling); fp32 on CPU unless asked. fp16 is available with a GradScaler.
-- ``channels_last`` for 2-D CNNs on CUDA (cuDNN's NHWC convolution kernels avoid layout transposes).
+  loss scaling); fp16 with a GradScaler on GPUs without bf16; fp32 on CPU unless asked.
+- ``channels_last`` for image inputs (N, C, H, W) on CUDA (cuDNN's NHWC convolution kernels avoid
+  layout transposes).
 - ``torch.compile`` (optional: it pays off on long runs, costs tens of seconds of compilation).
 - cuDNN autotuning (``benchmark``) unless ``deterministic``; fused AdamW/Adam/SGD kernels on CUDA.
 - Distillation: teacher logits computed once for the whole training split when inputs are not
@@ -31,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import models
 from stages import checkpoint, dataset, distributed, optim
@@ -199,16 +201,104 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, family: str, mo
         torch.cuda.set_device(device)
     created = distributed.init(world, device)
     try:
-        return _train(config, rundir, tracker, world=world, device=device, family=family, model_config=model_config,
-                      recipe=recipe, resume=resume, init_from=init_from, teacher=teacher)
+        s, state = setup(config, rundir, tracker, world=world, device=device, family=family,
+                         model_config=model_config, recipe=recipe, resume=resume, init_from=init_from, teacher=teacher)
+        t0 = time.perf_counter()
+        samples_seen = loop(s, state, rundir, tracker)
+        return _finish(s, state, rundir, tracker, seconds=time.perf_counter() - t0, samples_seen=samples_seen)
     finally:
         distributed.shutdown(created)
 
 
-def _train(config: Config, rundir, tracker, *, world, device, family, model_config, recipe, resume, init_from,
-           teacher) -> Result:
+# ---------------------------------------------------------------- what the loop reads and changes
+
+@dataclass(frozen=True)
+class Split:
+    """The training and validation data where the loop reads them: resident on the device (one gather
+    per batch), or on the host behind a DataLoader (``loader``, fed this epoch's order by ``sampler``)."""
+
+    x_train: Any
+    y_train: Any
+    x_val: Any
+    y_val: Any
+    resident: bool
+    device: str
+    per_rank_batch: int  # train.batch_size / processes
+    shuffle: Any  # torch.Generator: each epoch's permutation, augmentation shifts (on the device if resident)
+    loader: Any = None
+    sampler: _Order | None = None
+
+    def epoch(self, world: distributed.World):
+        """-> (this rank's share of a fresh permutation, its batches of (idx, x, y) on the device)."""
+        import torch
+
+        order = distributed.shard(torch.randperm(len(self.x_train), generator=self.shuffle,
+                                                 device=self.shuffle.device), world)
+        if self.resident:
+            return order, ((idx, self.x_train[idx], self.y_train[idx]) for idx in order.split(self.per_rank_batch))
+        self.sampler.order = order.tolist()
+        device = self.device  # non_blocking: copies from pinned memory overlap with compute
+        return order, ((idx.to(device, non_blocking=True), xb.to(device, non_blocking=True),
+                        yb.to(device, non_blocking=True)) for xb, yb, idx in self.loader)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything the loop reads, built once by ``setup``. Frozen: the loop never rebinds these; the
+    model, optimizer, gradient scaler and plateau they hold are what it trains."""
+
+    config: Config
+    world: distributed.World
+    device: str
+    task: str
+    labels: list[str]
+    data: Split
+    precision: str  # fp32, bf16 or fp16
+    channels_last: bool
+    memory_format: Any  # torch.channels_last or torch.contiguous_format
+    autocast: Callable[[], Any]  # a fresh autocast context for this device and precision
+    model: Any  # the module itself: what checkpoints hold
+    step_model: Any  # what a step calls: the model wrapped for DDP and compiled, where asked
+    opt: Any
+    scaler: Any  # fp16's GradScaler; a pass-through otherwise
+    plateau: optim.Plateau | None  # reduce-on-plateau's state (schedule plateau only)
+    loss_fn: Callable  # (outputs, targets, idx, inputs) -> (loss, parts), see _loss_fn
+    primary: str  # the task's primary validation metric: the best checkpoint is chosen on it
+    monitor: str  # the validation metric early stopping and reduce-on-plateau watch
+    checkpoint_meta: dict  # what checkpoint.pt says besides the epoch and its scores
+    fingerprint: dict  # what train_state.pt must match to be resumed
+
+
+@dataclass
+class State:
+    """What the loop changes; train_state.pt saves it beside the model, optimizer and RNG states."""
+
+    start_epoch: int  # epochs already done (a resumed run's); the loop starts at the next one
+    best: dict  # {"epoch", "value" (of the primary metric), "val_loss"}; epoch 0: none yet
+    early_stop: dict  # {"best" (of the monitored metric), "bad_epochs", "stopped"}
+    history: list[dict]  # one row per epoch: train and validation metrics, lr
+    resumed: bool = False
+
+    @classmethod
+    def fresh(cls, primary: str) -> "State":
+        worst = math.inf if _lower_is_better(primary) else -math.inf
+        return cls(0, {"epoch": 0, "value": worst, "val_loss": math.inf}, {"best": None, "bad_epochs": 0}, [])
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.early_stop.get("stopped"))
+
+
+# ---------------------------------------------------------------- setup
+
+def setup(config: Config, rundir: "RunDir", tracker: "Tracker", *, world: distributed.World, device: str,
+          family: str, model_config: Any, recipe: dict | None = None, resume: bool = False,
+          init_from: Path | None = None, teacher: Path | None = None) -> tuple[Setup, State]:
+    """Everything before the first step, in the order the random streams are drawn: seeds, the data
+    placed where the loop reads it, the model (fresh or from ``init_from``, wrapped for DDP and
+    compile), optimizer and loss (with the teacher's logits), then the State, fresh or restored from
+    train_state.pt. Logs the run's parameters."""
     import torch
-    from torch.nn.parallel import DistributedDataParallel
 
     cuda = device.startswith("cuda")
     if resume and init_from:
@@ -228,109 +318,70 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
         task = models.resolve_task(family, info.get("task", "classification"))
     except models.TaskError as e:
         raise StageError(str(e)) from None
-    x_train_np, y_train_np = data.split("train")
-    x_val_np, y_val_np = data.split("val")
+    x_train, y_train = data.split("train")
+    x_val, y_val = data.split("val")
     labels = list(info.get("label_names") or info.get("target_names") or [])
-    image = x_train_np.ndim == 4
+    image = x_train.ndim == 4
     if config.augment_shift and not image:
         raise StageError(f"train.augment_shift needs images (N, C, H, W); this dataset's inputs are "
-                         f"{x_train_np.shape[1:]}: set train.augment_shift=0")
-    resident = _resident(config.data_path, device, x_train_np.nbytes + y_train_np.nbytes + x_val_np.nbytes)
+                         f"{x_train.shape[1:]}: set train.augment_shift=0")
+    resident = _resident(config.data_path, device, x_train.nbytes + y_train.nbytes + x_val.nbytes)
+    # channels_last (NHWC): cuDNN's convolution kernels run without layout transposes.
     channels_last = image and (config.channels_last == "on" or (config.channels_last == "auto" and cuda))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if config.precision != "auto":
-        precision = config.precision
-    else:  # bf16 where the GPU has it (Ampere and later), fp16 with loss scaling on older ones
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if precision == "fp16" and not cuda:
-        raise StageError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def autocast():
-        return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    per_rank_batch = config.batch_size // world.size
+    precision, autocast = _precision(config.precision, cuda)
     if config.batch_size % world.size:
         raise StageError(f"train.batch_size ({config.batch_size}) must be divisible by the {world.size} "
                          "processes torchrun started")
-    where = device if resident else "cpu"
-    x_train = torch.from_numpy(x_train_np).to(where).contiguous(memory_format=memory_format)
-    y_train = torch.from_numpy(y_train_np).to(where)
-    x_val, y_val = torch.from_numpy(x_val_np), torch.from_numpy(y_val_np)
-    if resident:
-        x_val, y_val = x_val.to(device), y_val.to(device)
-    # Shuffling draws from its own generator, on the device for resident data (randperm on the GPU).
-    shuffle = torch.Generator(device=device if resident else "cpu").manual_seed(config.seed)
-    loader, order_holder = None, None
-    if not resident:
-        order_holder = _Order()
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(x_train, y_train, torch.arange(len(x_train))),
-            batch_size=per_rank_batch, sampler=order_holder, num_workers=config.loader_workers,
-            pin_memory=cuda,  # page-locked host memory: asynchronous copies to the GPU
-            persistent_workers=config.loader_workers > 0,
-            # Its own generator: otherwise each epoch's iterator draws a worker seed from the global
-            # stream and shifts every dropout mask after it (the loader and resident paths would differ).
-            generator=torch.Generator().manual_seed(config.seed))
+    split = _place_data(config, (x_train, y_train, x_val, y_val), resident, device, memory_format,
+                        config.batch_size // world.size)
 
-    # ---- model
+    # ---- model, optimizer, loss
     input_shape = tuple(info["input_shape"])
     # classes (classification), targets (regression); the VAE ignores it (its latent size is its own)
     num_outputs = {"classification": int(info.get("num_classes", 0)),
-                   "regression": int(y_train_np.shape[1]) if y_train_np.ndim == 2 else 1}.get(task, 0)
-    model = models.build(family, model_config, input_shape, num_outputs)
-    if init_from is not None:
-        for line in checkpoint.init_from(model, init_from):
-            log.info("%s", line)
-    model = model.to(device, memory_format=memory_format)
-    n_params = sum(p.numel() for p in model.parameters())
-    description = models.describe(family, model_config, input_shape, num_outputs)
-    train_model = DistributedDataParallel(model, device_ids=[device] if cuda else None) if world.distributed else model
-    step_model = torch.compile(train_model) if config.compile else train_model
-    opt = optim.build_optimizer(config.optimizer, model.parameters(), config, fused=cuda)
+                   "regression": int(y_train.shape[1]) if y_train.ndim == 2 else 1}.get(task, 0)
+    model, step_model = _build_model(config, family, model_config, input_shape, num_outputs, init_from, device,
+                                     memory_format, world)
+    opt = optim.build_optimizer(config.optimizer, model.parameters(), config, fused=cuda)  # one update kernel on CUDA
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # fp16 only: bf16 needs no scaling
-    plateau = optim.Plateau(config.gamma, config.plateau_patience, "max") if config.schedule == "plateau" else None
-
+    primary = _primary_metric(task)
+    monitor = primary if config.early_stopping.metric == "auto" else config.early_stopping.metric
+    plateau = (optim.Plateau(config.gamma, config.plateau_patience, "min" if _lower_is_better(monitor) else "max")
+               if config.schedule == "plateau" else None)
     soft_targets, teacher_model = None, None
     if teacher is not None:
         teacher_model = _load_teacher(teacher, task, labels, info, input_shape, device, memory_format)
         if not config.augment_shift:  # frozen teacher, fixed inputs: its logits once, not per step
-            soft_targets = _predict(teacher_model, x_train, device, memory_format, autocast)
+            soft_targets = _predict(teacher_model, split.x_train, device, memory_format, autocast)
             teacher_model = None
-    loss_fn = _loss_fn(config, task, soft_targets, teacher_model, autocast)
 
-    # ---- what "better" means
-    primary = _primary_metric(task)
-    monitor = primary if config.early_stopping.metric == "auto" else config.early_stopping.metric
-    lower_is_better = _lower_is_better(monitor)
-    if plateau is not None:
-        plateau.mode = "min" if lower_is_better else "max"
+    description = models.describe(family, model_config, input_shape, num_outputs)
+    s = Setup(
+        config=config, world=world, device=device, task=task, labels=labels, data=split, precision=precision,
+        channels_last=channels_last, memory_format=memory_format, autocast=autocast, model=model,
+        step_model=step_model, opt=opt, scaler=scaler, plateau=plateau,
+        loss_fn=_loss_fn(config, task, soft_targets, teacher_model, autocast), primary=primary, monitor=monitor,
+        checkpoint_meta={
+            "model": description,
+            "task": task,
+            "label_names": list(info.get("label_names") or []),
+            **({"target_names": info["target_names"]} if "target_names" in info else {}),
+            "input_layout": info.get("input_layout", "NCHW"),
+            "normalization": info["normalization"],
+            "dataset_sha256": info["sha256"],
+            "dataset_source": info["source"],
+            "recipe": recipe or {},
+            "run_id": tracker.run_id,
+            "train_device": device,
+            "init_from": str(init_from or ""),
+            "distilled_from": str(teacher or ""),
+        },
+        fingerprint={**_fingerprint(config, description, info), "device_type": split.shuffle.device.type,
+                     "resident": resident})
+    state = _resume(s, rundir.train_state, tracker) if resume else State.fresh(primary)
 
-    best = {"epoch": 0, "value": -math.inf if not _lower_is_better(primary) else math.inf, "val_loss": math.inf}
-    stop = {"best": None, "bad_epochs": 0}
-    history: list[dict] = []
-    start_epoch, prior_run = 0, None
-    fingerprint = {**_fingerprint(config, description, info), "device_type": shuffle.device.type, "resident": resident}
-    if resume:
-        state = checkpoint.load_state(rundir.train_state)
-        _check_resumable(state, fingerprint, rundir.train_state)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if plateau is not None:
-            plateau.load_state_dict(state["plateau"])
-        rng = state["rng"]
-        checkpoint.set_rng_state(rng[world.rank] if len(rng) == world.size else rng[0], shuffle)
-        best, stop, history = state["best"], state["early_stop"], list(state["history"])
-        start_epoch, prior_run = state["epoch"], state.get("run_id")
-        log.info("resuming at epoch %d/%d from %s (run %s)", start_epoch + 1, config.epochs, rundir.train_state,
-                 prior_run or "untracked")
-        tracker.set_tags({"train.resumed_from_run": prior_run or "", "train.resumed_from_epoch": start_epoch})
-        for row in history:  # the resumed run carries the whole curve, not only its own epochs
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-        if state.get("finished"):
-            start_epoch = config.epochs
-
+    n_params = sum(p.numel() for p in model.parameters())
     tracker.log_params({**asdict(config), "device": device, "data_path": "device" if resident else "loader",
                         "precision": precision, "channels_last": channels_last, "world_size": world.size,
                         "model.family": family, "model.parameters": n_params, "task": task,
@@ -340,146 +391,267 @@ def _train(config: Config, rundir, tracker, *, world, device, family, model_conf
              family, n_params, task, device, f" x{world.size} processes" if world.distributed else "", config.epochs,
              "resident" if resident else f"DataLoader ({config.loader_workers} workers)", precision,
              config.batch_size, ", channels_last" if channels_last else "")
+    return s, state
 
-    # ---- the loop
-    steps_per_epoch = math.ceil(math.ceil(len(x_train) / world.size) / per_rank_batch)
+
+def _precision(choice: str, cuda: bool) -> tuple[str, Callable[[], Any]]:
+    """-> (fp32, bf16 or fp16; a factory of autocast contexts for it)."""
+    import torch
+
+    if choice != "auto":
+        precision = choice
+    elif cuda:  # bf16 where the GPU has it (Ampere and later), fp16 with loss scaling on older ones
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        precision = "fp32"
+    if precision == "fp16" and not cuda:
+        raise StageError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast():
+        return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    return precision, autocast
+
+
+def _place_data(config: Config, arrays, resident: bool, device: str, memory_format, per_rank_batch: int) -> Split:
+    """The numpy splits as tensors: all on the device when ``resident``, else training data on the host
+    behind a DataLoader with pinned memory and workers."""
+    import torch
+
+    x_train_np, y_train_np, x_val_np, y_val_np = arrays
+    where = device if resident else "cpu"
+    x_train = torch.from_numpy(x_train_np).to(where).contiguous(memory_format=memory_format)
+    y_train = torch.from_numpy(y_train_np).to(where)
+    x_val, y_val = torch.from_numpy(x_val_np), torch.from_numpy(y_val_np)
+    if resident:
+        x_val, y_val = x_val.to(device), y_val.to(device)
+    # Shuffling draws from its own generator, on the device for resident data (randperm on the GPU).
+    shuffle = torch.Generator(device=device if resident else "cpu").manual_seed(config.seed)
+    if resident:
+        return Split(x_train, y_train, x_val, y_val, True, device, per_rank_batch, shuffle)
+    sampler = _Order()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x_train, y_train, torch.arange(len(x_train))),
+        batch_size=per_rank_batch, sampler=sampler, num_workers=config.loader_workers,
+        pin_memory=device.startswith("cuda"),  # page-locked host memory: asynchronous copies to the GPU
+        persistent_workers=config.loader_workers > 0,
+        # Its own generator: otherwise each epoch's iterator draws a worker seed from the global
+        # stream and shifts every dropout mask after it (the loader and resident paths would differ).
+        generator=torch.Generator().manual_seed(config.seed))
+    return Split(x_train, y_train, x_val, y_val, False, device, per_rank_batch, shuffle, loader, sampler)
+
+
+def _build_model(config: Config, family: str, model_config: Any, input_shape: tuple, num_outputs: int,
+                 init_from: Path | None, device: str, memory_format, world: distributed.World):
+    """-> (the model on the device, what a step calls: wrapped for DDP and compiled where asked)."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = models.build(family, model_config, input_shape, num_outputs)
+    if init_from is not None:
+        for line in checkpoint.init_from(model, init_from):
+            log.info("%s", line)
+    model = model.to(device, memory_format=memory_format)
+    train_model = model
+    if world.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    # torch.compile: fused kernels, fewer Python round trips; pays off on long runs only (tens of seconds to compile).
+    return model, torch.compile(train_model) if config.compile else train_model
+
+
+def _resume(s: Setup, path: Path, tracker: "Tracker") -> State:
+    """Restore the model, optimizer, scaler, plateau and every random stream from ``path``; the
+    resumed run logs the whole curve so far, not only its own epochs."""
+    saved = checkpoint.load_state(path)
+    _check_resumable(saved, s.fingerprint, path)
+    s.model.load_state_dict(saved["model"])
+    s.opt.load_state_dict(saved["optimizer"])
+    s.scaler.load_state_dict(saved["scaler"])
+    if s.plateau is not None:
+        s.plateau.load_state_dict(saved["plateau"])
+    rng = saved["rng"]
+    checkpoint.set_rng_state(rng[s.world.rank] if len(rng) == s.world.size else rng[0], s.data.shuffle)
+    state = State(saved["epoch"], saved["best"], saved["early_stop"], list(saved["history"]), resumed=True)
+    prior_run = saved.get("run_id")
+    log.info("resuming at epoch %d/%d from %s (run %s)", state.start_epoch + 1, s.config.epochs, path,
+             prior_run or "untracked")
+    tracker.set_tags({"train.resumed_from_run": prior_run or "", "train.resumed_from_epoch": state.start_epoch})
+    for row in state.history:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    if saved.get("finished"):  # nothing left to train: the stage only writes its outputs again
+        state.start_epoch = s.config.epochs
+    return state
+
+
+# ---------------------------------------------------------------- the loop
+
+def loop(s: Setup, state: State, rundir: "RunDir", tracker: "Tracker") -> int:
+    """The epochs, top to bottom. Per step: set the learning rate, forward under autocast, loss,
+    backward, clip, optimizer step. Per epoch: validate, log, keep the best checkpoint, save the
+    resumable state, stop early. Returns the samples trained on (all processes)."""
+    import torch
+
+    c, world = s.config, s.world
+    steps_per_epoch = math.ceil(math.ceil(len(s.data.x_train) / world.size) / s.data.per_rank_batch)
     show_bar = world.is_main and sys.stderr.isatty()
-    stopped_early = bool(stop.get("stopped"))
-    samples_seen, t0 = 0, time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
-        if stopped_early:
+    samples_seen = 0
+    for epoch in range(state.start_epoch, c.epochs):
+        if state.stopped_early:
             break
-        model.train()
-        order = distributed.shard(torch.randperm(len(x_train), generator=shuffle, device=shuffle.device), world)
-        if resident:
-            batches = ((idx, x_train[idx], y_train[idx]) for idx in order.split(per_rank_batch))
-        else:
-            order_holder.order = order.tolist()
-            batches = ((idx.to(device, non_blocking=True), xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
-                       for xb, yb, idx in loader)
+        s.model.train()
+        order, batches = s.data.epoch(world)
         # Sums on the device, read once per epoch: no host-device synchronization per step.
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        part_sums: dict[str, Any] = {}
-        with _progress(show_bar, f"epoch {epoch + 1}/{config.epochs}", len(order)) as advance:
+        sums = _Sums(s.device)
+        with _progress(show_bar, f"epoch {epoch + 1}/{c.epochs}", len(order)) as advance:
             for step, (idx, xb, yb) in enumerate(batches):
-                lr = optim.lr_at(config, epoch + step / steps_per_epoch, plateau)
-                for group in opt.param_groups:
+                lr = optim.lr_at(c, epoch + step / steps_per_epoch, s.plateau)
+                for group in s.opt.param_groups:
                     group["lr"] = lr
-                if config.augment_shift:
-                    xb = _random_shift(xb, config.augment_shift, shuffle)
-                xb = xb.contiguous(memory_format=memory_format)
-                targets = xb if task == "vae" else yb
-                with autocast():
-                    outputs = step_model(xb)
-                    loss, parts = loss_fn(outputs, targets, idx, xb)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                loss_sum += loss.detach().double() * len(xb)
-                for k, v in parts.items():
-                    part_sums[k] = part_sums.get(k, 0) + v.double() * len(xb)
-                if task == "classification":
-                    correct += (outputs.argmax(1) == yb).sum()
+                if c.augment_shift:
+                    xb = _random_shift(xb, c.augment_shift, s.data.shuffle)
+                xb = xb.contiguous(memory_format=s.memory_format)
+                targets = xb if s.task == "vae" else yb
+                with s.autocast():
+                    outputs = s.step_model(xb)
+                    loss, parts = s.loss_fn(outputs, targets, idx, xb)
+                s.opt.zero_grad(set_to_none=True)
+                s.scaler.scale(loss).backward()
+                if c.grad_clip:
+                    s.scaler.unscale_(s.opt)
+                    torch.nn.utils.clip_grad_norm_(s.model.parameters(), c.grad_clip)
+                s.scaler.step(s.opt)
+                s.scaler.update()
+                sums.add(loss, parts, len(xb), (outputs.argmax(1) == yb).sum() if s.task == "classification" else None)
                 advance(len(xb))
-        n_seen = torch.tensor(float(len(order)), device=device, dtype=torch.float64)
-        names = sorted(part_sums) if len(part_sums) > 1 else []  # the VAE's reconstruction and KL terms
-        sums = distributed.all_sum(torch.stack([n_seen, loss_sum, correct.double(), *(part_sums[k] for k in names)]),
-                                   world).tolist()
-        samples_seen += int(sums[0])
-        row = {"train_loss": sums[1] / sums[0]}
-        if task == "classification":
-            row["train_accuracy"] = sums[2] / sums[0]
-        row.update({f"train_{k}": v / sums[0] for k, v in zip(names, sums[3:])})
+        row, n = sums.read(len(order), s.task, world)
+        samples_seen += n
         if not math.isfinite(row["train_loss"]):
             raise StageError(f"training diverged at epoch {epoch + 1} (train loss {row['train_loss']}); "
                              "lower train.lr or set train.grad_clip (e.g. 1.0)")
 
-        distributed.sync_buffers(model, world)
-        row.update(_validate(model, x_val, y_val, task, labels, device, memory_format, autocast, config))
+        distributed.sync_buffers(s.model, world)
+        row.update(_validate(s))
         row["lr"] = lr
-        if monitor not in row:
-            raise StageError(f"train.early_stopping.metric `{monitor}` is not a validation metric of this "
-                             f"{task} run; choose one of {sorted(k for k in row if k.startswith('val_'))} or auto")
-        history.append({"epoch": epoch + 1, **row})
+        if s.monitor not in row:
+            raise StageError(f"train.early_stopping.metric `{s.monitor}` is not a validation metric of this "
+                             f"{s.task} run; choose one of {sorted(k for k in row if k.startswith('val_'))} or auto")
+        state.history.append({"epoch": epoch + 1, **row})
         tracker.log_metrics(row, step=epoch + 1)
-        log.info("epoch %3d/%d  lr %.2e  %s", epoch + 1, config.epochs, lr,
+        log.info("epoch %3d/%d  lr %.2e  %s", epoch + 1, c.epochs, lr,
                  "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "lr"))
 
-        # Best on the primary validation metric; ties go to the lower validation loss.
-        sign = -1 if _lower_is_better(primary) else 1
-        if (sign * row[primary], -row["val_loss"]) > (sign * best["value"], -best["val_loss"]):
-            best = {"epoch": epoch + 1, "value": row[primary], "val_loss": row["val_loss"]}
+        if _better(row, state.best, s.primary):
+            state.best = {"epoch": epoch + 1, "value": row[s.primary], "val_loss": row["val_loss"]}
             if world.is_main:
-                checkpoint.save(rundir.checkpoint, model, {
-                    "model": description,
-                    "task": task,
-                    "label_names": list(info.get("label_names") or []),
-                    **({"target_names": info["target_names"]} if "target_names" in info else {}),
-                    "input_layout": info.get("input_layout", "NCHW"),
-                    "normalization": info["normalization"],
-                    "dataset_sha256": info["sha256"],
-                    "dataset_source": info["source"],
-                    "recipe": recipe or {},
-                    "run_id": tracker.run_id,
-                    "epoch": epoch + 1,
-                    primary: row[primary],
-                    "val_loss": row["val_loss"],
-                    "train_device": device,
-                    "init_from": str(init_from or ""),
-                    "distilled_from": str(teacher or ""),
-                }, json_path=rundir.checkpoint_json)
+                scores = {"epoch": epoch + 1, s.primary: row[s.primary], "val_loss": row["val_loss"]}
+                checkpoint.save(rundir.checkpoint, s.model, {**s.checkpoint_meta, **scores},
+                                json_path=rundir.checkpoint_json)
+        # Reduce-on-plateau and early stopping watch the monitored metric.
+        if s.plateau is not None:
+            s.plateau.update(row[s.monitor])
+        state.early_stop = _early_stop(state.early_stop, row[s.monitor], c.early_stopping, s.monitor)
 
-        # Early stopping and reduce-on-plateau watch the monitored metric.
-        value = row[monitor]
-        if plateau is not None:
-            plateau.update(value)
-        improved = stop["best"] is None or (
-            value < stop["best"] - config.early_stopping.min_delta if lower_is_better
-            else value > stop["best"] + config.early_stopping.min_delta)
-        stop = {"best": value if improved else stop["best"], "bad_epochs": 0 if improved else stop["bad_epochs"] + 1}
-        stopped_early = bool(config.early_stopping.patience) and stop["bad_epochs"] >= config.early_stopping.patience
-        stop["stopped"] = stopped_early
-        if stopped_early:
-            log.info("early stop: %s has not improved by more than %g for %d epochs", monitor,
-                     config.early_stopping.min_delta, stop["bad_epochs"])
+        last = epoch + 1 == c.epochs or state.stopped_early
+        if (epoch + 1) % c.checkpoint_every == 0 or last:
+            _save_state(s, state, epoch + 1, last, rundir, tracker)
+    return samples_seen
 
-        last = epoch + 1 == config.epochs or stopped_early
-        if (epoch + 1) % config.checkpoint_every == 0 or last:
-            rng = distributed.gather(checkpoint.rng_state(shuffle), world)
-            if world.is_main:
-                checkpoint.save_state(rundir.train_state, {
-                    "epoch": epoch + 1, "finished": last, "fingerprint": fingerprint, "run_id": tracker.run_id,
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                    "plateau": plateau.state_dict() if plateau is not None else None,
-                    "rng": rng, "best": best, "early_stop": stop, "history": history})
 
-    seconds = time.perf_counter() - t0
+def _finish(s: Setup, state: State, rundir: "RunDir", tracker: "Tracker", *, seconds: float,
+            samples_seen: int) -> Result:
+    """Write the history and curves, log the artifacts and the run's summary metrics."""
+    best = state.best
     if best["epoch"] == 0:
         raise StageError(f"{rundir.train_state} says the run had finished but recorded no best epoch; "
                          "train again without --resume")
-    if world.is_main:
-        write_json(rundir.history, history)
-        plot_history(history, rundir.training_curves, metric=primary[len("val_"):])
+    if s.world.is_main:
+        write_json(rundir.history, state.history)
+        plot_history(state.history, rundir.training_curves, metric=s.primary[len("val_"):])
         tracker.log_artifact(rundir.training_curves)
         tracker.log_artifact(rundir.checkpoint_json)
         tracker.log_artifact(rundir.checkpoint)
     samples_per_s = samples_seen / seconds if seconds > 0 and samples_seen else 0.0
-    tracker.log_metrics({"best_epoch": best["epoch"], f"best_{primary}": best["value"], "train_seconds": seconds,
-                         "train_samples_per_s": samples_per_s, "epochs_run": len(history)})
-    tracker.set_tags({"device": device, "stopped_early": stopped_early})
-    return Result(best_epoch=best["epoch"], metric=primary, value=best["value"], val_loss=best["val_loss"],
-                  epochs_run=len(history), stopped_early=stopped_early, device=device,
-                  data_path="device" if resident else "loader", precision=precision, seconds=seconds,
-                  samples_per_s=samples_per_s, run_id=tracker.run_id, resumed_from_epoch=start_epoch if resume else 0)
+    tracker.log_metrics({"best_epoch": best["epoch"], f"best_{s.primary}": best["value"], "train_seconds": seconds,
+                         "train_samples_per_s": samples_per_s, "epochs_run": len(state.history)})
+    tracker.set_tags({"device": s.device, "stopped_early": state.stopped_early})
+    return Result(best_epoch=best["epoch"], metric=s.primary, value=best["value"], val_loss=best["val_loss"],
+                  epochs_run=len(state.history), stopped_early=state.stopped_early, device=s.device,
+                  data_path="device" if s.data.resident else "loader", precision=s.precision, seconds=seconds,
+                  samples_per_s=samples_per_s, run_id=tracker.run_id,
+                  resumed_from_epoch=state.start_epoch if state.resumed else 0)
 
 
 # ---------------------------------------------------------------- helpers of the loop
+
+class _Sums:
+    """One epoch's training loss (and its parts) and correct predictions, summed on the device over
+    the samples of each step; ``read`` all-reduces them over the processes, once per epoch."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.parts: dict[str, Any] = {}
+        self.device = device
+
+    def add(self, loss, parts: dict, n: int, correct=None) -> None:
+        self.loss += loss.detach().double() * n
+        for k, v in parts.items():
+            self.parts[k] = self.parts.get(k, 0) + v.double() * n
+        if correct is not None:
+            self.correct += correct
+
+    def read(self, n_local: int, task: str, world: distributed.World) -> tuple[dict, int]:
+        """-> (the epoch's train_* metrics, samples seen by all processes)."""
+        import torch
+
+        n_seen = torch.tensor(float(n_local), device=self.device, dtype=torch.float64)
+        names = sorted(self.parts) if len(self.parts) > 1 else []  # the VAE's reconstruction and KL terms
+        sums = distributed.all_sum(torch.stack([n_seen, self.loss, self.correct.double(),
+                                                *(self.parts[k] for k in names)]), world).tolist()
+        row = {"train_loss": sums[1] / sums[0]}
+        if task == "classification":
+            row["train_accuracy"] = sums[2] / sums[0]
+        row.update({f"train_{k}": v / sums[0] for k, v in zip(names, sums[3:])})
+        return row, int(sums[0])
+
+
+def _better(row: dict, best: dict, primary: str) -> bool:
+    """Better on the primary validation metric; ties go to the lower validation loss."""
+    sign = -1 if _lower_is_better(primary) else 1
+    return (sign * row[primary], -row["val_loss"]) > (sign * best["value"], -best["val_loss"])
+
+
+def _early_stop(stop: dict, value: float, rule: EarlyStopping, metric: str) -> dict:
+    """Early stopping's counters after one more epoch's ``value`` of ``metric``: an improvement by more
+    than ``min_delta`` resets them; ``patience`` epochs without one stop the run."""
+    if stop["best"] is None:
+        improved = True
+    elif _lower_is_better(metric):
+        improved = value < stop["best"] - rule.min_delta
+    else:
+        improved = value > stop["best"] + rule.min_delta
+    stop = {"best": value if improved else stop["best"], "bad_epochs": 0 if improved else stop["bad_epochs"] + 1}
+    stop["stopped"] = bool(rule.patience) and stop["bad_epochs"] >= rule.patience
+    if stop["stopped"]:
+        log.info("early stop: %s has not improved by more than %g for %d epochs", metric, rule.min_delta,
+                 stop["bad_epochs"])
+    return stop
+
+
+def _save_state(s: Setup, state: State, epoch: int, finished: bool, rundir: "RunDir", tracker: "Tracker") -> None:
+    """train_state.pt: what ``--resume`` needs to continue exactly (every rank's random streams)."""
+    rng = distributed.gather(checkpoint.rng_state(s.data.shuffle), s.world)  # collective: every rank calls it
+    if s.world.is_main:
+        checkpoint.save_state(rundir.train_state, {
+            "epoch": epoch, "finished": finished, "fingerprint": s.fingerprint, "run_id": tracker.run_id,
+            "model": {k: v.detach().cpu() for k, v in s.model.state_dict().items()},
+            "optimizer": s.opt.state_dict(), "scaler": s.scaler.state_dict(),
+            "plateau": s.plateau.state_dict() if s.plateau is not None else None,
+            "rng": rng, "best": state.best, "early_stop": state.early_stop, "history": state.history})
+
 
 def _resident(choice: str, device: str, nbytes: int) -> bool:
     """Keep the split on the device? On CPU it is in memory already; on CUDA when it fits comfortably."""
@@ -559,16 +731,15 @@ def _predict(model, x, device: str, memory_format, autocast):
     return torch.cat(outs)
 
 
-def _validate(model, x_val, y_val, task: str, labels: list[str], device: str, memory_format, autocast,
-              config: Config) -> dict:
+def _validate(s: Setup) -> dict:
     """Validation loss (no label smoothing: comparable across recipes) and the task's metrics
     (stages/metrics.py ``score``: the scalar ones, prefixed val_)."""
-    model.eval()
-    outputs = _predict(model, x_val, device, memory_format, autocast)
-    targets = (x_val if task == "vae" else y_val).to(device)
-    loss, _ = compute_loss(task, outputs, targets, kl_weight=config.kl_weight)
+    s.model.eval()
+    outputs = _predict(s.model, s.data.x_val, s.device, s.memory_format, s.autocast)
+    targets = (s.data.x_val if s.task == "vae" else s.data.y_val).to(s.device)
+    loss, _ = compute_loss(s.task, outputs, targets, kl_weight=s.config.kl_weight)
     as_numpy = tuple(o.cpu().numpy() for o in outputs) if isinstance(outputs, tuple) else outputs.cpu().numpy()
-    scores = score(task, targets.cpu().numpy(), as_numpy, labels)
+    scores = score(s.task, targets.cpu().numpy(), as_numpy, s.labels)
     return {"val_loss": float(loss), **{f"val_{k}": float(v) for k, v in scores.items()
                                          if isinstance(v, float) and k != "samples"}}
 

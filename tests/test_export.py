@@ -17,12 +17,13 @@ from torch import nn
 import models
 from stages.contract import NullTracker
 from stages import checkpoint, conversion, dataset, export, register
+from stages.onnx_model import OnnxModel, Preprocessing
 from stages.predictors import OrtPredictor, TorchPredictor
 from stages.sessions import SessionSettings
 
 
 def _props(path) -> dict:
-    return conversion.metadata_props(path)
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def _fresh(rundir):
@@ -104,9 +105,10 @@ def test_the_default_image_export_takes_raw_pixels_and_says_so(exported):
     data = dataset.load(exported.data, exported.dataset)
     raw, _ = data.split("test", normalized=False)
     model, _ = checkpoint.load(exported.checkpoint)
-    got = OrtPredictor(exported.onnx).predict(conversion.onnx_input(raw, props))
+    fp32 = OnnxModel.open(exported.onnx)
+    got = fp32.predict(raw)["logits"]
     np.testing.assert_allclose(got, TorchPredictor(model).predict(data.normalize(raw)), atol=1e-4)
-    assert conversion.onnx_input(raw, props) is not None and np.array_equal(conversion.onnx_input(raw, props), raw)
+    assert np.array_equal(fp32.feed(raw)["input"], raw)
 
 
 def test_uint8_input_with_per_channel_normalization_in_the_graph(tmp_path):
@@ -114,19 +116,19 @@ def test_uint8_input_with_per_channel_normalization_in_the_graph(tmp_path):
     model = models.cnn.build(models.cnn.Config(channels=(4,), pool_after=0, hidden=8), (3, 8, 8), 5).eval()
     info = {"normalization": {"mean": [10.0, 120.0, 200.0], "std": [5.0, 60.0, 30.0]}, "raw_dtype": "uint8",
             "value_range": [0, 255], "input_layout": "NCHW"}
-    pre = conversion.preprocessing_spec(info, in_graph=True)
+    pre = Preprocessing.from_dataset(info, in_graph=True)
     raw = np.random.default_rng(0).integers(0, 256, (40, 3, 8, 8)).astype(np.uint8)
-    x = conversion.model_input(raw, pre)
+    x = pre.apply(raw)
     assert x.dtype == np.uint8
     path = tmp_path / "u8.onnx"
     outcome = conversion.export_checked(conversion.InGraph(model, pre), x, path, models.ExportSpec())
     assert outcome["exporter"] == "dynamo"
     session = OrtPredictor(path)
     assert session.inputs[0].type == "tensor(uint8)"
-    expected = TorchPredictor(model).predict(conversion.normalize(raw, pre["mean"], pre["std"]))
+    expected = TorchPredictor(model).predict(dataset.normalize(raw, pre.mean, pre.std))
     np.testing.assert_allclose(session.predict(raw), expected, atol=1e-4)
     # outside the graph the same helper normalizes per channel, as Data.normalize does
-    off = conversion.model_input(raw, conversion.preprocessing_spec(info, in_graph=False))
+    off = Preprocessing.from_dataset(info, in_graph=False).apply(raw)
     assert off.dtype == np.float32 and off[:, 1].mean() == pytest.approx(((raw[:, 1] - 120.0) / 60.0).mean(), rel=1e-5)
 
 
@@ -141,7 +143,7 @@ def test_softmax_output_sums_to_one_and_preprocessing_can_stay_outside(exported,
     assert lo < 0 < hi  # the normalized range of raw 0..16
     data = dataset.load(rd.data, rd.dataset)
     raw, _ = data.split("test", normalized=False)
-    x = conversion.onnx_input(raw, props)
+    x = OnnxModel.open(rd.onnx).feed(raw)["input"]
     np.testing.assert_array_equal(x, data.normalize(raw))
     out = OrtPredictor(rd.onnx).run({"input": x})
     np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from stages import dataset
 from stages import package as pkg
-from stages.predictors import OrtPredictor, predict_batched
+from stages.onnx_model import NO_PREPROCESSING, ModelMeta, OnnxModel
 from tests.conftest import ROOT
 
 PY_EXAMPLE = ROOT / "examples" / "python" / "classify.py"
@@ -54,15 +54,11 @@ def run_example(cmd: list[str]) -> tuple[int, list[list[str]], str]:
 
 
 def reference_labels(onnx_path: Path, data, labels: list[str]) -> tuple[list[str], np.ndarray]:
-    """In-process ONNX Runtime through the project's own predictor, fed what the file's metadata says
-    it takes (raw when its graph normalizes, else normalized by the project's Data.normalize):
-    labels and top-2 margins."""
-    predictor = OrtPredictor(onnx_path, device="cpu")
-    props = predictor.session.get_modelmeta().custom_metadata_map
+    """In-process ONNX Runtime through the project's own OnnxModel, fed what the file's metadata says
+    it takes (raw when its graph normalizes, else normalized): labels and top-2 margins."""
+    model = OnnxModel.open(onnx_path)
     raw, _ = data.split("test", normalized=False)
-    in_graph = json.loads(props.get("preprocessing", "{}")).get("applied_in_graph", False)
-    x = raw.astype(props.get("input.dtype", "float32")) if in_graph else data.normalize(raw)
-    logits = predict_batched(predictor, x)
+    logits = model.predict(raw)[model.meta.primary_output]
     top2 = np.sort(logits, axis=1)[:, -2:]
     return [labels[i] for i in logits.argmax(1)], top2[:, 1] - top2[:, 0]
 
@@ -347,8 +343,7 @@ def test_onnx_pipelines_server_serves_the_triton_repository(triton_repo, bundle)
         meta = httpx.get(f"{base}/v2/models/tiny").json()
         assert meta["versions"] == ["3"] and meta["inputs"][0]["shape"] == [-1, 1, 8, 8]
         samples = json.loads((bundle / "samples.json").read_text())["samples"][:5]
-        x = pkg.model_input(np.asarray([s["input"] for s in samples], np.float32),
-                            json.loads((bundle / "model.json").read_text()))
+        x = ModelMeta.read(bundle / "model.onnx").feed(np.asarray([s["input"] for s in samples], np.float32))["input"]
         r = httpx.post(f"{base}/v2/models/tiny/versions/3/infer", timeout=30, json={"inputs": [
             {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
         assert r.status_code == 200, r.text
@@ -389,6 +384,8 @@ def contrib_model(tmp_path_factory) -> Path:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     proto.ir_version = 8  # what ONNX Runtime reads; onnx.helper writes its newest
     proto.metadata_props.add(key="labels", value='["a", "b", "c"]')
+    # It says how to feed it: as is. A file that says nothing is refused (stages.onnx_model).
+    proto.metadata_props.add(key="preprocessing", value=json.dumps(NO_PREPROCESSING))
     path = tmp_path_factory.mktemp("contrib") / "contrib.onnx"
     onnx.save(proto, str(path))
     return path

@@ -73,8 +73,8 @@ def test_int4_is_not_applicable_without_a_matmul_and_says_why():
     w = onnx.numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w")
     graph = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g", [x], [y], [w])
     ctx = variants.Context(config=quantize.Config(), task="classification", family="cnn",
-                           fp32=onnx.helper.make_model(graph), calibration=np.zeros((1, 1, 4, 4), np.float32),
-                           judge_val=None, val_input=None)
+                           fp32=onnx.helper.make_model(graph), calibration={"x": np.zeros((1, 1, 4, 4), np.float32)},
+                           judge_val=None)
     reason = quantize.VARIANTS["int4-weight"].applicable(ctx)
     assert reason and "MatMul" in reason
 
@@ -167,8 +167,11 @@ def outlier_run(prepared, tmp_path_factory):
     spec = models.ExportSpec()
     conversion.export_onnx(model, conversion.torch_example(data.split("test")[0]), rd.onnx, spec, 18, "dynamo")
     from stages.common import stamp_onnx
+    from stages.onnx_model import Preprocessing
 
-    stamp_onnx(rd.onnx, {"labels": json.dumps(data.labels), "variant": "fp32"})
+    # It takes the normalized split, and says so: a file that does not say how to feed it is refused.
+    stamp_onnx(rd.onnx, {"labels": json.dumps(data.labels), "variant": "fp32",
+                         "preprocessing": Preprocessing.from_dataset(data.info, in_graph=False).to_json()})
     return rd
 
 

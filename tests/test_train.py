@@ -1,5 +1,6 @@
 """The train stage in depth: optimizers and schedules from their tables, early stopping, resuming a
-killed run, fine-tuning onto a different label count, distillation, and two-process DDP on CPU."""
+killed run, fine-tuning onto a different label count, distillation, prune's fine-tune on the same loss,
+and two-process DDP on CPU."""
 
 from __future__ import annotations
 
@@ -305,6 +306,24 @@ def test_distillation_loss_is_hintons():
     pure = dataclasses.replace(cfg, distill=train.Distill(teacher="x", alpha=1.0))
     assert train._loss_fn(pure, "classification", teacher, None, None)(teacher, y, idx, None)[0].item() == pytest.approx(0, abs=1e-6)
     assert parts["hard"].item() == pytest.approx(hard.item())
+
+
+def test_prunes_fine_tune_trains_on_the_train_stages_loss():
+    from stages.losses import compute_loss
+    from stages.quantize import prune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    x = np.random.default_rng(0).normal(size=(100, 1, 4, 4)).astype(np.float32)
+    y = x.reshape(100, 16)[:, :2].copy()  # (N, T) regression targets
+    with torch.no_grad():
+        before = compute_loss("regression", model(torch.from_numpy(x)), torch.from_numpy(y))[0].item()
+    losses = prune.fine_tune(model, x, y, "regression", epochs=1, lr=0.0)  # lr 0: the loss of the model as it is
+    assert losses == [pytest.approx(before, rel=1e-5)]
+    # compute_loss's own check, not a silent reshape: (N,) targets for a (N, 1) output are refused.
+    with pytest.raises(ValueError, match=r"targets must be \(N, T\) float"):
+        prune.fine_tune(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1)), x, y[:, 0], "regression",
+                        epochs=1, lr=0.0)
 
 
 def test_distillation_trains_a_smaller_student_against_the_teacher(tiny_recipe, trained, small, tmp_path):

@@ -29,6 +29,7 @@ import numpy as np
 
 from stages import dataset
 from stages.common import StageError, atomic_path, require, sha256_file, stamp_onnx, write_json
+from stages.onnx_model import OnnxModel
 from stages.predictors import OrtPredictor
 from stages.quantize import judge
 from stages.quantize.variants import VARIANTS, CalibrationReader, Context, Variant  # noqa: F401 (the table)
@@ -107,21 +108,21 @@ class Result:
         return f"fp32 {self.metric} {self.fp32:.4f}; " + ", ".join(parts)
 
 
-def check_variant(path, reference: OrtPredictor, x) -> list[str]:
+def check_variant(path, reference: OnnxModel, feeds: dict[str, np.ndarray]) -> list[str]:
     """Loads in ONNX Runtime (CPU) and answers with fp32's input and output names, dtypes and shapes."""
     problems = []
-    session = OrtPredictor(path, device="cpu")
-    ref_in = [(i.name, i.type) for i in reference.inputs]
+    session, fp32 = OrtPredictor(path, device="cpu"), reference.predictor
+    ref_in = [(i.name, i.type) for i in fp32.inputs]
     got_in = [(i.name, i.type) for i in session.inputs]
     if ref_in != got_in:
         problems.append(f"inputs {got_in} differ from fp32's {ref_in}")
-    if session.output_names != reference.output_names:
-        problems.append(f"output names {session.output_names} differ from fp32's {reference.output_names}")
         return problems
-    xb = x[:3]
-    want = reference.run({reference.input_name: xb})
-    got = session.run({session.input_name: xb})
-    for name in reference.output_names:
+    if session.output_names != fp32.output_names:
+        problems.append(f"output names {session.output_names} differ from fp32's {fp32.output_names}")
+        return problems
+    few = {name: x[:3] for name, x in feeds.items()}
+    want, got = fp32.run(few), session.run(few)
+    for name in fp32.output_names:
         if got[name].shape != want[name].shape or got[name].dtype != want[name].dtype:
             problems.append(f"output '{name}' is {got[name].dtype}{list(got[name].shape)}, fp32 gives "
                             f"{want[name].dtype}{list(want[name].shape)}")
@@ -134,32 +135,32 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     tracker.log_params({**config.__dict__, "variants": ",".join(config.variants)})
     require(rundir.onnx, "export")
     data = dataset.load(rundir.data, rundir.dataset)
-    props = judge.onnx_props(rundir.onnx)
-    task = judge.task_of(props, data.info)
-    feed = lambda split: judge.model_input(props, data, split)  # noqa: E731 (what the files take)
-    x_test, y_test = feed("test"), data.split("test")[1]
-    x_val, y_val = feed("val"), data.split("val")[1]
-    # vae: the reconstruction target is the normalized input, whatever the file is fed
-    target = {s: data.split(s)[0] for s in ("test", "val")} if task == "vae" else {"test": None, "val": None}
-    labels = list(data.info.get("label_names") or data.info.get("target_names") or [])
-    calib_all = feed("train")
-    calibration = calib_all[np.random.default_rng(0).permutation(len(calib_all))[:config.calibration_samples]]
-
+    # Raw splits: every file is fed and scored as fp32's metadata says (stages.onnx_model).
+    (x_test, y_test), (x_val, y_val) = data.split("test", normalized=False), data.split("val", normalized=False)
     try:
-        reference = OrtPredictor(rundir.onnx, device="cpu")
-        fp32_test = judge.evaluate(rundir.onnx, task, x_test, y_test, labels, target["test"])
-        fp32_val = judge.evaluate(rundir.onnx, task, x_val, y_val, labels, target["val"])
+        fp32 = OnnxModel.open(rundir.onnx)  # refuses a file whose metadata does not say how to feed it
+        fp32_test, fp32_val = fp32.score(x_test, y_test), fp32.score(x_val, y_val)
     except StageError:
         raise
     except Exception as e:
         raise StageError(f"{rundir.onnx} cannot be evaluated ({type(e).__name__}: {str(e)[:300]}); "
                          "rerun `pipeline export`") from e
-    judge_val = lambda path: judge.verdict(task, fp32_val, judge.evaluate(path, task, x_val, y_val, labels, target["val"]),  # noqa: E731
+    task, props = fp32.meta.task, dict(fp32.meta.props)
+    x_train = data.split("train", normalized=False)[0]
+    calibration = fp32.feed(x_train[np.random.default_rng(0).permutation(len(x_train))[:config.calibration_samples]])
+
+    def score_variant(path, x, y) -> dict:
+        """A variant takes what fp32 takes and means what it means: judged with fp32's metadata (its own
+        is stamped only once it has passed)."""
+        return OnnxModel.open(path, props=props).score(x, y)
+
+    judge_val = lambda path: judge.verdict(task, fp32_val, score_variant(path, x_val, y_val),  # noqa: E731
                                            config.accuracy_budget, config.relative_budget)
-    ctx = Context(config=config, task=task, family=props.get("model.family", ""),
+    ctx = Context(config=config, task=task, family=fp32.meta.family,
                   fp32=onnx.load(str(rundir.onnx), load_external_data=False), calibration=calibration,
-                  judge_val=judge_val, val_input=x_val, checkpoint=rundir.checkpoint, data=data,
+                  judge_val=judge_val, checkpoint=rundir.checkpoint, data=data,
                   artifact_names={"sensitivity_json": rundir.sensitivity_json, "sensitivity_md": rundir.sensitivity_md})
+    test_feeds = fp32.feed(x_test)
     budget = config.accuracy_budget if task == "classification" else config.relative_budget
     unit = "points" if task == "classification" else "relative"
 
@@ -181,10 +182,10 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
             else:
                 with atomic_path(path) as tmp, quiet_root_logger():
                     info = variant.make(rundir.onnx, tmp, ctx) or {}
-                    problems = check_variant(tmp, reference, x_test)
+                    problems = check_variant(tmp, fp32, test_feeds)
                     if problems:
                         raise StageError("; ".join(problems))
-                    metric = judge.evaluate(tmp, task, x_test, y_test, labels, target["test"])
+                    metric = score_variant(tmp, x_test, y_test)
                     v = judge.verdict(task, fp32_test, metric, config.accuracy_budget, config.relative_budget)
                     # The file says what it is: fp32's metadata (labels, input, lineage), then the variant's.
                     stamp_onnx(tmp, {**props, **variant_props(name, variant, metric, v, info)})

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from stages.losses import compute_loss
 
 if TYPE_CHECKING:
     from stages.quantize.variants import Context
@@ -174,9 +175,9 @@ def apply(model, cuts: list[Cut]):
 
 
 def fine_tune(model, x: np.ndarray, y: np.ndarray, task: str, epochs: int, lr: float, seed: int = 0) -> list[float]:
-    """A few epochs of AdamW on the training split (seeded); returns the mean loss per epoch."""
+    """A few epochs of AdamW on the training split (seeded), with the train stage's loss
+    (``stages.losses.compute_loss``, no label smoothing); returns the mean loss per epoch."""
     import torch
-    import torch.nn.functional as F
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -188,8 +189,7 @@ def fine_tune(model, x: np.ndarray, y: np.ndarray, task: str, epochs: int, lr: f
         order, total = torch.randperm(len(xt), generator=gen), 0.0
         for i in range(0, len(order), 64):
             idx = order[i:i + 64]
-            out = model(xt[idx])
-            loss = F.cross_entropy(out, yt[idx]) if task == "classification" else F.mse_loss(out, yt[idx].reshape(out.shape))
+            loss, _ = compute_loss(task, model(xt[idx]), yt[idx], sync=False)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -207,7 +207,7 @@ def make(src: Path, dst: Path, ctx: "Context") -> dict:
     validate the file against the pruned PyTorch model (names, shapes, values)."""
     import models
     from stages import checkpoint, conversion
-    from stages.quantize.judge import onnx_props
+    from stages.onnx_model import ModelMeta
 
     cfg = ctx.config
     if ctx.task not in ("classification", "regression"):
@@ -219,18 +219,17 @@ def make(src: Path, dst: Path, ctx: "Context") -> dict:
     losses = fine_tune(pruned, x_train, y_train, ctx.task, cfg.prune_finetune_epochs, cfg.prune_lr)
     pruned.eval()
 
-    props = onnx_props(src)
+    fp32 = ModelMeta.read(src)
     # The pruned file takes what the fp32 file takes: the same preprocessing (in the graph or not) and
     # the same outputs (a softmax beside the logits), so fp32's metadata stays true of it.
-    pre = json.loads(props.get("preprocessing") or "{}")
-    outputs = tuple(json.loads(props.get("output.names") or "[]"))
+    outputs = tuple(fp32.output_names)
     spec = models.export_spec(meta["model"]["family"], ctx.task)
-    spec = dataclasses.replace(spec, output_names=outputs or spec.output_names)
-    module = conversion.InGraph(pruned, pre if pre.get("applied_in_graph") else None, "probabilities" in outputs,
+    spec = dataclasses.replace(spec, input_name=fp32.input.name, output_names=outputs)
+    module = conversion.InGraph(pruned, fp32.preprocessing, "probabilities" in outputs,
                                 len(meta["model"]["input_shape"]) + 1).eval()
-    exporter = props.get("export.exporter", "dynamo")
-    opset = int(props.get("export.opset", 18))
-    x_val = conversion.onnx_input(ctx.data.split("val", normalized=False)[0], props)
+    exporter = fp32.props.get("export.exporter", "dynamo")
+    opset = int(fp32.props.get("export.opset", 18))
+    x_val = fp32.feed(ctx.data.split("val", normalized=False)[0])[fp32.input.name]
     conversion.export_onnx(module, conversion.torch_example(x_val), dst, spec, opset, exporter)
     problems, report = conversion.validate(dst, module, x_val, spec)
     if problems:

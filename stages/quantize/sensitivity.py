@@ -42,25 +42,26 @@ def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
     return float(min(200.0, 20.0 * math.log10(max(signal, 1e-30) / noise)))
 
 
-def _activations(model: Path, x: np.ndarray, workdir: Path, tag: str) -> dict[str, np.ndarray]:
+def _activations(model: Path, feeds: dict[str, np.ndarray], workdir: Path, tag: str) -> dict[str, np.ndarray]:
     from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
 
-    from stages.quantize.variants import CalibrationReader, input_name
+    from stages.quantize.variants import CalibrationReader
 
     augmented = workdir / f"{tag}.augmented.onnx"
     modify_model_output_intermediate_tensors(str(model), str(augmented))
-    acts = collect_activations(str(augmented), CalibrationReader(input_name(model), x))
+    acts = collect_activations(str(augmented), CalibrationReader(feeds))
     return {k: np.concatenate([a.ravel() for a in v]) for k, v in acts.items()}
 
 
-def table(float_model: Path, qdq_model: Path, x: np.ndarray) -> list[dict]:
-    """One row per float-graph node that the QDQ model quantizes, most sensitive first."""
+def table(float_model: Path, qdq_model: Path, feeds: dict[str, np.ndarray]) -> list[dict]:
+    """One row per float-graph node that the QDQ model quantizes, most sensitive first, measured on
+    ``feeds`` (input name -> calibration samples as the float model takes them)."""
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import compute_activation_error, create_activation_matching
 
     with tempfile.TemporaryDirectory() as tmp:
-        fl = _activations(float_model, x, Path(tmp), "float")
-        qd = _activations(qdq_model, x, Path(tmp), "qdq")
+        fl = _activations(float_model, feeds, Path(tmp), "float")
+        qd = _activations(qdq_model, feeds, Path(tmp), "qdq")
     matching = create_activation_matching({k: [v] for k, v in qd.items()}, {k: [v] for k, v in fl.items()})
     # ONNX Runtime's own per-tensor numbers: qdq_err is the SQNR of the QDQ pair alone (pre vs post).
     errors = compute_activation_error(matching)
@@ -136,9 +137,11 @@ def search(pre: Path, dst: Path, ctx: "Context", quantize: Callable[[Path, Path,
            ) -> tuple[list[str], list[dict]]:
     """Exclude nodes in order of sensitivity until the validation verdict is within budget.
     ``dst`` holds the fully quantized model on entry and the last attempt on return."""
+    from stages.quantize.variants import first, samples
+
     cfg = ctx.config
-    x = ctx.calibration[:cfg.sensitivity_samples]
-    rows = table(pre, dst, x)
+    feeds = first(ctx.calibration, cfg.sensitivity_samples)
+    rows = table(pre, dst, feeds)
     limit = cfg.max_excluded_nodes or len(rows) * 2
     excluded: list[str] = []
     attempts: list[dict] = []
@@ -161,7 +164,7 @@ def search(pre: Path, dst: Path, ctx: "Context", quantize: Callable[[Path, Path,
                     f" (max_excluded_nodes={cfg.max_excluded_nodes})" if cfg.max_excluded_nodes else "")
     json_path, md_path = ctx.artifact_names.get("sensitivity_json"), ctx.artifact_names.get("sensitivity_md")
     if json_path is not None:
-        write_json(json_path, {"metric": "SQNR dB vs float on calibration samples", "samples": int(len(x)),
+        write_json(json_path, {"metric": "SQNR dB vs float on calibration samples", "samples": samples(feeds),
                                "layers": rows, "excluded_nodes": excluded, "attempts": attempts})
     if md_path is not None:
         write_text(md_path, markdown(rows, excluded, attempts))

@@ -12,7 +12,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -32,20 +32,31 @@ class Context:
     task: str
     family: str
     fp32: "onnx.ModelProto"  # graph only (predicates look at it)
-    calibration: np.ndarray  # training samples, fed as the fp32 file expects
+    calibration: dict[str, np.ndarray]  # training samples as the fp32 file takes them, by input name (OnnxModel.feed)
     judge_val: Callable[[Path], Any]  # file -> judge.Verdict on the validation split, against fp32
-    val_input: np.ndarray  # validation samples, fed as the fp32 file expects
     checkpoint: Path | None = None
     data: Any = None  # stages.dataset.Data
     artifacts_dir: Path | None = None  # where makers write their evidence (sensitivity tables)
     artifact_names: dict[str, Path] = field(default_factory=dict)
 
 
-class CalibrationReader:
-    """ONNX Runtime's CalibrationDataReader over an array, in mini-batches (the batch axis is dynamic)."""
+def samples(feeds: Mapping[str, np.ndarray]) -> int:
+    """How many samples a dict of feeds holds (the length of its batch axis)."""
+    return len(next(iter(feeds.values())))
 
-    def __init__(self, input_name: str, x: np.ndarray, batch_size: int = 64):
-        self.batches = iter([{input_name: x[i:i + batch_size]} for i in range(0, len(x), batch_size)])
+
+def first(feeds: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` samples of every input."""
+    return {name: x[:n] for name, x in feeds.items()}
+
+
+class CalibrationReader:
+    """ONNX Runtime's CalibrationDataReader over feeds (input name -> array, as ``OnnxModel.feed`` gives
+    them), in mini-batches of every input at once (the batch axis is dynamic)."""
+
+    def __init__(self, feeds: Mapping[str, np.ndarray], batch_size: int = 64):
+        self.batches = iter([{name: x[i:i + batch_size] for name, x in feeds.items()}
+                             for i in range(0, samples(feeds), batch_size)])
 
     def get_next(self):
         return next(self.batches, None)
@@ -66,12 +77,6 @@ def preprocessed(src: Path) -> Iterator[Path]:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(src), str(pre))
         yield pre
-
-
-def input_name(path: Path) -> str:
-    import onnx
-
-    return onnx.load(str(path), load_external_data=False).graph.input[0].name
 
 
 # ---------------------------------------------------------------- predicates (None: applies)
@@ -141,7 +146,7 @@ def static_quantize(pre: Path, dst: Path, ctx: Context, exclude: list[str]) -> N
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
     qtype = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
-    quantize_static(str(pre), str(dst), CalibrationReader(input_name(pre), ctx.calibration),
+    quantize_static(str(pre), str(dst), CalibrationReader(ctx.calibration),
                     quant_format=QuantFormat.QDQ if cfg.static_format == "qdq" else QuantFormat.QOperator,
                     per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
                     activation_type=qtype[cfg.activation_type], weight_type=QuantType.QInt8,
@@ -157,7 +162,7 @@ def make_int8_static(src: Path, dst: Path, ctx: Context) -> dict:
     cfg = ctx.config
     info = {"format": cfg.static_format.upper(), "per_channel": cfg.per_channel, "activation_type": cfg.activation_type,
             "reduce_range": cfg.reduce_range, "calibration_method": cfg.calibration_method,
-            "calibration_samples": int(len(ctx.calibration))}
+            "calibration_samples": samples(ctx.calibration)}
     with preprocessed(src) as pre:
         static_quantize(pre, dst, ctx, [])
         attempts = [{"excluded_nodes": [], **_verdict_row(ctx.judge_val(dst))}]

@@ -1,7 +1,7 @@
 """serve: a KServe v2 / Open Inference Protocol REST server over ONNX Runtime, with dynamic batching.
 
-Transport, runtime and batching live apart (as in SeldonIO/MLServer: REST endpoints, data-plane
-logic, the model and the adaptive batcher in separate modules):
+Transport, runtime and batching live apart, as in MLServer: the routes only translate HTTP, the
+runtime owns the sessions, the batcher wraps the runtime's ``run``. The modules:
 
 - ``config``: the recipe's ``serve:`` section, ``ServeConfig`` with its transport, runtime and
   batching parts (light: no onnxruntime, torch or numpy),
