@@ -304,9 +304,9 @@ def serve(
         "--model-repository", help="A Triton-layout directory: <repo>/<model>/<version>/model.onnx (+ config.pbtxt).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Model name in the v2 API, with a single --model "
                                                 "[default: registered name or file stem].")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Bind address [default: the recipe's serve.host, 127.0.0.1].")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port [default: the recipe's serve.port, 8000].")] = None,
-    device: Annotated[Optional[Device], typer.Option(help="ONNX Runtime device [default: the recipe's serve.device].")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address [default: the recipe's serve.transport.host, 127.0.0.1].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port [default: the recipe's serve.transport.port, 8000].")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="ONNX Runtime device [default: the recipe's serve.runtime.device].")] = None,
     require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Refuse to start unless ONNX Runtime really "
                                               "runs on CUDA (it falls back to CPU silently otherwise).")] = False,
     recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None,
@@ -314,10 +314,10 @@ def serve(
     """Serve models over the KServe v2 / Open Inference Protocol with ONNX Runtime and dynamic batching."""
     _setup_logging()
     overrides = list(set_ or [])
-    overrides += [f"serve.{k}={v}" for k, v in (("host", host), ("port", port), ("device", device.value if device else None))
-                  if v is not None]
+    overrides += [f"serve.{k}={v}" for k, v in (("transport.host", host), ("transport.port", port),
+                                                 ("runtime.device", device.value if device else None)) if v is not None]
     if require_gpu:
-        overrides.append("serve.require_gpu=true")
+        overrides.append("serve.runtime.require_gpu=true")
     with _user_errors():
         cfg = _load(recipe, overrides)
     if name and len(model or []) != 1:
@@ -327,14 +327,10 @@ def serve(
     from stages.serve.repository import RepositoryError, load_sources, scan_repository
 
     try:
-        serve_runtime.check_gpu_required(cfg.serve)
+        serve_runtime.check_gpu_required(cfg.serve.runtime)
         sources = []
         if model_repository is not None:
-            from stages.serve.batcher import BatchSettings
-
-            default = BatchSettings(enabled=cfg.serve.dynamic_batching, max_batch_size=cfg.serve.max_batch_size,
-                                    max_queue_delay_ms=cfg.serve.max_queue_delay_ms)
-            sources += scan_repository(model_repository, default)
+            sources += scan_repository(model_repository)
         uris = list(model or ([] if model_repository else [f"models:/{cfg.register.model_name or cfg.name}@champion"]))
         sources += [_model_source(uri, name) for uri in uris]
         runtimes, batching = load_sources(sources, cfg.serve)
@@ -405,7 +401,7 @@ def package(
         try:
             config = pkg.Config(format=format_.value, name=name or "", version=version, force=force,
                                 samples=-1 if samples == "all" else int(samples), storage_uri=storage_uri or "",
-                                allow_contrib_ops=allow_contrib_ops, **pkg.batching_from_serve(cfg.serve))
+                                allow_contrib_ops=allow_contrib_ops, batching=cfg.serve.batching)
         except ValueError as e:
             raise StageError(str(e).replace("`", "")) from None
         rundir = _rundir(workdir) or default_rundir(cfg)

@@ -109,7 +109,8 @@ RUNNERS: dict[str, Callable[[Context, Any], Any]] = {
     "quantize": lambda c, t: quantize.run(c.recipe.quantize, c.rundir, t),
     "benchmark": lambda c, t: benchmark.run(c.recipe.benchmark, c.rundir, t),
     "register": lambda c, t: register.run(c.recipe.register, c.rundir, t, recipe_name=c.recipe.name,
-                                          pipeline_run_id=c.pipeline_run_id),
+                                          pipeline_run_id=c.pipeline_run_id,
+                                          serving=c.recipe.serve.runtime.session_settings()),
 }
 STAGES: tuple[str, ...] = tuple(RUNNERS)
 
@@ -150,7 +151,7 @@ IO: dict[str, StageIO] = {
                         dataset_context="calibration-and-evaluation"),
     "benchmark": StageIO(("benchmark",), ("variants", "onnx", "quantized_variants", "checkpoint", "data", "dataset"),
                          ("benchmark_json", "benchmark_md"), ("stages.benchmark",), dataset_context="benchmark"),
-    "register": StageIO(("register", "name"), ("variants", "benchmark_json", "onnx", "quantized_variants", "data",
+    "register": StageIO(("register", "name", "serve"), ("variants", "benchmark_json", "onnx", "quantized_variants", "data",
                                                "dataset", "checkpoint_json", "export_report"),
                         ("registration",), ("stages.register",), registers=True),
 }
