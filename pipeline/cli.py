@@ -322,6 +322,7 @@ def serve(
         cfg = _load(recipe, overrides)
     if name and len(model or []) != 1:
         raise _fail("--name renames a single --model; with a repository or several models, names come from them")
+    from stages.common import StageError
     from stages.serve import runtime as serve_runtime
     from stages.serve.repository import RepositoryError, load_sources, scan_repository
 
@@ -333,7 +334,7 @@ def serve(
         uris = list(model or ([] if model_repository else [f"models:/{cfg.register.model_name or cfg.name}@champion"]))
         sources += [_model_source(uri, name) for uri in uris]
         runtimes, batching = load_sources(sources, cfg.serve)
-    except (ValueError, RepositoryError) as e:
+    except (ValueError, RepositoryError, StageError) as e:
         raise _fail(str(e)) from None
     from stages.serve.app import serve as run_server
 
@@ -347,15 +348,15 @@ def _model_source(uri: str, name: Optional[str]):
     """A --model value (a .onnx path or a models:/ URI) -> what to load, with its lineage."""
     from stages.serve.repository import ModelSource
 
-    if uri.startswith("models:/"):
+    if uri.startswith(("models:/", "runs:/")):
         from pipeline import tracking
 
         download = Path(tempfile.mkdtemp(prefix="onnx-pipeline-serve-"))
         atexit.register(shutil.rmtree, download, ignore_errors=True)
-        fetched = tracking.fetch_registered_onnx(uri, download)
+        fetched = tracking.fetch_model(uri, download)
         lineage = {"model_uri": uri, "registered_name": fetched.name, "registered_version": fetched.version,
                    "run_id": fetched.run_id or "", **fetched.tags}
-        return ModelSource(path=fetched.path, name=name or fetched.name, version=fetched.version, lineage=lineage)
+        return ModelSource(path=fetched.path, name=name or fetched.name, version=fetched.version or "1", lineage=lineage)
     path = Path(uri)
     if not path.is_file():
         raise ValueError(f"model file {uri!r} not found; pass a .onnx path or models:/NAME@ALIAS")
@@ -434,11 +435,8 @@ def _package_source(model: Optional[str], workdir: Optional[Path], rundir, cfg, 
                              "or pass --model")
         return Source(path=path, uri=str(path))
     uri = model or f"models:/{cfg.register.model_name or cfg.name}@champion"
-    if uri.startswith("models:/"):
-        try:
-            fetched = tracking.fetch_registered_onnx(uri, download)
-        except ValueError as e:
-            raise StageError(str(e)) from None
+    if uri.startswith(("models:/", "runs:/")):
+        fetched = tracking.fetch_model(uri, download)
         return Source(path=fetched.path, uri=uri, name=fetched.name, version=fetched.version, tags=fetched.tags)
     path = Path(uri)
     if not path.is_file():

@@ -1,8 +1,8 @@
 """Questions asked of the record: where did a registered model come from (``lineage``), what differs
 between two runs (``compare``), and is the candidate better than the champion (``promote``).
 
-All three read the MLflow store (through pipeline/tracking.py's configuration) and return plain text
-or plain values; the CLI prints them.
+All three read the MLflow store through pipeline/tracking.py (its configuration, and its one resolver
+of model URIs and one download) and return plain text or plain values; the CLI prints them.
 """
 
 from __future__ import annotations
@@ -29,24 +29,6 @@ def _client():
 
     tracking.configure()
     return MlflowClient()
-
-
-def resolve_version(uri: str):
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the ModelVersion, or a StageError saying why not."""
-    from mlflow.exceptions import MlflowException
-
-    body = uri[len("models:/"):] if uri.startswith("models:/") else ""
-    if not body:
-        raise StageError(f"model URI {uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
-    client = _client()
-    try:
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        name, _, version = body.partition("/")
-        return client.get_model_version(name, version)
-    except MlflowException as e:
-        raise StageError(f"cannot resolve {uri!r} in the store {tracking.tracking_uri()}: {e.message.splitlines()[0]}") from None
 
 
 def _run(client, run_id: str):
@@ -100,15 +82,18 @@ def _when(ms: int | None) -> str:
 def lineage(uri: str) -> str:
     """The chain from a registered version back to its data: version -> pipeline run -> stage runs ->
     checkpoint -> dataset digest and source, and the recipe."""
+    mv = tracking.resolve_model(uri)
+    if not mv.version:
+        raise StageError(f"lineage follows a registered version, and {uri!r} names a run's file; pass "
+                         "models:/NAME@ALIAS or models:/NAME/VERSION")
     client = _client()
-    mv = resolve_version(uri)
-    tags = dict(mv.tags)
-    aliases = ", ".join(getattr(mv, "aliases", []) or []) or "none"
+    tags = mv.tags
+    aliases = ", ".join(mv.aliases) or "none"
     lines = [uri,
              f"registered model {mv.name} version {mv.version} (aliases: {aliases}; variant {tags.get('variant', '?')}; "
              f"test accuracy {tags.get('test_accuracy', '?')}; onnx sha256 {tags.get('onnx_sha256', '?')[:12]})",
              f"  description: {mv.description or '(none)'}",
-             f"  source: {mv.source}  logged model {tags.get('logged_model_id', getattr(mv, 'model_id', '') or '?')}"]
+             f"  source: {mv.source}  logged model {tags.get('logged_model_id', mv.model_id or '?')}"]
     pipeline_id = tags.get("pipeline_run_id") or ""
     parent = _run(client, pipeline_id) if pipeline_id else None
     if parent is None:
@@ -184,7 +169,7 @@ def compare(run_a: str, run_b: str, show_all: bool = False) -> str:
     for rid in (run_a, run_b):
         run = _run(client, rid)
         if run is None:
-            raise StageError(f"run {rid!r} is not in the store {tracking.tracking_uri()}; pass MLflow run ids "
+            raise StageError(f"run {rid!r} is not in the store {tracking.shown_uri()}; pass MLflow run ids "
                              "(the parent `pipeline` run or a stage run)")
         runs.append(run)
     (pa, ma), (pb, mb) = _values(client, runs[0]), _values(client, runs[1])
@@ -267,21 +252,16 @@ def _test_split(client, mv, dest: Path) -> tuple[np.ndarray, np.ndarray, str]:
                      "directory is gone and its prepare run logged no data.npz; rerun the pipeline")
 
 
+def _aliases(name: str) -> dict[str, str]:
+    """The aliases of a registered model (alias -> version); resolve_model has said it exists."""
+    return dict(_client().get_registered_model(name).aliases or {})
+
+
 def promote(name: str, force: bool = False) -> Verdict:
     """Make ``candidate`` the ``champion`` if it is at least as good on the candidate's test split."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
+    cand = tracking.resolve_model(f"models:/{name}@candidate")
+    champ = tracking.resolve_model(f"models:/{name}@champion") if "champion" in _aliases(name) else None
     client = _client()
-    try:
-        cand = client.get_model_version_by_alias(name, "candidate")
-    except MlflowException as e:
-        raise StageError(f"registered model {name!r} has no `candidate` version in {tracking.tracking_uri()} "
-                         f"({e.message.splitlines()[0]}); run the pipeline to register one") from None
-    try:
-        champ = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        champ = None
     if champ is not None and champ.version == cand.version:
         return Verdict(cand.version, champ.version, "", True, math.nan, None, 0, False,
                        f"{name} v{cand.version} is already the champion")
@@ -291,8 +271,7 @@ def promote(name: str, force: bool = False) -> Verdict:
         for label, mv in (("candidate", cand), ("champion", champ)):
             if mv is None:
                 continue
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(Path(tmp) / label)))
-            onnx_file = sorted(local.rglob("*.onnx"))[0]
+            onnx_file = tracking.fetch_model(f"models:/{name}/{mv.version}", Path(tmp) / label).path
             # fed, run and scored as the file's own metadata says; one without it is refused
             results[label] = OnnxModel.open(onnx_file).score(x, y)
     primary = results["candidate"]
