@@ -119,7 +119,7 @@ STAGES: tuple[str, ...] = tuple(RUNNERS)
 class StageIO:
     """What a stage depends on and produces: the one table reuse, --explain and lineage go by.
 
-    ``sections``: recipe sections it reads ("name" is the recipe's name). ``reads`` / ``writes``:
+    ``sections``: recipe sections it reads ("name" is the recipe's name; "serve.runtime" a part of one). ``reads`` / ``writes``:
     RunDir attribute names (a Path, or a list of Paths). ``modules``: its code (project modules it
     imports are followed). ``options``: Context fields that change its result. ``models``: written
     files logged as MLflow LoggedModels; ``evaluates``: read models its metrics are linked to.
@@ -151,7 +151,7 @@ IO: dict[str, StageIO] = {
                         dataset_context="calibration-and-evaluation"),
     "benchmark": StageIO(("benchmark",), ("variants", "onnx", "quantized_variants", "checkpoint", "data", "dataset"),
                          ("benchmark_json", "benchmark_md"), ("stages.benchmark",), dataset_context="benchmark"),
-    "register": StageIO(("register", "name", "serve"), ("variants", "benchmark_json", "onnx", "quantized_variants", "data",
+    "register": StageIO(("register", "name", "serve.runtime"), ("variants", "benchmark_json", "onnx", "quantized_variants", "data",
                                                "dataset", "checkpoint_json", "export_report"),
                         ("registration",), ("stages.register",), registers=True),
 }
@@ -231,11 +231,21 @@ def _snapshot(rundir: RunDir) -> dict[str, tuple[int, int]]:
     return snap
 
 
+def _section(plain: dict, dotted: str) -> Any:
+    """A recipe section or a part of one (``serve.runtime``): a stage that reads only part of a section
+    is not rerun when another part changes (register measures with the server's runtime settings; a
+    new port must not register a new version)."""
+    node: Any = plain
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def compute_fingerprint(stage: str, ctx: Context, store: str | None) -> fp.Fingerprint:
     """``store``: the tracking URI the run records in (None: not recorded), part of a registering stage's inputs."""
     io = IO[stage]
     plain = ctx.recipe.to_dict()
-    sections = {s: plain.get(s) for s in io.sections}
+    sections = {s: _section(plain, s) for s in io.sections}
     options = {o: getattr(ctx, o, None) for o in io.options}
     if io.registers:
         options["store"] = store or "none"
