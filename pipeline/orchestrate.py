@@ -119,8 +119,8 @@ STAGES: tuple[str, ...] = tuple(RUNNERS)
 class StageIO:
     """What a stage depends on and produces: the one table reuse, --explain and lineage go by.
 
-    ``sections``: recipe sections it reads ("name" is the recipe's name; "serve.runtime" a part of one). ``reads`` / ``writes``:
-    RunDir attribute names (a Path, or a list of Paths). ``modules``: its code (project modules it
+    ``sections``: recipe sections it reads ("name" is the recipe's name; "serve.runtime" a part of one).
+    ``reads`` / ``writes``: RunDir attribute names (a Path, or a list of Paths). ``modules``: its code (project modules it
     imports are followed). ``options``: Context fields that change its result. ``models``: written
     files logged as MLflow LoggedModels; ``evaluates``: read models its metrics are linked to.
     """
