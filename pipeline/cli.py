@@ -635,8 +635,6 @@ def package(
         overwrite = True
     if samples != "all" and not samples.isdigit():
         raise _usage(f"--samples must be a count >= 0 or 'all', got {samples!r}")
-    if output is not None and output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise _usage(f"output directory {output} exists and is not empty; choose another --output, or pass --overwrite")
     with _errors(USAGE):
         from stages import package as pkg
 
@@ -662,11 +660,20 @@ def package(
             split = _package_split(rundir) if config.format == "bundle" and config.samples else None
             out = output or Path("dist") / {"bundle": "{n}", "triton": "model-repository", "kserve": "{n}-kserve"}[
                 config.format].format(n=config.name or pkg.default_name(source, pkg.inspect(source.path)))
+            _check_output(out, overwrite)
         with _errors(FAILED):
             result = pkg.run(config, source, out, split)
     typer.echo(result.summary())
     for f in result.files:
         typer.echo(f"  {Path(result.output) / f}")
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output in the way before any work (the package stage checks again, for library callers)."""
+    if out.exists() and not out.is_dir():
+        raise _usage(f"output {out} exists and is not a directory; choose another --output")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise _usage(f"output directory {out} exists and is not empty; choose another --output, or pass --overwrite")
 
 
 def _package_source(model: Optional[str], workdir: Optional[Path], rundir, cfg, download: Path):

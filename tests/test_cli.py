@@ -302,3 +302,16 @@ def test_serve_a_file_from_another_directory(exported, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert "Traceback" not in proc.stdout.read()
+
+
+def test_shell_completion_knows_commands_and_stage_names():
+    """Typer's completion, as bash asks for it (what `pipeline --install-completion` installs)."""
+    def complete(words: str, cword: int) -> list[str]:
+        p = subprocess.run([str(Path(sys.executable).parent / "pipeline")], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "_PIPELINE_COMPLETE": "complete_bash",
+                                "COMP_WORDS": words, "COMP_CWORD": str(cword)})
+        assert p.returncode == 0, p.stderr
+        return p.stdout.split()
+
+    assert complete("pipeline se", 1) == ["serve"]
+    assert complete("pipeline run --force tr", 3) == ["train"]

@@ -392,7 +392,7 @@ def test_contrib_ops_are_refused_unless_allowed_and_then_stated(contrib_model, t
     (["--format", "kserve"], "--storage-uri is required for --format kserve"),
     (["--format", "kserve", "--storage-uri", "bucket/path"], "--storage-uri must be a URI"),
     (["--samples", "many"], "--samples must be a count >= 0 or 'all'"),
-    (["--output", "{nonempty}"], "exists and is not empty; choose another --output, or pass --force"),
+    (["--output", "{nonempty}"], "exists and is not empty; choose another --output, or pass --overwrite"),
 ])
 def test_bad_input_gets_one_clear_error(args, message, exported, tiny_yaml, tmp_path):
     nonempty = tmp_path / "taken"
@@ -402,7 +402,7 @@ def test_bad_input_gets_one_clear_error(args, message, exported, tiny_yaml, tmp_
     if "--output" not in args:
         args += ["--output", str(tmp_path / "out")]
     code, text = cli("package", "--recipe", str(tiny_yaml), "--workdir", str(exported.root), *args)
-    assert code != 0
+    assert code == 2  # each is a usage error: the command must change
     assert text.startswith("error: ") and message in text, text
     assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
     assert (nonempty / "keep.txt").read_text() == "mine" and not (tmp_path / "out").exists()
