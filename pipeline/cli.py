@@ -404,6 +404,8 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
 
         cfg = None if resume and workdir else _load(recipe, None if resume else set_)
         rundir = _rundir(workdir) or default_rundir(cfg)
+    if resume and read_state(rundir) is None:
+        raise _usage(f"nothing to resume in {rundir.root}: no pipeline run there yet; start one with `pipeline run`")
     track, device_name = not no_track, device.value if device else None
     force_set = tuple(stages or (ALL,)) if force else ()
     if explain:
@@ -458,6 +460,7 @@ def promote(name: Annotated[str, typer.Argument(metavar="NAME", help="Registered
     """
     if force:
         _warn("`promote --force` is deprecated and will be removed in the next release; use --allow-worse")
+    _require_store(f"models:/{name}@candidate")
     with _errors(FAILED):
         from pipeline.lineage import promote as promote_model
 

@@ -155,6 +155,7 @@ def test_a_misspelt_stage_exits_2_and_lists_the_stages():
     (["-v", "-q", "run"], "contradict"),
     (["run", "-r", str(ROOT / "configs" / "digits-cnn.yaml"), "--set", "train.epoch=3"], "unknown key `train.epoch`"),
     (["run", "--resume", "--force"], "--resume continues the recorded recipe"),
+    (["run", "--resume", "-w", "/nonexistent/run"], "nothing to resume in /nonexistent/run"),
     (["package", "--samples", "some"], "--samples must be a count"),
     (["serve", "--name", "x"], "--name renames a single --model"),
     (["serve", "--model", "missing.onnx"], "model file 'missing.onnx' not found"),
