@@ -177,7 +177,6 @@ def _optional_recipe(recipe: Optional[Path], overrides: list[str]):
     """(serve settings, recipe or None) for commands that need a recipe only for defaults: the given
     recipe, else the default one when it is here, else the serve section's built-in defaults (then only
     `serve.*` keys may be --set)."""
-    import dataclasses
     import typing
 
     from pipeline.config import ConfigError, Recipe, apply_override, build_config
@@ -192,8 +191,7 @@ def _optional_recipe(recipe: Optional[Path], overrides: list[str]):
         if not item.startswith("serve."):
             raise ConfigError(f"--set {item}: without a recipe only serve.* keys can be set; pass --recipe FILE")
         apply_override(data, item)
-    serve_field = next(f for f in dataclasses.fields(Recipe) if f.name == "serve")
-    return build_config(typing.get_type_hints(Recipe)[serve_field.name], data.get("serve") or {}, "serve"), None
+    return build_config(typing.get_type_hints(Recipe)["serve"], data.get("serve") or {}, "serve"), None
 
 
 def _champion_uri(cfg) -> str:
@@ -212,12 +210,6 @@ def _require_store(uri: str) -> None:
 
 
 # ---------------------------------------------------------------- printing results
-
-def _outcome_dicts(outcomes) -> list[dict]:
-    import dataclasses
-
-    return [dataclasses.asdict(o) for o in outcomes]
-
 
 def _print_outcomes(outcomes) -> None:
     from rich.console import Console
@@ -263,12 +255,14 @@ def _report(rundir, outcomes, as_json: bool, status: str, benchmark: bool = True
             _print_benchmark(rundir)
         _print_outcomes(outcomes)
         return
+    import dataclasses
+
     from pipeline.orchestrate import read_state
 
     state = read_state(rundir) or {}
     registration = json.loads(rundir.registration.read_text()) if rundir.registration.is_file() else None
     _emit_json({"status": status, "run_dir": str(rundir.root), "pipeline_run_id": state.get("parent_run_id"),
-                "stages": _outcome_dicts(outcomes), "benchmark": _benchmark_rows(rundir) if benchmark else None,
+                "stages": [dataclasses.asdict(o) for o in outcomes], "benchmark": _benchmark_rows(rundir) if benchmark else None,
                 "registration": registration})
 
 
