@@ -7,8 +7,9 @@ Exit codes (one table, also in `pipeline --help` and the README):
     0    done
     1    the work failed: a stage failed, a promotion was refused, the run directory is busy,
          --require-gpu found no usable GPU
-    2    the command must change: an unknown option or stage name, a bad recipe key or value, a model,
-         file or registry URI that does not exist or cannot be read, an output directory in the way
+    2    the command or its input must change: an unknown option or stage name, a bad recipe key or value,
+         a model, file or registry URI that does not exist or cannot be read, a model that serve or package
+         refuses, an output directory in the way
     130  interrupted by Ctrl-C (SIGINT); 143: stopped by SIGTERM. MLflow runs end KILLED.
 
 Errors are one line on stderr (`error: ...`), never a traceback. Results go to stdout (tables, or JSON
@@ -651,15 +652,15 @@ def package(
             from pipeline.orchestrate import default_rundir
 
             rundir = default_rundir(cfg) if cfg is not None else None
-    with tempfile.TemporaryDirectory(prefix="onnx-pipeline-package-") as download:
-        with _errors(USAGE):
-            source = _package_source(model, workdir, rundir, cfg, Path(download))
-            split = _package_split(rundir) if config.format == "bundle" and config.samples else None
-            out = output or Path("dist") / {"bundle": "{n}", "triton": "model-repository", "kserve": "{n}-kserve"}[
-                config.format].format(n=config.name or pkg.default_name(source, pkg.inspect(source.path)))
-            _check_output(out, overwrite)
-        with _errors(FAILED):
-            result = pkg.run(config, source, out, split)
+    # Every refusal of package is the user's to fix (a model that does not say how to feed it, contrib
+    # operators without --allow-contrib-ops, a test split of other data, an output in the way): exit 2.
+    with tempfile.TemporaryDirectory(prefix="onnx-pipeline-package-") as download, _errors(USAGE):
+        source = _package_source(model, workdir, rundir, cfg, Path(download))
+        split = _package_split(rundir) if config.format == "bundle" and config.samples else None
+        out = output or Path("dist") / {"bundle": "{n}", "triton": "model-repository", "kserve": "{n}-kserve"}[
+            config.format].format(n=config.name or pkg.default_name(source, pkg.inspect(source.path)))
+        _check_output(out, overwrite)
+        result = pkg.run(config, source, out, split)
     typer.echo(result.summary())
     for f in result.files:
         typer.echo(f"  {Path(result.output) / f}")

@@ -377,7 +377,7 @@ def contrib_model(tmp_path_factory) -> Path:
 def test_contrib_ops_are_refused_unless_allowed_and_then_stated(contrib_model, tiny_yaml, tmp_path):
     args = ["package", "--recipe", str(tiny_yaml), "--model", str(contrib_model), "--samples", "0"]
     code, text = cli(*args, "--output", str(tmp_path / "refused"))
-    assert code == 1 and text.startswith("error: ") and "com.microsoft: FusedMatMul" in text
+    assert code == 2 and text.startswith("error: ") and "com.microsoft: FusedMatMul" in text
     assert "--allow-contrib-ops" in text and not (tmp_path / "refused").exists()
     code, text = cli(*args, "--output", str(tmp_path / "allowed"), "--allow-contrib-ops")
     assert code == 0, text
