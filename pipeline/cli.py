@@ -513,10 +513,10 @@ def serve(
         "--model-repository", help="A Triton-layout directory: `<repo>/<model>/<version>/model.onnx` (+ config.pbtxt).")] = None,
     name: Annotated[Optional[str], typer.Option(show_default="registered name or file stem",
                                                 help="Model name in the v2 API, with a single --model.")] = None,
-    host: Annotated[Optional[str], typer.Option(show_default="the recipe's serve.host, else 127.0.0.1",
+    host: Annotated[Optional[str], typer.Option(show_default="the recipe's serve.transport.host, else 127.0.0.1",
                                                 help="Bind address.")] = None,
-    port: Annotated[Optional[int], typer.Option(show_default="the recipe's serve.port, else 8000", help="Port.")] = None,
-    device: Annotated[Optional[Device], typer.Option(show_default="the recipe's serve.device, else auto",
+    port: Annotated[Optional[int], typer.Option(show_default="the recipe's serve.transport.port, else 8000", help="Port.")] = None,
+    device: Annotated[Optional[Device], typer.Option(show_default="the recipe's serve.runtime.device, else auto",
                                                      help="ONNX Runtime device.")] = None,
     require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Refuse to start (exit 1) unless ONNX Runtime "
                                               "really runs on CUDA (it falls back to CPU silently otherwise).")] = False,
@@ -528,10 +528,10 @@ def serve(
     recipe is read only for its `serve` settings and its model name. Ctrl-C or SIGTERM stops it gracefully.
     """
     overrides = list(set_ or [])
-    overrides += [f"serve.{k}={v}" for k, v in (("host", host), ("port", port), ("device", device.value if device else None))
-                  if v is not None]
+    overrides += [f"serve.{k}={v}" for k, v in (("transport.host", host), ("transport.port", port),
+                                                 ("runtime.device", device.value if device else None)) if v is not None]
     if require_gpu:
-        overrides.append("serve.require_gpu=true")
+        overrides.append("serve.runtime.require_gpu=true")
     with _errors(USAGE):
         settings, cfg = _optional_recipe(recipe, overrides)
     if name and len(model or []) != 1:
@@ -544,17 +544,13 @@ def serve(
     from stages.serve.repository import load_sources, scan_repository
 
     try:
-        serve_runtime.check_gpu_required(settings)
+        serve_runtime.check_gpu_required(settings.runtime)
     except serve_runtime.GpuRequired as e:
         raise _failed(str(e)) from None
     try:
         sources = []
         if model_repository is not None:
-            from stages.serve.batcher import BatchSettings
-
-            default = BatchSettings(enabled=settings.dynamic_batching, max_batch_size=settings.max_batch_size,
-                                    max_queue_delay_ms=settings.max_queue_delay_ms)
-            sources += scan_repository(model_repository, default)
+            sources += scan_repository(model_repository)
         uris = list(model or ([] if model_repository else [_champion_uri(cfg)]))
         sources += [_model_source(uri, name) for uri in uris]
         runtimes, batching = load_sources(sources, settings)
@@ -574,16 +570,16 @@ def _model_source(uri: str, name: Optional[str]):
     """A --model value (a .onnx path or a models:/ URI) -> what to load, with its lineage."""
     from stages.serve.repository import ModelSource
 
-    if uri.startswith("models:/"):
+    if uri.startswith(("models:/", "runs:/")):
         from pipeline import tracking
 
         _require_store(uri)
         download = Path(tempfile.mkdtemp(prefix="onnx-pipeline-serve-"))
         atexit.register(shutil.rmtree, download, ignore_errors=True)
-        fetched = tracking.fetch_registered_onnx(uri, download)
+        fetched = tracking.fetch_model(uri, download)
         lineage = {"model_uri": uri, "registered_name": fetched.name, "registered_version": fetched.version,
                    "run_id": fetched.run_id or "", **fetched.tags}
-        return ModelSource(path=fetched.path, name=name or fetched.name, version=fetched.version, lineage=lineage)
+        return ModelSource(path=fetched.path, name=name or fetched.name, version=fetched.version or "1", lineage=lineage)
     path = Path(uri)
     if not path.is_file():
         raise ValueError(f"model file {uri!r} not found; pass a .onnx path or models:/NAME@ALIAS")
@@ -643,7 +639,7 @@ def package(
         try:
             config = pkg.Config(format=format_.value, name=name or "", version=version, force=overwrite,
                                 samples=-1 if samples == "all" else int(samples), storage_uri=storage_uri or "",
-                                allow_contrib_ops=allow_contrib_ops, **pkg.batching_from_serve(settings))
+                                allow_contrib_ops=allow_contrib_ops, batching=settings.batching)
         except ValueError as e:
             raise _usage(str(e).replace("`", "")) from None
         if workdir is not None:
@@ -691,12 +687,9 @@ def _package_source(model: Optional[str], workdir: Optional[Path], rundir, cfg, 
                              "or pass --model")
         return Source(path=path, uri=str(path))
     uri = model or _champion_uri(cfg)
-    if uri.startswith("models:/"):
+    if uri.startswith(("models:/", "runs:/")):
         _require_store(uri)
-        try:
-            fetched = tracking.fetch_registered_onnx(uri, download)
-        except ValueError as e:
-            raise StageError(str(e)) from None
+        fetched = tracking.fetch_model(uri, download)
         return Source(path=fetched.path, uri=uri, name=fetched.name, version=fetched.version, tags=fetched.tags)
     path = Path(uri)
     if not path.is_file():

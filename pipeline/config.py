@@ -21,7 +21,7 @@ import yaml
 
 import models
 from stages import benchmark, evaluate, export, prepare, quantize, register, train
-from stages.serve import runtime as serve_runtime
+from stages.serve.config import ServeConfig
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,7 @@ class Recipe:
     quantize: quantize.Config = field(default_factory=quantize.Config)
     benchmark: benchmark.Config = field(default_factory=benchmark.Config)
     register: register.Config = field(default_factory=register.Config)
-    serve: serve_runtime.Config = field(default_factory=serve_runtime.Config)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         """Plain, YAML-able form (the model section flattened back to ``family`` + its keys)."""
@@ -138,7 +138,15 @@ def _reject_unknown(data: dict, known: set[str], path: str) -> None:
 
 
 def build_config(cls: type, data: Any, path: str) -> Any:
-    """Build the frozen dataclass ``cls`` from a mapping, converting and checking every field."""
+    """Build the frozen dataclass ``cls`` from a mapping, converting and checking every field.
+
+    A config that validates mappings itself (``from_dict``, e.g. the serve section, which a server
+    reads without this module) is built by it: one validator per config."""
+    if hasattr(cls, "from_dict"):
+        try:
+            return cls.from_dict(data, path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"`{path}` must be a mapping of keys, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

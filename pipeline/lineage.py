@@ -1,9 +1,10 @@
 """Questions asked of the record: where did a registered model come from (``lineage``), what differs
 between two runs (``compare``), and is the candidate better than the champion (``promote``).
 
-All three read the MLflow store (through pipeline/tracking.py's configuration). ``lineage_record`` and
-``compare_record`` return plain JSON-able values (what `--json` prints) and ``format_lineage`` /
-``format_compare`` the text the CLI prints; ``promote`` returns a Verdict.
+All three read the MLflow store through pipeline/tracking.py (its configuration, and its one resolver
+of model URIs and one download). ``lineage_record`` and ``compare_record`` return plain JSON-able values
+(what `--json` prints), ``format_lineage`` / ``format_compare`` the text the CLI prints; ``promote``
+returns a Verdict.
 """
 
 from __future__ import annotations
@@ -30,24 +31,6 @@ def _client():
 
     tracking.configure()
     return MlflowClient()
-
-
-def resolve_version(uri: str):
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the ModelVersion, or a StageError saying why not."""
-    from mlflow.exceptions import MlflowException
-
-    body = uri[len("models:/"):] if uri.startswith("models:/") else ""
-    if not body:
-        raise StageError(f"model URI {uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
-    client = _client()
-    try:
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        name, _, version = body.partition("/")
-        return client.get_model_version(name, version)
-    except MlflowException as e:
-        raise StageError(f"cannot resolve {uri!r} in the store {tracking.tracking_uri()}: {e.message.splitlines()[0]}") from None
 
 
 def _run(client, run_id: str):
@@ -104,16 +87,19 @@ def lineage_record(uri: str) -> dict[str, Any]:
     is not in this store is None (its id is still given)."""
     import yaml
 
+    mv = tracking.resolve_model(uri)
+    if not mv.version:
+        raise StageError(f"lineage follows a registered version, and {uri!r} names a run's file; pass "
+                         "models:/NAME@ALIAS or models:/NAME/VERSION")
     client = _client()
-    mv = resolve_version(uri)
     tags = dict(mv.tags)
     record: dict[str, Any] = {
         "uri": uri,
-        "registered_model": {"name": mv.name, "version": str(mv.version), "aliases": list(getattr(mv, "aliases", []) or []),
+        "registered_model": {"name": mv.name, "version": str(mv.version), "aliases": list(mv.aliases),
                              "variant": tags.get("variant"), "test_accuracy": tags.get("test_accuracy"),
                              "onnx_sha256": tags.get("onnx_sha256"), "description": mv.description or "",
                              "source": mv.source,
-                             "logged_model_id": tags.get("logged_model_id", getattr(mv, "model_id", "") or None),
+                             "logged_model_id": tags.get("logged_model_id", mv.model_id or None),
                              "tags": tags},
         "pipeline_run_id": tags.get("pipeline_run_id") or None, "pipeline_run": None,
         "training_run_id": tags.get("training_run_id") or None, "training_run": None,
@@ -229,7 +215,7 @@ def compare_record(run_a: str, run_b: str, show_all: bool = False) -> dict[str, 
     for rid in (run_a, run_b):
         run = _run(client, rid)
         if run is None:
-            raise StageError(f"run {rid!r} is not in the store {tracking.tracking_uri()}; pass MLflow run ids "
+            raise StageError(f"run {rid!r} is not in the store {tracking.shown_uri()}; pass MLflow run ids "
                              "(the parent `pipeline` run or a stage run)")
         runs.append(run)
     (pa, ma), (pb, mb) = _values(client, runs[0]), _values(client, runs[1])
@@ -319,21 +305,16 @@ def _test_split(client, mv, dest: Path) -> tuple[np.ndarray, np.ndarray, str]:
                      "directory is gone and its prepare run logged no data.npz; rerun the pipeline")
 
 
+def _aliases(name: str) -> dict[str, str]:
+    """The aliases of a registered model (alias -> version); resolve_model has said it exists."""
+    return dict(_client().get_registered_model(name).aliases or {})
+
+
 def promote(name: str, force: bool = False) -> Verdict:
     """Make ``candidate`` the ``champion`` if it is at least as good on the candidate's test split."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
+    cand = tracking.resolve_model(f"models:/{name}@candidate")
+    champ = tracking.resolve_model(f"models:/{name}@champion") if "champion" in _aliases(name) else None
     client = _client()
-    try:
-        cand = client.get_model_version_by_alias(name, "candidate")
-    except MlflowException as e:
-        raise StageError(f"registered model {name!r} has no `candidate` version in {tracking.tracking_uri()} "
-                         f"({e.message.splitlines()[0]}); run the pipeline to register one") from None
-    try:
-        champ = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        champ = None
     if champ is not None and champ.version == cand.version:
         return Verdict(cand.version, champ.version, "", True, math.nan, None, 0, False,
                        f"{name} v{cand.version} is already the champion")
@@ -343,8 +324,7 @@ def promote(name: str, force: bool = False) -> Verdict:
         for label, mv in (("candidate", cand), ("champion", champ)):
             if mv is None:
                 continue
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(Path(tmp) / label)))
-            onnx_file = sorted(local.rglob("*.onnx"))[0]
+            onnx_file = tracking.fetch_model(f"models:/{name}/{mv.version}", Path(tmp) / label).path
             # fed, run and scored as the file's own metadata says; one without it is refused
             results[label] = OnnxModel.open(onnx_file).score(x, y)
     primary = results["candidate"]

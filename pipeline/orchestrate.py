@@ -3,6 +3,9 @@
 ``run_pipeline`` runs the stages in ``STAGES`` order inside one parent run; ``run_stage`` runs a single
 stage in a run of its own (what `pipeline train`, `pipeline export`, ... do). Either way a stage gets
 its own config section, the run directory and a Tracker, and returns a Result with a one-line summary.
+Each stage goes: decide (reuse or run) -> run -> stamp. The bookkeeping in MLflow is a Recorder's
+(pipeline/tracking.py): ``MlflowRecorder``, or ``NullRecorder`` for ``--no-track`` and for torchrun's
+secondary ranks, which record nothing; this module never asks whether it is tracking.
 
 Reuse. ``IO`` says, per stage, which recipe sections, run-directory files and code it reads and which
 files it writes. From it a stage's fingerprint is computed (pipeline/fingerprint.py). After a stage
@@ -39,7 +42,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -48,6 +51,7 @@ import yaml
 from pipeline import fingerprint as fp
 from pipeline import tracking
 from pipeline.config import Recipe, recipe_from_dict
+from pipeline.tracking import Recorder
 from stages.contract import RunDir
 from stages import benchmark, distributed, evaluate, export, prepare, quantize, register, train
 from stages.common import StageError, sha256_file, write_json, write_text
@@ -76,7 +80,7 @@ def resolve_checkpoint(ref: str, option: str, *, recipe_names: bool = False) -> 
     if tracking.looks_like_run_id(ref):
         try:
             return tracking.download_checkpoint(ref, Path(tempfile.mkdtemp(prefix="onnx-pipeline-ckpt-")))
-        except ValueError as e:
+        except StageError as e:  # the same error, saying which option named the run
             raise StageError(f"{option}: {e}") from None
     if recipe_names and "/" not in ref and not ref.endswith(".pt"):
         made = Path("runs") / ref / "checkpoint.pt"
@@ -105,7 +109,8 @@ RUNNERS: dict[str, Callable[[Context, Any], Any]] = {
     "quantize": lambda c, t: quantize.run(c.recipe.quantize, c.rundir, t),
     "benchmark": lambda c, t: benchmark.run(c.recipe.benchmark, c.rundir, t),
     "register": lambda c, t: register.run(c.recipe.register, c.rundir, t, recipe_name=c.recipe.name,
-                                          pipeline_run_id=c.pipeline_run_id),
+                                          pipeline_run_id=c.pipeline_run_id,
+                                          serving=c.recipe.serve.runtime.session_settings()),
 }
 STAGES: tuple[str, ...] = tuple(RUNNERS)
 
@@ -114,7 +119,7 @@ STAGES: tuple[str, ...] = tuple(RUNNERS)
 class StageIO:
     """What a stage depends on and produces: the one table reuse, --explain and lineage go by.
 
-    ``sections``: recipe sections it reads ("name" is the recipe's name). ``reads`` / ``writes``:
+    ``sections``: recipe sections it reads ("name" is the recipe's name; "serve.runtime" a part of one). ``reads`` / ``writes``:
     RunDir attribute names (a Path, or a list of Paths). ``modules``: its code (project modules it
     imports are followed). ``options``: Context fields that change its result. ``models``: written
     files logged as MLflow LoggedModels; ``evaluates``: read models its metrics are linked to.
@@ -146,10 +151,12 @@ IO: dict[str, StageIO] = {
                         dataset_context="calibration-and-evaluation"),
     "benchmark": StageIO(("benchmark",), ("variants", "onnx", "quantized_variants", "checkpoint", "data", "dataset"),
                          ("benchmark_json", "benchmark_md"), ("stages.benchmark",), dataset_context="benchmark"),
-    "register": StageIO(("register", "name"), ("variants", "benchmark_json", "onnx", "quantized_variants", "data",
+    "register": StageIO(("register", "name", "serve.runtime"), ("variants", "benchmark_json", "onnx", "quantized_variants", "data",
                                                "dataset", "checkpoint_json", "export_report"),
                         ("registration",), ("stages.register",), registers=True),
 }
+if set(IO) != set(RUNNERS):  # reuse, --explain and the MLflow record all go by a stage's IO entry
+    raise RuntimeError(f"stages {sorted(set(IO) ^ set(RUNNERS))} need both a runner and an IO entry")
 # Context fields every stage may see; any other (added later) makes a stage rerun unless IO names it.
 _KNOWN_CONTEXT = {"recipe", "rundir", "pipeline_run_id", "device"}
 ALL = "all"
@@ -192,6 +199,12 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _recorder(track: bool, rundir: RunDir, experiment: str | None = None) -> Recorder:
+    """The run's bookkeeping: in the MLflow store, or none (`--no-track`, and torchrun's ranks other
+    than 0, which record nothing)."""
+    return tracking.MlflowRecorder(rundir, experiment) if track and not secondary_rank() else tracking.NullRecorder()
+
+
 # ---------------------------------------------------------------- files a stage reads and writes
 
 def _paths(rundir: RunDir, names: Iterable[str]) -> list[Path]:
@@ -218,15 +231,24 @@ def _snapshot(rundir: RunDir) -> dict[str, tuple[int, int]]:
     return snap
 
 
-def compute_fingerprint(stage: str, ctx: Context, track: bool) -> fp.Fingerprint | None:
-    io = IO.get(stage)
-    if io is None:
-        return None
+def _section(plain: dict, dotted: str) -> Any:
+    """A recipe section or a part of one (``serve.runtime``): a stage that reads only part of a section
+    is not rerun when another part changes (register measures with the server's runtime settings; a
+    new port must not register a new version)."""
+    node: Any = plain
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def compute_fingerprint(stage: str, ctx: Context, store: str | None) -> fp.Fingerprint:
+    """``store``: the tracking URI the run records in (None: not recorded), part of a registering stage's inputs."""
+    io = IO[stage]
     plain = ctx.recipe.to_dict()
-    sections = {s: plain.get(s) for s in io.sections}
+    sections = {s: _section(plain, s) for s in io.sections}
     options = {o: getattr(ctx, o, None) for o in io.options}
     if io.registers:
-        options["store"] = tracking.tracking_uri() if track else "none"
+        options["store"] = store or "none"
     files = {_rel(ctx.rundir, p): p for p in _paths(ctx.rundir, io.reads)}
     return fp.compute(sections=sections, options=options, files=files, modules=io.modules)
 
@@ -257,43 +279,40 @@ class Decision:
     stage: str
     run: bool
     reasons: list[str]
-    fingerprint: fp.Fingerprint | None
+    fingerprint: fp.Fingerprint
     reuse_run_id: str | None = None
     reuse_stamp: dict | None = None
 
 
-def decide(stage: str, ctx: Context, *, track: bool, force: Iterable[str] = (),
+def decide(stage: str, ctx: Context, recorder: Recorder, *, force: Iterable[str] = (),
            upstream_reruns: Iterable[str] = ()) -> Decision:
     """Would ``stage`` run, and why? ``upstream_reruns``: stages planned to rerun before it (--explain)."""
-    print_ = compute_fingerprint(stage, ctx, track)
+    print_ = compute_fingerprint(stage, ctx, recorder.store)
     force = set(force)
     if ALL in force or stage in force:
         return Decision(stage, True, ["forced by --force"], print_)
-    if print_ is None:
-        return Decision(stage, True, ["no fingerprint for this stage (no IO table entry): always runs"], None)
-    unknown = sorted(f.name for f in dataclasses.fields(ctx) if f.name not in _KNOWN_CONTEXT | set(IO[stage].options)
+    io = IO[stage]
+    unknown = sorted(f.name for f in dataclasses.fields(ctx) if f.name not in _KNOWN_CONTEXT | set(io.options)
                      and getattr(ctx, f.name) not in (None, False, (), ""))
     if unknown:
         return Decision(stage, True, [f"option {', '.join(unknown)} given"], print_)
-    io = IO[stage]
     reads = {_rel(ctx.rundir, p) for p in _paths(ctx.rundir, io.reads)}
-    upstream = [s for s in upstream_reruns if s in IO and reads & _declared_outputs(ctx.rundir, s)]
+    upstream = [s for s in upstream_reruns if reads & _declared_outputs(ctx.rundir, s)]
     stamp = read_stamp(ctx.rundir, stage)
     if upstream:
         return Decision(stage, True, [f"upstream stage {s} reruns" for s in upstream], print_)
     if stamp is not None and stamp["fingerprint"] == print_.digest:
         problem = _outputs_intact(ctx.rundir, stamp.get("outputs", {}))
-        if problem is None and io.registers and track:
-            problem = tracking.registration_missing(stamp.get("result", {}))
+        if problem is None and io.registers:
+            problem = recorder.registration_missing(stamp.get("result", {}))
         if problem is None:
             return Decision(stage, False, [f"unchanged since run {stamp.get('run_id') or '(untracked)'}"], print_,
                             stamp.get("run_id"), stamp)
         return Decision(stage, True, [problem], print_)
-    if track:
-        found = _reusable_from_store(ctx, stage, print_)
-        if found is not None:
-            return Decision(stage, False, [f"unchanged since run {found['run_id']} (found in the MLflow store)"], print_,
-                            found["run_id"], found)
+    found = _reusable_from_store(ctx, stage, print_, recorder)
+    if found is not None:
+        return Decision(stage, False, [f"unchanged since run {found['run_id']} (found in the MLflow store)"], print_,
+                        found["run_id"], found)
     previous = _previous_components(ctx.rundir, stage)
     reasons = fp.explain(previous, print_.components)
     if stamp is None and previous is not None:  # a superseded stamp: the stage started and never finished
@@ -307,13 +326,8 @@ def _declared_outputs(rundir: RunDir, stage: str) -> set[str]:
     return names | set((stamp or {}).get("outputs", {}))
 
 
-def _reusable_from_store(ctx: Context, stage: str, print_: fp.Fingerprint) -> dict | None:
-    try:
-        candidates = tracking.find_stage_runs(ctx.recipe.name, stage, print_.digest)
-    except Exception as e:  # the store is a convenience here, never a reason to fail
-        log.debug("store lookup failed: %s", e)
-        return None
-    for run_id, outputs, summary in candidates:
+def _reusable_from_store(ctx: Context, stage: str, print_: fp.Fingerprint, recorder: Recorder) -> dict | None:
+    for run_id, outputs, summary in recorder.earlier_runs(stage, print_.digest):
         if outputs and _outputs_intact(ctx.rundir, outputs) is None:
             return {"stage": stage, "run_id": run_id, "fingerprint": print_.digest, "components": print_.components,
                     "outputs": outputs, "summary": summary, "result": {}, "seconds": 0.0, "reused_from_store": True}
@@ -325,12 +339,10 @@ def plan(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str, ...] =
     """What `pipeline run` would do, per stage, without running anything (``--explain``)."""
     rundir = rundir or default_rundir(recipe)
     ctx = Context(recipe, rundir, device, init_from=init_from)
-    if track:
-        tracking.configure()
+    recorder = _recorder(track, rundir, recipe.name)
     decisions: list[Decision] = []
     for stage in _check_stages(stages):
-        d = decide(stage, ctx, track=track, force=force, upstream_reruns=[x.stage for x in decisions if x.run])
-        decisions.append(d)
+        decisions.append(decide(stage, ctx, recorder, force=force, upstream_reruns=[x.stage for x in decisions if x.run]))
     return decisions
 
 
@@ -375,25 +387,19 @@ def read_state(rundir: RunDir) -> dict | None:
         return None
 
 
-def recover_stale(rundir: RunDir, track: bool) -> list[str]:
+def recover_stale(rundir: RunDir, recorder: Recorder) -> list[str]:
     """Call with the lock held. A state still "running" means its process died without cleaning up
     (SIGKILL, power loss): mark it killed, and its RUNNING MLflow runs KILLED. Returns the run ids marked."""
-    state = read_state(rundir)
-    marked: list[str] = []
     if secondary_rank():
-        return marked
-    if state is not None and state.get("status") == "running":
+        return []
+    state = read_state(rundir)
+    stale = state if state is not None and state.get("status") == "running" else None
+    if stale is not None:
         log.warning("the pipeline run of %s (pid %s, started %s) died without finishing; marking it killed",
-                    rundir.root, state.get("pid"), state.get("started"))
-        state.update(status="killed", ended=_now(), note="found dead by a later run: lock free while running")
-        write_json(rundir.state, state)
-        if track and state.get("tracking_uri") == tracking.tracking_uri():
-            ids = [state.get("parent_run_id"), *state.get("stage_runs", {}).values()]
-            marked += tracking.mark_killed([i for i in ids if i], reason=f"pid {state.get('pid')} died (found by pid {os.getpid()})")
-    if track:
-        marked += tracking.mark_killed_by_rundir(str(rundir.root.resolve()), socket.gethostname(),
-                                                 reason=f"lock of {rundir.root} free while the run said RUNNING")
-    return marked
+                    rundir.root, stale.get("pid"), stale.get("started"))
+        write_json(rundir.state, {**stale, "status": "killed", "ended": _now(),
+                                  "note": "found dead by a later run: lock free while running"})
+    return recorder.recover(stale)
 
 
 @contextlib.contextmanager
@@ -438,7 +444,8 @@ class _State:
 
 # ---------------------------------------------------------------- running
 
-def _execute(stage: str, ctx: Context, tracker, decision: Decision, track: bool) -> Outcome:
+def _execute(stage: str, ctx: Context, tracker, decision: Decision, recorder: Recorder) -> Outcome:
+    """Run a stage, then stamp it: results/<stage>.json and, through the recorder, its run."""
     log.info("▶ %s (%s)", stage, "; ".join(decision.reasons))
     _supersede_stamp(ctx.rundir, stage)  # a stage killed mid-way leaves no stamp to reuse
     before = _snapshot(ctx.rundir)
@@ -448,24 +455,12 @@ def _execute(stage: str, ctx: Context, tracker, decision: Decision, track: bool)
     if not distributed.is_main():  # under torchrun only rank 0 records and writes files
         return Outcome(stage, "done", seconds, result.summary(), None)
     outputs = _record_outputs(stage, ctx.rundir, before)
+    # The code may have changed while it ran (an edit mid-run): the stamp says what it started with.
     stamp = {"stage": stage, "run_id": tracker.run_id, "seconds": seconds, "result": result.__dict__,
              "summary": result.summary(), "finished": _now(), "experiment": ctx.recipe.name,
-             "tracking_uri": tracking.tracking_uri() if track else None, "outputs": outputs}
-    if decision.fingerprint is not None:
-        # The code may have changed while it ran (an edit mid-run): record what it started with.
-        stamp.update(fingerprint=decision.fingerprint.digest, components=decision.fingerprint.components)
-    if track and stage in IO:
-        io = IO[stage]
-        if io.dataset_context and ctx.rundir.dataset.is_file() and ctx.rundir.data.is_file():
-            tracking.log_dataset_input(ctx.rundir, io.dataset_context)
-        if "data" in io.writes:  # the split itself, so `pipeline promote` finds test data without the run directory
-            tracker.log_artifact(ctx.rundir.data)
-        stamp["models"] = tracking.log_stage_models(ctx.rundir, stage, io.models, io.evaluates,
-                                                    _upstream_models(ctx.rundir, stage),
-                                                    getattr(tracker, "final_metrics", {}))
-        tracker.set_tags({"pipeline.fingerprint": stamp.get("fingerprint", ""),
-                          "pipeline.outputs": json.dumps(outputs, sort_keys=True)[:tracking.MAX_TAG_LENGTH],
-                          "pipeline.summary": stamp["summary"][:500]})
+             "tracking_uri": recorder.store, "outputs": outputs, "fingerprint": decision.fingerprint.digest,
+             "components": decision.fingerprint.components}
+    stamp["models"] = recorder.finished(stage, tracker, IO[stage], stamp, _upstream_models(ctx.rundir, stage))
     if not secondary_rank():
         write_json(ctx.rundir.result(stage), stamp)
     outcome = Outcome(stage, "done", seconds, stamp["summary"], tracker.run_id, "; ".join(decision.reasons))
@@ -500,7 +495,7 @@ def _previous_components(rundir: RunDir, stage: str) -> dict | None:
 
 def _record_outputs(stage: str, rundir: RunDir, before: dict[str, tuple[int, int]]) -> dict[str, str]:
     after = _snapshot(rundir)
-    declared = {_rel(rundir, p) for p in _paths(rundir, IO[stage].writes)} if stage in IO else set()
+    declared = {_rel(rundir, p) for p in _paths(rundir, IO[stage].writes)}
     changed = {rel for rel, sig in after.items() if before.get(rel) != sig}
     return {rel: sha256_file(rundir.root / rel) for rel in sorted((declared & set(after)) | changed)}
 
@@ -508,7 +503,7 @@ def _record_outputs(stage: str, rundir: RunDir, before: dict[str, tuple[int, int
 def _upstream_models(rundir: RunDir, stage: str) -> dict[str, str]:
     """file -> LoggedModel id, from the stamps of the stages before ``stage``."""
     found: dict[str, str] = {}
-    for s in STAGES[:STAGES.index(stage)] if stage in STAGES else ():
+    for s in STAGES[:STAGES.index(stage)]:
         found.update((read_stamp(rundir, s) or {}).get("models", {}) or {})
     return found
 
@@ -531,43 +526,20 @@ def run_pipeline(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str
         raise StageError("`pipeline run` runs one process; under torchrun run the train stage alone: "
                          "`pipeline prepare`, then `torchrun --nproc_per_node N -m pipeline.cli train`, then "
                          "`pipeline evaluate` and the later stages")
-    stages = tuple(_check_stages(stages))
-    force = tuple(force)
-    track = track and not secondary_rank()
+    stages, force = tuple(_check_stages(stages)), tuple(force)
     rundir = (rundir or default_rundir(recipe)).ensure()
     with locked(rundir), _signals_as_interrupts():
-        if track:
-            tracking.configure()
-        recover_stale(rundir, track)
+        recorder = _recorder(track, rundir, recipe.name)
+        recover_stale(rundir, recorder)
         recipe_file = _write_recipe(recipe, rundir)
         state = _State(rundir, kind="pipeline", recipe=recipe.to_dict(), stages=list(stages), device=device,
-                       track=track, tracking_uri=tracking.tracking_uri() if track else None, resumes=resumes,
-                       init_from=init_from,
-                       parent_run_id=None)
-        outcomes: list[Outcome] = []
+                       track=recorder.store is not None, tracking_uri=recorder.store, resumes=resumes,
+                       init_from=init_from, parent_run_id=None)
         try:
-            if not track:
-                _run_stages(stages, Context(recipe, rundir, device, init_from=init_from), None, state, outcomes, track, force)
-            else:
-                tags = {**tracking.environment_tags(), "pipeline.kind": "pipeline", "pipeline.stages": ",".join(stages),
-                        "pipeline.rundir": str(rundir.root.resolve())}
-                if resumes:
-                    tags["pipeline.resumes"] = resumes
-                with tracking.start_run(recipe.name, "pipeline", tags=tags) as parent:
-                    state.update(parent_run_id=parent.run_id)
-                    if resumes:
-                        tracking.set_run_tags(resumes, {"pipeline.resumed_by": parent.run_id})
-                    parent.log_params({f"recipe.{k}": v for k, v in tracking.flatten(recipe.to_dict()).items()})
-                    parent.log_artifact(recipe_file)
-                    log.info("MLflow: pipeline run %s in %s", parent.run_id, tracking.tracking_uri())
-                    ctx = Context(recipe, rundir, device, pipeline_run_id=parent.run_id, init_from=init_from)
-                    try:
-                        _run_stages(stages, ctx, parent, state, outcomes, track, force)
-                    finally:
-                        parent.set_tags({"pipeline.status": state.data["status"] if state.data["status"] != "running"
-                                         else "done",
-                                         "pipeline.reused": ",".join(o.stage for o in outcomes if o.status == "reused"),
-                                         "pipeline.ran": ",".join(o.stage for o in outcomes if o.status == "done")})
+            with recorder.pipeline(recipe.to_dict(), stages, recipe_file, resumes) as parent_run_id:
+                state.update(parent_run_id=parent_run_id)
+                ctx = Context(recipe, rundir, device, pipeline_run_id=parent_run_id, init_from=init_from)
+                outcomes = _run_stages(stages, ctx, recorder, state, force)
         except KeyboardInterrupt:
             state.update(status="killed", ended=_now())
             raise
@@ -578,65 +550,53 @@ def run_pipeline(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str
     return outcomes
 
 
-def _run_stages(stages, ctx: Context, parent, state: _State, outcomes: list[Outcome], track: bool, force) -> None:
+def _run_stages(stages: tuple[str, ...], ctx: Context, recorder: Recorder, state: _State,
+                force: tuple[str, ...]) -> list[Outcome]:
+    """The stages in order. A failure or an interrupt is recorded (pipeline.json, the recorder) on its way out."""
+    outcomes: list[Outcome] = []
     for stage in stages:
-        decision = decide(stage, ctx, track=track, force=force)
-        if not decision.run:
-            outcome = _reuse(stage, ctx, decision)
-            if parent is not None:
-                run_id = tracking.record_reused(ctx.recipe.name, stage, parent.run_id, decision.reuse_run_id or "",
-                                                decision.fingerprint.digest, outcome.summary)
-                state.stage_run(stage, run_id)
-            outcomes.append(outcome)
-            continue
         try:
-            if parent is None:
-                state.stage_run(stage, None)
-                outcomes.append(_execute(stage, ctx, tracking.NullTracker(), decision, track))
-            else:
-                io = IO.get(stage)
-                with tracking.start_run(ctx.recipe.name, stage, nested=True,
-                                        system_metrics=bool(io and io.system_metrics),
-                                        tags={"pipeline.stage": stage, "pipeline.parent_run_id": parent.run_id,
-                                              "pipeline.rundir": str(ctx.rundir.root.resolve()),
-                                              "pipeline.reason": "; ".join(decision.reasons)[:5000],
-                                              **tracking.environment_tags()}) as t:
-                    state.stage_run(stage, t.run_id)
-                    outcomes.append(_execute(stage, ctx, t, decision, track))
-                parent.log_metrics({f"{stage}_seconds": outcomes[-1].seconds})
+            outcomes.append(_run_or_reuse(stage, ctx, recorder, state, force))
         except KeyboardInterrupt:
             outcomes.append(Outcome(stage, "killed", summary="interrupted"))
             state.update(status="killed", failed_stage=stage)
-            if parent is not None:
-                parent.set_tags({"pipeline.failed_stage": stage, "pipeline.status": "killed"})
+            recorder.killed(stage)
             raise
         except Exception as e:
             outcomes.append(Outcome(stage, "failed", summary=str(e).splitlines()[0] if str(e) else type(e).__name__))
             state.update(status="failed", failed_stage=stage)
-            if parent is not None:
-                parent.set_tags({"pipeline.failed_stage": stage, "pipeline.status": "failed"})
+            recorder.failed(stage)
             raise PipelineFailed(outcomes, e) from e
+    return outcomes
+
+
+def _run_or_reuse(stage: str, ctx: Context, recorder: Recorder, state: _State, force: tuple[str, ...]) -> Outcome:
+    """Decide (reuse or run) -> run -> stamp."""
+    decision = decide(stage, ctx, recorder, force=force)
+    if not decision.run:
+        outcome = _reuse(stage, ctx, decision)
+        state.stage_run(stage, recorder.reused(stage, decision.reuse_run_id, decision.fingerprint.digest, outcome.summary))
+        return outcome
+    with recorder.stage(stage, decision.reasons, system_metrics=IO[stage].system_metrics) as tracker:
+        state.stage_run(stage, tracker.run_id)
+        return _execute(stage, ctx, tracker, decision, recorder)
 
 
 def resume(rundir: RunDir, track: bool | None = None) -> list[Outcome] | None:
     """Continue the last failed or killed pipeline run in ``rundir`` with its recorded recipe and stages.
     Returns None when there is nothing to resume (the last run finished)."""
     with locked(rundir):
-        recover_stale(rundir, track if track is not None else True)
+        recover_stale(rundir, _recorder(True if track is None else track, rundir))
     state = read_state(rundir)
     if state is None or state.get("kind", "pipeline") != "pipeline" or "recipe" not in state:
         raise StageError(f"no pipeline run to resume in {rundir.root} (no {rundir.state.name}); start one with `pipeline run`")
     if state.get("status") == "done":
         return None
-    recipe = recipe_from_dict(state["recipe"])
-    track = state.get("track", True) if track is None else track
-    if track and state.get("tracking_uri") and state["tracking_uri"] != tracking.tracking_uri():
-        log.warning("the run being resumed was tracked in %s; this one goes to %s", state["tracking_uri"],
-                    tracking.tracking_uri())
     first = next((s for s in state["stages"] if read_stamp(rundir, s) is None), state.get("failed_stage"))
     log.info("resuming the %s pipeline run %s in %s from stage %s", state.get("status"),
              state.get("parent_run_id") or "(untracked)", rundir.root, first)
-    return run_pipeline(recipe, rundir, tuple(state["stages"]), track=track, device=state.get("device"),
+    return run_pipeline(recipe_from_dict(state["recipe"]), rundir, tuple(state["stages"]),
+                        track=state.get("track", True) if track is None else track, device=state.get("device"),
                         resumes=state.get("parent_run_id") or None, init_from=state.get("init_from"))
 
 
@@ -645,17 +605,10 @@ def run_stage(stage: str, recipe: Recipe, rundir: RunDir | None = None, track: b
     """One stage in a run of its own (a `pipeline <stage>` command): always runs, and stamps its outputs
     so a later `pipeline run` can reuse them. Under torchrun only rank 0 records in MLflow."""
     _check_stages([stage])
-    track = track and not secondary_rank()
     rundir = (rundir or default_rundir(recipe)).ensure()
     with locked(rundir), _signals_as_interrupts():
-        if track:
-            tracking.configure()
+        recorder = _recorder(track, rundir, recipe.name)
         ctx = Context(recipe, rundir, device, resume=resume, init_from=init_from)
-        decision = Decision(stage, True, [f"`pipeline {stage}` always runs"], compute_fingerprint(stage, ctx, track))
-        if not track:
-            return _execute(stage, ctx, tracking.NullTracker(), decision, track)
-        io = IO.get(stage)
-        with tracking.start_run(recipe.name, stage, system_metrics=bool(io and io.system_metrics),
-                                tags={**tracking.environment_tags(), "pipeline.stage": stage,
-                                      "pipeline.rundir": str(rundir.root.resolve())}) as t:
-            return _execute(stage, ctx, t, decision, track)
+        decision = Decision(stage, True, [f"`pipeline {stage}` always runs"], compute_fingerprint(stage, ctx, recorder.store))
+        with recorder.stage(stage, decision.reasons, system_metrics=IO[stage].system_metrics) as tracker:
+            return _execute(stage, ctx, tracker, decision, recorder)

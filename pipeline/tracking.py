@@ -1,10 +1,15 @@
-"""The one room that speaks MLflow: the Tracker stages report to, the parent/nested run layout,
-environment tags and registry helpers.
+"""The one room that speaks MLflow: the Tracker stages report to, the Recorder the orchestrator keeps
+its books with, environment tags, and the one resolver of model URIs.
 
 Stages receive a ``Tracker`` (``MlflowTracker`` for real runs, ``NullTracker`` when tracking is
-off) and never import MLflow themselves. The default store is ``sqlite:///mlruns/mlflow.db`` with
-artifacts under ``mlruns/artifacts/``; ``MLFLOW_TRACKING_URI`` overrides it (tests point it at a
-temporary directory).
+off) and never import MLflow themselves. The orchestrator records through a ``Recorder``
+(``MlflowRecorder``: one parent run per pipeline, one run per stage; ``NullRecorder`` for
+``--no-track``). ``resolve_model`` / ``fetch_model`` turn ``models:/`` and ``runs:/`` URIs into a
+registered version and its .onnx file for lineage, promote, serve and package; what cannot be
+resolved is a StageError naming the URI, the store (password redacted) and the fix.
+
+The default store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts/``;
+``MLFLOW_TRACKING_URI`` overrides it (tests point it at a temporary directory).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, ContextManager, Iterator, Mapping, Protocol, Sequence
 
-from stages.common import git_state, library_versions
+from stages.common import StageError, git_state, library_versions
 from stages.contract import NullTracker, Tracker  # noqa: F401 - the conductor hands these to stages
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,21 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def redact(uri: str) -> str:
+    """``uri`` with the password of a ``user:password@`` part replaced by ``***``: safe to print and record."""
+    scheme, sep, rest = uri.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return uri
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
+def shown_uri() -> str:
+    """The store's URI as messages, logs and records show it: its password redacted."""
+    return redact(tracking_uri())
 
 
 def _sqlite_dir(uri: str) -> Path | None:
@@ -284,7 +304,7 @@ def start_run(experiment: str, run_name: str, *, nested: bool = False, tags: Map
         if active is not None and active.info.run_id == run.info.run_id:
             mlflow.end_run(status=status)
         else:  # not the active run any more (should not happen): end it by id
-            MlflowClient_().set_terminated(run.info.run_id, status)
+            _client().set_terminated(run.info.run_id, status)
 
 
 def _has_psutil() -> bool:
@@ -293,58 +313,320 @@ def _has_psutil() -> bool:
     return importlib.util.find_spec("psutil") is not None
 
 
-def MlflowClient_():
+def _client():
     from mlflow.tracking import MlflowClient
 
     return MlflowClient()
 
 
-def set_run_tags(run_id: str, tags: Mapping[str, Any]) -> None:
-    client = MlflowClient_()
-    for k, v in tags.items():
-        client.set_tag(run_id, k, str(v))
+# ---------------------------------------------------------------- the bookkeeping of a pipeline run
+
+class Recorder(Protocol):
+    """What the orchestrator records about a run, in its own words: decide (reuse or run) -> run -> stamp.
+
+    ``MlflowRecorder`` keeps one parent run per pipeline and one run per stage in the store;
+    ``NullRecorder`` (``--no-track``, and torchrun's secondary ranks) records nothing and finds nothing.
+    """
+
+    store: str | None  # the tracking URI runs go to (password redacted); None: nothing is recorded
+
+    def recover(self, stale: Mapping[str, Any] | None) -> list[str]:
+        """Mark KILLED the runs a dead pipeline left RUNNING (``stale``: its pipeline.json, if it said
+        "running"), and any other RUNNING run of this run directory on this host. Returns the run ids."""
+
+    def pipeline(self, recipe: Mapping[str, Any], stages: Sequence[str], recipe_file: Path,
+                 resumes: str | None) -> ContextManager[str | None]:
+        """The parent run of a pipeline, open while its stages run; yields its run id."""
+
+    def earlier_runs(self, stage: str, digest: str) -> list[tuple[str, dict, str]]:
+        """FINISHED runs of ``stage`` with fingerprint ``digest``, newest first: (run id, outputs, summary)."""
+
+    def registration_missing(self, result: Mapping[str, Any]) -> str | None:
+        """Why a register stamp's registered version cannot be reused here, or None."""
+
+    def reused(self, stage: str, source_run_id: str | None, digest: str, summary: str) -> str | None:
+        """Record that ``stage`` was reused from ``source_run_id``. Returns the new run's id."""
+
+    def stage(self, stage: str, reasons: Sequence[str], *, system_metrics: bool = False) -> ContextManager[Tracker]:
+        """The run of a stage that runs (nested in the pipeline's, if one is open); yields its Tracker.
+        It ends FINISHED, FAILED or KILLED as the body does."""
+
+    def finished(self, stage: str, tracker: Tracker, io: Any, stamp: Mapping[str, Any],
+                 upstream_models: Mapping[str, str]) -> dict[str, str]:
+        """Stamp a finished stage's run: its dataset input, LoggedModels and the fingerprint and output tags
+        (``io``: the stage's orchestrate.StageIO). Returns file -> LoggedModel id for its stamp."""
+
+    def failed(self, stage: str) -> None:
+        """``stage`` raised: the pipeline's run says where it stopped."""
+
+    def killed(self, stage: str) -> None:
+        """``stage`` was interrupted (Ctrl-C, SIGTERM)."""
 
 
-# ---------------------------------------------------------------- reuse, stale runs, logged models
+class NullRecorder:
+    """Records nothing: ``--no-track``, and every rank but 0 under torchrun."""
 
-def find_stage_runs(experiment: str, stage: str, digest: str) -> list[tuple[str, dict, str]]:
-    """FINISHED runs of ``stage`` with fingerprint ``digest``, newest first: (run id, outputs, summary)."""
-    client = MlflowClient_()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    store = None
+
+    def recover(self, stale):
         return []
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=20,
-                              filter_string=f"tags.`pipeline.fingerprint` = '{digest}' and "
-                                            f"tags.`pipeline.stage` = '{stage}' and attributes.status = 'FINISHED'")
-    found = []
-    for r in runs:
-        if "pipeline.reused_from" in r.data.tags:
-            continue
+
+    @contextlib.contextmanager
+    def pipeline(self, recipe, stages, recipe_file, resumes):
+        yield None
+
+    def earlier_runs(self, stage, digest):
+        return []
+
+    def registration_missing(self, result):
+        return None
+
+    def reused(self, stage, source_run_id, digest, summary):
+        return None
+
+    @contextlib.contextmanager
+    def stage(self, stage, reasons, *, system_metrics=False):
+        yield NullTracker()
+
+    def finished(self, stage, tracker, io, stamp, upstream_models):
+        return {}
+
+    def failed(self, stage):
+        pass
+
+    def killed(self, stage):
+        pass
+
+
+class MlflowRecorder:
+    """A Recorder on the MLflow store: the run layout, tags and statuses of ``pipeline run`` and of a
+    single ``pipeline <stage>``.
+
+    Every run carries the environment tags and ``pipeline.rundir``; a pipeline's parent run adds
+    ``pipeline.kind``/``stages``/``resumes`` and, when it ends, ``pipeline.status``/``reused``/``ran``;
+    a stage run adds ``pipeline.stage`` and, nested in a pipeline, ``pipeline.parent_run_id`` and
+    ``pipeline.reason``; a reused stage's run is FINISHED at once with ``pipeline.reused_from``.
+    """
+
+    def __init__(self, rundir, experiment: str | None = None):
+        self.store = redact(configure())
+        self.rundir = rundir
+        self.experiment = experiment  # the recipe's name; None only to recover()
+        self._parent: MlflowTracker | None = None
+        self._status = "done"
+        self._reused: list[str] = []
+        self._ran: dict[str, float] = {}  # stage -> seconds
+
+    @contextlib.contextmanager
+    def _run(self, run_name: str, tags: Mapping[str, str], *, system_metrics: bool = False) -> Iterator[MlflowTracker]:
+        """The one place a run starts: nested in the pipeline's run when one is open."""
+        tags = {**environment_tags(), "pipeline.rundir": str(self.rundir.root.resolve()), **tags}
+        with start_run(self.experiment, run_name, nested=self._parent is not None, tags=tags,
+                       system_metrics=system_metrics) as tracker:
+            yield tracker
+
+    # -- before: stale runs, the parent run, reuse
+
+    def recover(self, stale):
+        marked: list[str] = []
+        if stale is not None and stale.get("tracking_uri") == self.store:
+            ids = [stale.get("parent_run_id"), *stale.get("stage_runs", {}).values()]
+            marked += _mark_killed([i for i in ids if i], f"pid {stale.get('pid')} died (found by pid {os.getpid()})")
+        marked += self._mark_killed_by_rundir(reason=f"lock of {self.rundir.root} free while the run said RUNNING")
+        return marked
+
+    def _mark_killed_by_rundir(self, reason: str) -> list[str]:
+        """Mark KILLED every RUNNING run that used this run directory on this host: call only while
+        holding its lock, when no live process can be using it."""
+        client = _client()
+        exp_ids = [e.experiment_id for e in client.search_experiments()]
+        if not exp_ids:
+            return []
+        quoted = str(self.rundir.root.resolve()).replace("'", "\\'")
+        runs = client.search_runs(exp_ids, filter_string=f"attributes.status = 'RUNNING' and tags.`pipeline.rundir` = "
+                                                         f"'{quoted}' and tags.host = '{socket.gethostname()}'")
+        return _mark_killed([r.info.run_id for r in runs], reason)
+
+    @contextlib.contextmanager
+    def pipeline(self, recipe, stages, recipe_file, resumes):
+        tags = {"pipeline.kind": "pipeline", "pipeline.stages": ",".join(stages)}
+        if resumes:
+            tags["pipeline.resumes"] = resumes
+        with self._run("pipeline", tags) as parent:
+            if resumes:
+                self._tag_resumed(resumes, parent.run_id)
+            parent.log_params({f"recipe.{k}": v for k, v in flatten(recipe).items()})
+            parent.log_artifact(recipe_file)
+            log.info("MLflow: pipeline run %s in %s", parent.run_id, self.store)
+            self._parent, self._status, self._reused, self._ran = parent, "done", [], {}
+            try:
+                yield parent.run_id
+            finally:
+                self._parent = None
+                parent.set_tags({"pipeline.status": self._status, "pipeline.reused": ",".join(self._reused),
+                                 "pipeline.ran": ",".join(self._ran)})
+
+    def _tag_resumed(self, resumed: str, by: str) -> None:
+        from mlflow.exceptions import MlflowException
+
         try:
-            outputs = json.loads(r.data.tags.get("pipeline.outputs", "{}"))
-        except json.JSONDecodeError:
-            continue
-        found.append((r.info.run_id, outputs, r.data.tags.get("pipeline.summary", "")))
-    return found
+            _client().set_tag(resumed, "pipeline.resumed_by", by)
+        except MlflowException:
+            log.warning("the pipeline run %s being resumed is not in %s (it was tracked in another store)",
+                        resumed, self.store)
+
+    def earlier_runs(self, stage, digest):
+        try:
+            exp = _client().get_experiment_by_name(self.experiment)
+            if exp is None:
+                return []
+            runs = _client().search_runs(
+                [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=20,
+                filter_string=f"tags.`pipeline.fingerprint` = '{digest}' and tags.`pipeline.stage` = '{stage}' "
+                              "and attributes.status = 'FINISHED'")
+        except Exception as e:  # the store is a convenience here, never a reason to fail
+            log.debug("store lookup failed: %s", e)
+            return []
+        found = []
+        for r in runs:
+            if "pipeline.reused_from" in r.data.tags:
+                continue
+            try:
+                outputs = json.loads(r.data.tags.get("pipeline.outputs", "{}"))
+            except json.JSONDecodeError:
+                continue
+            found.append((r.info.run_id, outputs, r.data.tags.get("pipeline.summary", "")))
+        return found
+
+    def registration_missing(self, result):
+        from mlflow.exceptions import MlflowException
+
+        name, version = result.get("name"), result.get("version")
+        if not name or not version:
+            return "the earlier register run registered nothing in this store"
+        try:
+            _client().get_model_version(name, str(version))
+        except MlflowException:
+            return f"registered version {name} v{version} is not in this store"
+        return None
+
+    def reused(self, stage, source_run_id, digest, summary):
+        tags = {"pipeline.stage": stage, "pipeline.reused_from": source_run_id or "untracked",
+                "pipeline.fingerprint": digest, "pipeline.summary": summary[:500]}
+        if self._parent is not None:
+            tags["pipeline.parent_run_id"] = self._parent.run_id
+        self._reused.append(stage)
+        with self._run(stage, tags) as tracker:  # no work, no artifacts: FINISHED at once
+            return tracker.run_id
+
+    # -- during and after: a stage's run
+
+    @contextlib.contextmanager
+    def stage(self, stage, reasons, *, system_metrics=False):
+        tags = {"pipeline.stage": stage}
+        if self._parent is not None:
+            tags.update({"pipeline.parent_run_id": self._parent.run_id, "pipeline.reason": "; ".join(reasons)[:5000]})
+        with self._run(stage, tags, system_metrics=system_metrics) as tracker:
+            yield tracker
+        # on the parent, once the stage's run has ended (metrics go to the active run)
+        if self._parent is not None and stage in self._ran:
+            self._parent.log_metrics({f"{stage}_seconds": self._ran[stage]})
+
+    def finished(self, stage, tracker, io, stamp, upstream_models):
+        if io.dataset_context and self.rundir.dataset.is_file() and self.rundir.data.is_file():
+            self._log_dataset_input(io.dataset_context)
+        if "data" in io.writes:  # the split itself, so `pipeline promote` finds test data without the run directory
+            tracker.log_artifact(self.rundir.data)
+        models = self._log_models(stage, io.models, io.evaluates, upstream_models, getattr(tracker, "final_metrics", {}))
+        tracker.set_tags({"pipeline.fingerprint": stamp.get("fingerprint", ""),
+                          "pipeline.outputs": json.dumps(stamp["outputs"], sort_keys=True)[:MAX_TAG_LENGTH],
+                          "pipeline.summary": stamp["summary"][:500]})
+        self._ran[stage] = stamp["seconds"]
+        return models
+
+    def failed(self, stage):
+        self._stopped(stage, "failed")
+
+    def killed(self, stage):
+        self._stopped(stage, "killed")
+
+    def _stopped(self, stage: str, status: str) -> None:
+        self._status = status
+        if self._parent is not None:
+            self._parent.set_tags({"pipeline.failed_stage": stage, "pipeline.status": status})
+
+    def _log_dataset_input(self, context: str) -> None:
+        """The run directory's dataset as an MLflow dataset input of the active run (digest, source, schema)."""
+        import mlflow
+        import numpy as np
+
+        info = json.loads(Path(self.rundir.dataset).read_text())
+        with np.load(self.rundir.data, allow_pickle=False) as f:
+            x, y = f["x_train"], f["y_train"]
+        dataset = mlflow.data.from_numpy(x, targets=y, source=info.get("source", "unknown"),
+                                         name=info.get("name", "dataset"), digest=str(info.get("sha256", ""))[:36])
+        mlflow.log_input(dataset, context=context)
+
+    def _log_models(self, stage: str, writes: tuple[str, ...], evaluates: tuple[str, ...],
+                    upstream_models: Mapping[str, str], final_metrics: Mapping[str, float]) -> dict[str, str]:
+        """Log the model files a stage wrote as MLflow LoggedModels of the active run, and link the stage's
+        one-value metrics to the models they describe: a metric naming a model's tag as a dot-separated part
+        (``accuracy.int8-static``) goes to that model; the others go to the stage's only model, if it has
+        one. Returns file -> model id."""
+        import mlflow
+
+        from stages.common import sha256_file
+
+        rundir = self.rundir
+
+        def paths(names):
+            out = []
+            for name in names:
+                value = getattr(rundir, name)
+                out.extend(value if isinstance(value, (list, tuple)) else [value])
+            return [Path(p) for p in out if Path(p).is_file()]
+
+        run = mlflow.active_run()
+        written = paths(writes)
+        read = [p for p in paths(evaluates) if p.name in upstream_models]
+        models: dict[str, str] = {}
+        for path in written:
+            model = mlflow.initialize_logged_model(
+                name=rundir.model_tag(path), source_run_id=run.info.run_id if run else None,
+                model_type="onnx" if path.suffix == ".onnx" else "pytorch-checkpoint",
+                tags={"file": path.name, "sha256": sha256_file(path), "stage": stage})
+            try:
+                _client().log_model_artifact(model.model_id, str(path))
+                if path == Path(rundir.checkpoint) and Path(rundir.checkpoint_json).is_file():
+                    _client().log_model_artifact(model.model_id, str(rundir.checkpoint_json))
+            except Exception:
+                mlflow.finalize_logged_model(model.model_id, "FAILED")
+                raise
+            mlflow.finalize_logged_model(model.model_id, "READY")
+            models[path.name] = model.model_id
+        targets = {p.name: models.get(p.name) or upstream_models[p.name] for p in [*written, *read]}
+        untagged = dict(final_metrics)
+        for name, model_id in targets.items():
+            tag = rundir.model_tag(rundir.root / name)
+            mine = {k: v for k, v in final_metrics.items() if tag in k.split(".")}
+            for k in mine:
+                untagged.pop(k, None)
+            if mine:
+                mlflow.log_metrics(mine, model_id=model_id)
+        if untagged and len(targets) == 1:
+            mlflow.log_metrics(untagged, model_id=next(iter(targets.values())))
+        if models:
+            from mlflow.entities import LoggedModelOutput
+
+            mlflow.log_outputs([LoggedModelOutput(model_id=m, step=0) for m in models.values()])
+        return models
 
 
-def record_reused(experiment: str, stage: str, parent_run_id: str, source_run_id: str, digest: str,
-                  summary: str) -> str:
-    """A FINISHED nested run that says this stage was reused, and from which run (no work, no artifacts)."""
-    client = MlflowClient_()
-    run = client.create_run(experiment_id(experiment), run_name=stage, tags={
-        "mlflow.parentRunId": parent_run_id, "pipeline.stage": stage, "pipeline.parent_run_id": parent_run_id,
-        "pipeline.reused_from": source_run_id or "untracked", "pipeline.fingerprint": digest,
-        "pipeline.summary": summary[:500], **environment_tags()})
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
-
-
-def mark_killed(run_ids: list[str], reason: str) -> list[str]:
+def _mark_killed(run_ids: list[str], reason: str) -> list[str]:
     """Mark the RUNNING ones among ``run_ids`` KILLED. Returns those marked."""
     from mlflow.exceptions import MlflowException
 
-    client, marked = MlflowClient_(), []
+    client, marked = _client(), []
     for run_id in run_ids:
         try:
             run = client.get_run(run_id)
@@ -359,98 +641,178 @@ def mark_killed(run_ids: list[str], reason: str) -> list[str]:
     return marked
 
 
-def mark_killed_by_rundir(rundir: str, host: str, reason: str) -> list[str]:
-    """Mark KILLED every RUNNING run that used ``rundir`` on ``host``: call only while holding its lock,
-    when no live process can be using it."""
-    client = MlflowClient_()
-    exp_ids = [e.experiment_id for e in client.search_experiments()]
-    if not exp_ids:
-        return []
-    quoted = rundir.replace("'", "\\'")
-    runs = client.search_runs(exp_ids, filter_string=f"attributes.status = 'RUNNING' and "
-                                                     f"tags.`pipeline.rundir` = '{quoted}' and tags.host = '{host}'")
-    return mark_killed([r.info.run_id for r in runs], reason)
+# ---------------------------------------------------------------- the registry: one resolver, one download
+
+URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest or runs:/RUN_ID/PATH"
+REGISTER_FIX = ("run `make all` (or `pipeline run`) to register a model, or point MLFLOW_TRACKING_URI at the "
+                "store that holds it")
 
 
-def registration_missing(result: Mapping[str, Any]) -> str | None:
-    """None when the registered version a register stamp names still exists in this store."""
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a model URI names in the store, before anything is downloaded."""
+
+    uri: str  # as given
+    name: str  # the registered model's name; for runs:/, the file's stem
+    version: str  # the registered version; "" for runs:/
+    run_id: str | None  # the run that logged it
+    tags: dict[str, str]  # the registered version's tags; none for runs:/
+    artifact_uri: str  # what fetch_model downloads
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    source: str = ""  # where the registry says its files are
+    model_id: str = ""  # its MLflow LoggedModel, when it has one
+
+
+def resolve_model(uri: str) -> ResolvedModel:
+    """The one resolver of model URIs. ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` and
+    ``models:/NAME/latest`` (the highest version, as in MLflow) name a registered version;
+    ``runs:/RUN_ID/PATH`` a file a run logged (or a model it logged under that name).
+
+    ``models:/NAME`` alone is refused, as MLflow refuses it: which version to use (the champion? the
+    newest, perhaps not yet gated?) is the caller's decision, and the message lists the choices.
+    Anything unresolvable is a StageError naming the URI, the store (password redacted) and the fix.
+    """
+    store = shown_uri()
+
+    def fail(why: str, fix: str = REGISTER_FIX) -> StageError:
+        return StageError(f"cannot resolve {uri!r} in the store {store}: {why}; {fix}")
+
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        if not run_id or not path.strip("/"):
+            raise fail("a run URI names a run and a path in it", f"use {URI_FORMS}")
+        return _resolve_run_file(uri, run_id, path.strip("/"), fail)
+    if not uri.startswith("models:/"):
+        raise fail("not a model URI", f"use {URI_FORMS}, or pass a .onnx path")
+    body = uri[len("models:/"):]
+    name, at, alias = body.partition("@")
+    if not at:
+        name, _, version = body.partition("/")
+    if not name or (at and (not alias or "/" in alias)) or (not at and version and "/" in version):
+        raise fail("malformed model URI", f"use {URI_FORMS}")
+    configure()
+    client = _client()
+    model = _registered_model(client, name, fail)
+    if at:
+        aliases = dict(model.aliases or {})
+        if alias not in aliases:
+            raise fail(f"registered model {name!r} has no alias {alias!r} ({_choices(client, model)})")
+        version = str(aliases[alias])
+    elif not version:
+        raise fail(f"a registered model URI names a version ({_choices(client, model)})",
+                   f"say which, e.g. models:/{name}@champion or models:/{name}/latest")
+    elif version.lower() == "latest":
+        version = _latest_version(client, name)
+        if version is None:
+            raise fail(f"registered model {name!r} has no versions")
+    elif not version.isdigit():
+        raise fail(f"version {version!r} is not a number", f"use {URI_FORMS}")
+    mv = _model_version(client, name, version, model, fail)
+    return ResolvedModel(uri=uri, name=mv.name, version=str(mv.version), run_id=mv.run_id, tags=dict(mv.tags),
+                         artifact_uri=f"models:/{mv.name}/{mv.version}", aliases=tuple(mv.aliases or ()),
+                         description=mv.description or "", source=mv.source or "", model_id=mv.model_id or "")
+
+
+def _registered_model(client, name: str, fail):
     from mlflow.exceptions import MlflowException
 
-    name, version = result.get("name"), result.get("version")
-    if not name or not version:
-        return "the earlier register run registered nothing in this store"
     try:
-        MlflowClient_().get_model_version(name, str(version))
-    except MlflowException:
-        return f"registered version {name} v{version} is not in this store"
-    return None
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise fail(e.message.splitlines()[0]) from None
+    known = sorted(m.name for m in client.search_registered_models(max_results=50))
+    raise fail(f"no registered model {name!r} (registered: {', '.join(known) or 'none'})")
 
 
-def log_dataset_input(rundir, context: str) -> None:
-    """The run directory's dataset as an MLflow dataset input of the active run (digest, source, schema)."""
-    import mlflow
-    import numpy as np
+def _model_version(client, name: str, version: str, model, fail):
+    from mlflow.exceptions import MlflowException
 
-    info = json.loads(Path(rundir.dataset).read_text())
-    with np.load(rundir.data, allow_pickle=False) as f:
-        x, y = f["x_train"], f["y_train"]
-    dataset = mlflow.data.from_numpy(x, targets=y, source=info.get("source", "unknown"), name=info.get("name", "dataset"),
-                                     digest=str(info.get("sha256", ""))[:36])
-    mlflow.log_input(dataset, context=context)
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise fail(e.message.splitlines()[0]) from None
+    raise fail(f"registered model {name!r} has no version {version} ({_choices(client, model)})")
 
 
-def log_stage_models(rundir, stage: str, writes: tuple[str, ...], evaluates: tuple[str, ...],
-                     upstream_models: Mapping[str, str], final_metrics: Mapping[str, float]) -> dict[str, str]:
-    """Log the model files a stage wrote as MLflow LoggedModels of the active run, and link the stage's
-    one-value metrics to the models they describe: a metric naming a model's tag as a dot-separated part
-    (``accuracy.int8-static``) goes to that model; the others go to the stage's only model, if it has
-    one. Returns file -> model id."""
-    import mlflow
+def _latest_version(client, name: str) -> str | None:
+    quoted = name.replace("'", "\\'")
+    found = client.search_model_versions(f"name = '{quoted}'", max_results=1, order_by=["version_number DESC"])
+    return str(found[0].version) if found else None
 
-    def paths(names):
-        out = []
-        for name in names:
-            value = getattr(rundir, name)
-            out.extend(value if isinstance(value, (list, tuple)) else [value])
-        return [Path(p) for p in out if Path(p).is_file()]
 
-    run = mlflow.active_run()
-    written = paths(writes)
-    read = [p for p in paths(evaluates) if p.name in upstream_models]
-    models: dict[str, str] = {}
-    for path in written:
-        tag = rundir.model_tag(path)
-        from stages.common import sha256_file
+def _choices(client, model) -> str:
+    """What a registered model offers: its aliases and its latest version."""
+    aliases = ", ".join(f"@{a} = v{v}" for a, v in sorted(dict(model.aliases or {}).items())) or "no aliases"
+    latest = _latest_version(client, model.name)
+    return f"it has {aliases}; latest version {latest or 'none'}"
 
-        model = mlflow.initialize_logged_model(
-            name=tag, source_run_id=run.info.run_id if run else None,
-            model_type="onnx" if path.suffix == ".onnx" else "pytorch-checkpoint",
-            tags={"file": path.name, "sha256": sha256_file(path), "stage": stage})
+
+def _resolve_run_file(uri: str, run_id: str, path: str, fail) -> ResolvedModel:
+    """``runs:/RUN_ID/PATH``: a file (or folder) the run logged, or a LoggedModel it logged named PATH."""
+    from mlflow.exceptions import MlflowException
+
+    configure()
+    client = _client()
+    run = _get_run(client, run_id, fail)
+    parent = path.rpartition("/")[0]
+    logged = {a.path for a in client.list_artifacts(run_id, parent or None)}
+    model_id = ""
+    if path not in logged:
         try:
-            MlflowClient_().log_model_artifact(model.model_id, str(path))
-            if path == Path(rundir.checkpoint) and Path(rundir.checkpoint_json).is_file():
-                MlflowClient_().log_model_artifact(model.model_id, str(rundir.checkpoint_json))
-        except Exception:
-            mlflow.finalize_logged_model(model.model_id, "FAILED")
-            raise
-        mlflow.finalize_logged_model(model.model_id, "READY")
-        models[path.name] = model.model_id
-    targets = {p.name: models.get(p.name) or upstream_models[p.name] for p in [*written, *read]}
-    untagged = dict(final_metrics)
-    for name, model_id in targets.items():
-        tag = rundir.model_tag(rundir.root / name)
-        mine = {k: v for k, v in final_metrics.items() if tag in k.split(".")}
-        for k in mine:
-            untagged.pop(k, None)
-        if mine:
-            mlflow.log_metrics(mine, model_id=model_id)
-    if untagged and len(targets) == 1:
-        mlflow.log_metrics(untagged, model_id=next(iter(targets.values())))
-    if models:
-        from mlflow.entities import LoggedModelOutput
+            models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                                 filter_string=f"source_run_id = '{run_id}'")
+        except MlflowException:
+            models = []
+        model_id = next((m.model_id for m in models if m.name == path), "")
+        if not model_id:
+            what = ", ".join(sorted(logged) + [f"model {m.name}" for m in models]) or "nothing"
+            raise fail(f"run {run_id} logged no {path!r} (it logged: {what})",
+                       "name a file the run logged, as `make ui` lists its artifacts")
+    return ResolvedModel(uri=uri, name=Path(path).name.split(".")[0], version="", run_id=run_id, tags={},
+                         artifact_uri=uri, model_id=model_id)
 
-        mlflow.log_outputs([LoggedModelOutput(model_id=m, step=0) for m in models.values()])
-    return models
+
+def _get_run(client, run_id: str, fail):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise fail(f"no MLflow run {run_id}", "pass the id of a run in this store (`make ui` lists them)") from None
+
+
+@dataclass(frozen=True)
+class RegisteredOnnx:
+    """A model's .onnx file fetched to local disk, with what the registry says about it."""
+
+    path: Path
+    name: str
+    version: str  # "" when it came from a runs:/ URI
+    tags: dict[str, str]
+    run_id: str | None
+
+
+def fetch_model(uri: str, dest: Path | None = None) -> RegisteredOnnx:
+    """The one download: resolve ``uri`` (see resolve_model) and fetch its .onnx file under ``dest``
+    (a new temporary directory if None; the caller removes it)."""
+    import mlflow
+
+    ref = resolve_model(uri)
+    dest = Path(dest or tempfile.mkdtemp(prefix="onnx-pipeline-model-"))
+    store = shown_uri()
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.artifact_uri, dst_path=str(dest)))
+    except Exception as e:  # the store said it exists; its artifact store could not deliver it
+        raise StageError(f"cannot download {uri!r} from the store {store}: {str(e).splitlines()[0]}; check that "
+                         "its artifact location is reachable from here") from None
+    found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local] if local.suffix == ".onnx" else []
+    if not found:
+        what = f"version {ref.version}" if ref.version else "the run's file"
+        raise StageError(f"{uri!r} ({what} in the store {store}) holds no .onnx file; pass a URI of an ONNX model")
+    return RegisteredOnnx(path=found[0], name=ref.name, version=ref.version, tags=dict(ref.tags), run_id=ref.run_id)
 
 
 # ---------------------------------------------------------------- checkpoints of earlier runs
@@ -462,18 +824,14 @@ def looks_like_run_id(ref: str) -> bool:
 
 def download_checkpoint(run_id: str, dest: Path) -> Path:
     """The checkpoint.pt a training run logged, downloaded under ``dest``. A pipeline's parent run is
-    followed to its nested train run. Raises ValueError naming the fix."""
+    followed to its nested train run. Raises StageError naming the fix."""
     import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     configure()
-    client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ValueError(f"no MLflow run {run_id} in the store {tracking_uri()}; pass a checkpoint path "
-                         "or the id of a train run (see `make ui`)") from None
+    store = shown_uri()
+    client = _client()
+    run = _get_run(client, run_id, lambda why, fix: StageError(
+        f"{why} in the store {store}; pass a checkpoint path or the id of a train run (see `make ui`)"))
     candidates = [run_id]
     children = client.search_runs([run.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.`pipeline.stage` = 'train'")
@@ -484,47 +842,5 @@ def download_checkpoint(run_id: str, dest: Path) -> Path:
                                                         dst_path=str(dest))
             log.info("checkpoint of run %s downloaded to %s", candidate, local)
             return Path(local)
-    raise ValueError(f"MLflow run {run_id} ({run.info.run_name}) logged no checkpoint.pt; pass the id of a "
-                     "train run or of a whole pipeline run")
-
-
-# ---------------------------------------------------------------- the registry
-
-@dataclass(frozen=True)
-class RegisteredOnnx:
-    """A registered ONNX model fetched to local disk, with what the registry says about it."""
-
-    path: Path
-    name: str
-    version: str
-    tags: dict[str, str]
-    run_id: str | None
-
-
-def fetch_registered_onnx(uri: str, dest: Path | None = None) -> RegisteredOnnx:
-    """Resolve ``models:/NAME@alias`` or ``models:/NAME/VERSION`` and download its .onnx file."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    configure()
-    body = uri[len("models:/"):] if uri.startswith("models:/") else ""
-    if not body:
-        raise ValueError(f"model URI {uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
-    client = MlflowClient()
-    try:
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, version = body.partition("/")
-            mv = client.get_model_version(name, version)
-    except MlflowException as e:
-        raise ValueError(f"cannot resolve {uri!r} in the store {tracking_uri()}: {e.message}; "
-                         "run `make all` (or `pipeline run`) to register a model, or pass --model PATH.onnx") from None
-    dest = Path(dest or tempfile.mkdtemp(prefix="onnx-pipeline-serve-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dest)))
-    found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
-    if not found:
-        raise ValueError(f"{uri!r} (version {mv.version}) holds no .onnx file")
-    return RegisteredOnnx(path=found[0], name=mv.name, version=str(mv.version), tags=dict(mv.tags), run_id=mv.run_id)
+    raise StageError(f"MLflow run {run_id} ({run.info.run_name}) in the store {store} logged no checkpoint.pt; pass "
+                     "the id of a train run or of a whole pipeline run")

@@ -29,7 +29,8 @@ import numpy as np
 from stages import checkpoint, conversion, dataset, timing
 from stages.common import git_state, library_versions, read_json, require, write_json, write_text
 from stages.onnx_model import ModelMeta, OnnxModel
-from stages.predictors import CUDA_EP, IoBindingPredictor, OrtPredictor, TorchPredictor, cuda_available
+from stages.predictors import IoBindingPredictor, OrtPredictor, TorchPredictor
+from stages.sessions import CUDA_EP, SessionSettings, cuda_available
 from stages.contract import RunDir, Tracker
 
 
@@ -99,6 +100,13 @@ def environment() -> dict:
     return env
 
 
+def session_settings(threads: int, device: str = "cpu") -> SessionSettings:
+    """The benchmark's ONNX Runtime sessions: torch's thread budget (so the table compares engines, not
+    thread counts) and ORT's default spin-waiting (the harness runs nothing beside the timed call).
+    The server's own settings are the recipe's serve.runtime; register re-measures with those."""
+    return SessionSettings(device=device, intra_op_threads=threads, allow_spinning=True)
+
+
 def contenders(config: Config, rundir: "RunDir", variants: dict, devices: list[str], threads: int) -> list[Contender]:
     fp32 = ModelMeta.read(require(rundir.onnx, "export"))  # refuses a file that does not say how to feed it
     softmax = "probabilities" in fp32.output_names
@@ -109,7 +117,7 @@ def contenders(config: Config, rundir: "RunDir", variants: dict, devices: list[s
         return TorchPredictor(wrapped, dev), lambda x: fp32.feed(x)[fp32.input.name]
 
     def ort(path, dev: str, io_binding: bool):
-        predictor = OrtPredictor(path, dev, intra_op_threads=threads)
+        predictor = OrtPredictor(path, settings=session_settings(threads, dev))
         meta = OnnxModel(predictor).meta
         return (IoBindingPredictor(predictor) if io_binding else predictor), lambda x: meta.feed(x)[meta.input.name]
 
@@ -234,7 +242,8 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     # Same thread budget for both engines, or the comparison measures thread counts, not engines.
     threads = config.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    env = {**environment(), "threads": threads, "memory_method": timing.MEMORY_METHOD, "rounds": config.rounds}
+    env = {**environment(), "threads": threads, "memory_method": timing.MEMORY_METHOD, "rounds": config.rounds,
+           "onnxruntime_session": {k: v for k, v in session_settings(threads).describe().items() if k != "device"}}
     entries = contenders(config, rundir, variants, devices, threads)
 
     rows, fallbacks = [], set()

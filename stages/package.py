@@ -38,6 +38,7 @@ import numpy as np
 from stages.common import PRODUCT_VERSION, StageError, sha256_file
 from stages.onnx_model import ModelMeta, OnnxModel
 from stages.predictors import OrtPredictor
+from stages.serve.config import BatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ DTYPES: dict[str, tuple[str, str]] = {
     "int32": ("int32", "TYPE_INT32"), "uint64": ("uint64", "TYPE_UINT64"), "int64": ("int64", "TYPE_INT64"),
     "bool": ("bool", "TYPE_BOOL"), "string": ("string", "TYPE_STRING"),
 }
-DEFAULT_MAX_BATCH_SIZE = 64  # Triton: the largest batch the dynamic batcher forms (the benchmark's top size)
-DEFAULT_MAX_QUEUE_DELAY_US = 1000  # Triton: how long a request may wait for others to batch with, in µs
 # KServe resource names are DNS-1035 labels.
 K8S_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -72,9 +71,9 @@ class Config:
     storage_uri: str = ""  # kserve: where model.onnx will be uploaded (s3://..., gs://..., pvc://...)
     allow_contrib_ops: bool = False
     force: bool = False  # replace a non-empty output directory
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    dynamic_batching: bool = True  # Triton merges concurrent requests (a dynamic_batching block)
-    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
+    # Triton's batching (max_batch_size, a dynamic_batching block and its delay): the serve section's
+    # batching part, so Triton batches as our own server would.
+    batching: BatchSettings = field(default_factory=BatchSettings)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -83,10 +82,6 @@ class Config:
             raise ValueError(f"`version` must be an integer >= 1 (Triton's version directory), got {self.version!r}")
         if self.samples < -1:
             raise ValueError(f"`samples` must be >= 0, or 'all', got {self.samples}")
-        if self.max_batch_size < 0:
-            raise ValueError(f"`max_batch_size` must be >= 0, got {self.max_batch_size}")
-        if self.max_queue_delay_us < 0:
-            raise ValueError(f"`max_queue_delay_us` must be >= 0 (microseconds), got {self.max_queue_delay_us}")
         if self.format == "kserve":
             if not self.storage_uri:
                 raise ValueError("`--storage-uri` is required for --format kserve: where you will upload model.onnx, "
@@ -419,42 +414,32 @@ Node.js (`npm install onnxruntime-node`): see `examples/node/classify.js` in onn
 """
 
 
-def _pbtxt_list(values) -> str:
-    return "[ " + ", ".join(str(v) for v in values) + " ]"
-
-
-def triton_config(doc: dict, info: ModelInfo, name: str, max_batch_size: int, dynamic_batching: bool,
-                  max_queue_delay_us: int, label_file: str | None) -> str:
-    """config.pbtxt in Triton's model-configuration text format.
+def triton_config(doc: dict, info: ModelInfo, name: str, batching: BatchSettings, label_file: str | None) -> str:
+    """config.pbtxt: Triton's ``ModelConfig`` message (its own schema, vendored in stages.serve.triton)
+    in protobuf text format, so names are escaped and every field is one Triton knows.
 
     With a dynamic batch axis (dim 0 symbolic on every input and output) Triton batches: dims
-    leave that axis out and ``max_batch_size`` > 0; otherwise ``max_batch_size: 0`` and full dims.
+    leave that axis out and ``max_batch_size`` > 0, with a ``dynamic_batching`` block when
+    ``batching.enabled``; otherwise ``max_batch_size: 0`` and full dims.
     """
-    tensors = info.inputs + info.outputs
-    batching = max_batch_size > 0 and all(t["dims"] and not isinstance(t["dims"][0], int) for t in tensors)
+    from stages.serve import triton
 
-    def block(t: dict, extra: str = "") -> str:
-        dims = t["shape"][1:] if batching else t["shape"]
-        return (f"  {{\n    name: \"{t['name']}\"\n    data_type: {t['triton_dtype']}\n"
-                f"    dims: {_pbtxt_list(dims or [1])}\n{extra}  }}")
-
-    outputs = []
-    for i, t in enumerate(info.outputs):
-        extra = f"    label_filename: \"{label_file}\"\n" if label_file and t["name"] == _scores_output(doc) else ""
-        outputs.append(block(t, extra))
-    lines = [
-        f"# Written by onnx-pipeline {PRODUCT_VERSION} from the ONNX file's graph and metadata ({doc['task']} model).",
-        f"name: \"{name}\"",
-        "platform: \"onnxruntime_onnx\"",
-        "default_model_filename: \"model.onnx\"",
-        f"max_batch_size: {max_batch_size if batching else 0}",
-        "input [\n" + ",\n".join(block(t) for t in info.inputs) + "\n]",
-        "output [\n" + ",\n".join(outputs) + "\n]",
-    ]
-    if batching and dynamic_batching:
-        lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}")
-    lines.append("instance_group [\n  {\n    kind: KIND_AUTO\n    count: 1\n  }\n]")
-    return "\n".join(lines) + "\n"
+    batched = all(t["dims"] and not isinstance(t["dims"][0], int) for t in info.inputs + info.outputs)
+    config = triton.model_config_class()(name=name, platform="onnxruntime_onnx", default_model_filename="model.onnx",
+                                         max_batch_size=batching.max_batch_size if batched else 0)
+    for kind, tensors in (("input", info.inputs), ("output", info.outputs)):
+        for t in tensors:
+            entry = getattr(config, kind).add(name=t["name"], dims=(t["shape"][1:] if batched else t["shape"]) or [1])
+            entry.data_type = triton.enum_value("inference.DataType", t["triton_dtype"])
+            if kind == "output" and label_file and t["name"] == _scores_output(doc):
+                entry.label_filename = label_file
+    if batched and batching.enabled:
+        config.dynamic_batching.SetInParent()  # the block's presence turns merging on, even with every field at 0
+        config.dynamic_batching.max_queue_delay_microseconds = round(batching.max_queue_delay_ms * 1000)
+        config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+    config.instance_group.add(count=1)  # kind KIND_AUTO (the default): GPU where Triton has one, else CPU
+    return triton.to_text(config, header=f"Written by onnx-pipeline {PRODUCT_VERSION} from the ONNX file's graph "
+                                         f"and metadata ({doc['task']} model).")
 
 
 def kserve_manifest(name: str, storage_uri: str, doc: dict) -> dict:
@@ -562,8 +547,7 @@ def run(config: Config, source: Source, output: Path, split: TestSplit | None = 
             if label_file:
                 (tmp / name / label_file).write_text("\n".join(labels) + "\n")
             (tmp / name / "config.pbtxt").write_text(
-                triton_config(doc, info, name, config.max_batch_size, config.dynamic_batching,
-                              config.max_queue_delay_us, label_file))
+                triton_config(doc, info, name, config.batching, label_file))
         else:
             (tmp / "inference-service.yaml").write_text(
                 f"# KServe InferenceService for {name}, written by onnx-pipeline {PRODUCT_VERSION}.\n"
@@ -576,19 +560,3 @@ def run(config: Config, source: Source, output: Path, split: TestSplit | None = 
     log.info("packaged %s as %s in %s (%s)", source.uri, config.format, output, ", ".join(files))
     return Result(format=config.format, output=str(output), name=name, files=files, sha256=sha,
                   samples=n_samples, verified_accuracy=accuracy)
-
-
-def batching_from_serve(serve_config: Any) -> dict[str, Any]:
-    """Triton's batching settings (Config keyword arguments) from the recipe's serve section where it
-    sets them (``max_batch_size``, ``dynamic_batching``, ``max_queue_delay_ms`` or ``_us``), else the
-    defaults."""
-    found: dict[str, Any] = {}
-    if getattr(serve_config, "max_batch_size", None) is not None:
-        found["max_batch_size"] = int(serve_config.max_batch_size)
-    if getattr(serve_config, "dynamic_batching", None) is not None:
-        found["dynamic_batching"] = bool(serve_config.dynamic_batching)
-    for key, to_us in (("max_queue_delay_us", 1), ("max_queue_delay_ms", 1000)):
-        if getattr(serve_config, key, None) is not None:
-            found["max_queue_delay_us"] = int(round(float(getattr(serve_config, key)) * to_us))
-            break
-    return found

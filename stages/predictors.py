@@ -1,35 +1,21 @@
 """One ``predict(array) -> array`` interface over PyTorch and ONNX Runtime.
 
 Evaluate, quantize, benchmark and serve share these, so every number compares like with like.
-``OrtPredictor`` records the execution providers the session actually got: ONNX Runtime falls back
-to CPU silently when CUDA libraries are missing, so we check ``get_providers()`` and say so.
+``OrtPredictor`` opens its session through ``stages.sessions.create_session`` (the settings the
+server uses, unless told otherwise) and records the execution providers the session actually got:
+ONNX Runtime falls back to CPU silently when CUDA libraries are missing, and the factory says so.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
-log = logging.getLogger(__name__)
-
-Device = Literal["auto", "cpu", "cuda"]
-CUDA_EP = "CUDAExecutionProvider"
-CPU_EP = "CPUExecutionProvider"
-
-
-def cuda_available() -> bool:
-    """True when a CUDA GPU is usable. Importing torch first also loads the CUDA/cuDNN libraries
-    that onnxruntime-gpu needs (they ship inside torch's CUDA wheels)."""
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
+# Sessions are built by the one factory in stages.sessions; its names are re-exported for older imports.
+from stages.sessions import (CPU_EP, CUDA_EP, Device, SessionSettings, create_session,  # noqa: F401
+                             cuda_available, ort_providers)
 
 
 def torch_device(device: Device) -> str:
@@ -42,58 +28,19 @@ def torch_device(device: Device) -> str:
     return device
 
 
-def ort_providers(device: Device) -> list[str]:
-    """Providers to request: CUDA (with CPU behind it) when asked for or available, else CPU."""
-    import onnxruntime as ort
-
-    if device == "cpu":
-        return [CPU_EP]
-    has_cuda_ep = CUDA_EP in ort.get_available_providers()
-    if device == "cuda":
-        return [CUDA_EP, CPU_EP]
-    # auto: onnxruntime-gpu lists the CUDA EP even on machines without a GPU; ask torch too.
-    return [CUDA_EP, CPU_EP] if has_cuda_ep and cuda_available() else [CPU_EP]
-
-
-# ORT's CUDA EP runs an exhaustive cuDNN algorithm search for every new input shape (its default). A
-# server whose batcher merges requests into batches of any size meets many shapes: on an H100 that
-# made serving at concurrency 8 fall to 96 req/s at p50 86 ms while c=1 did 1,470 req/s. The
-# heuristic choice costs nothing per shape; set here so benchmark and server run the same way.
-CUDA_PROVIDER_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
-
-
-def provider_options(providers: Sequence[str]) -> list[dict]:
-    """Per-provider options, in the order of ``providers`` (ONNX Runtime's provider_options)."""
-    return [dict(CUDA_PROVIDER_OPTIONS) if p == CUDA_EP else {} for p in providers]
-
-
-def default_intra_op_threads() -> int:
-    # ORT's default spins one thread per core; on a 2-core box that starves the HTTP server and
-    # the benchmark harness. Leave a core free on small machines.
-    cores = os.cpu_count() or 1
-    return max(1, cores - 1) if cores <= 4 else min(cores, 8)
-
-
 class OrtPredictor:
     """An ONNX Runtime session over one .onnx file."""
 
-    def __init__(self, path: Path | str, device: Device = "auto", intra_op_threads: int = 0,
-                 providers: Sequence[str] | None = None):
-        import onnxruntime as ort
-
+    def __init__(self, path: Path | str, device: Device = "auto", intra_op_threads: int = 0, *,
+                 settings: SessionSettings | None = None):
+        """``settings`` (the one session factory's record) wins; ``device`` / ``intra_op_threads`` are
+        the shorthand for the common case (everything else automatic)."""
         self.path = Path(path)
-        self.requested_providers = list(providers) if providers else ort_providers(device)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads or default_intra_op_threads()
-        opts.log_severity_level = 3  # errors only: the provider fallback is reported below, plainly
-        self.session = ort.InferenceSession(str(self.path), opts, providers=self.requested_providers,
-                                            provider_options=provider_options(self.requested_providers))
+        self.settings = settings or SessionSettings(device=device, intra_op_threads=intra_op_threads)
+        self.requested_providers = self.settings.providers()
+        self.session = create_session(self.path, self.settings)  # warns when CUDA fell back to CPU
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
-        if CUDA_EP in self.requested_providers and CUDA_EP not in self.providers:
-            log.warning("CUDA was requested for %s but ONNX Runtime is running on %s "
-                        "(CUDA/cuDNN libraries not found); numbers below are CPU numbers",
-                        self.path.name, self.provider)
         self.inputs = self.session.get_inputs()
         self.outputs = self.session.get_outputs()
         self.input_name = self.inputs[0].name

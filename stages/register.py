@@ -5,13 +5,15 @@ The choice: among variants that built and stayed within the accuracy budget (a v
 never registered, not even when forced), the one with the most samples/s (median latency) at the
 recipe's target batch size on the provider the server will use; p90 latency breaks a tie. Timings on a
 shared machine are noisy, so when the runner-up is within ``remeasure_margin`` of the leader the two
-are measured again here, interleaved round by round, and the pooled median decides. Every candidate's
-numbers and the reason are written to registration.json and the version's tags. fp32 is always
-eligible, so a quantized variant wins only when it is measurably faster.
+are measured again here, interleaved round by round, with the sessions the server would build (the
+recipe's ``serve.runtime``: threads, spinning, provider options), and the pooled median decides.
+Every candidate's numbers and the reason are written to registration.json and the version's tags.
+fp32 is always eligible, so a quantized variant wins only when it is measurably faster.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ import numpy as np
 from stages import dataset, timing
 from stages.common import StageError, read_json, write_json
 from stages.onnx_model import OnnxModel
-from stages.predictors import CPU_EP, CUDA_EP, OrtPredictor, cuda_available
+from stages.predictors import OrtPredictor
+from stages.sessions import CPU_EP, CUDA_EP, SessionSettings, cuda_available
 from stages.contract import RunDir, Tracker
 
 
@@ -68,7 +71,10 @@ def eligible(variants: dict) -> set[str]:
     return {n for n, v in variants.items() if v.get("ok") and v.get("within_budget") and v.get("eligible", True)}
 
 
-def serving_provider(rows: list[dict]) -> str:
+def serving_provider(rows: list[dict], device: str = "auto") -> str:
+    """The provider the server will run on: CPU when its device is cpu, else CUDA where it is usable and benchmarked."""
+    if device == "cpu":
+        return CPU_EP
     return CUDA_EP if cuda_available() and any(r["provider"] == CUDA_EP for r in rows) else CPU_EP
 
 
@@ -89,7 +95,7 @@ def candidates(variants: dict, rows: list[dict], config: Config, provider: str) 
                                         -(c["samples_per_s"] or 0), c["p90_ms"] or 0))
 
 
-def choose(variants: dict, rows: list[dict], config: Config) -> tuple[str, str]:
+def choose(variants: dict, rows: list[dict], config: Config, device: str = "auto") -> tuple[str, str]:
     """-> (variant name, why) from the benchmark rows alone. Raises StageError when nothing is eligible."""
     ok = eligible(variants)
     if config.variant != "auto":
@@ -97,7 +103,7 @@ def choose(variants: dict, rows: list[dict], config: Config) -> tuple[str, str]:
             raise StageError(f"register.variant={config.variant!r} is not an eligible variant (a variant must build and "
                              f"stay within the accuracy budget); eligible: {sorted(ok)}")
         return config.variant, f"forced by register.variant={config.variant}"
-    provider = serving_provider(rows)
+    provider = serving_provider(rows, device)
     table = candidates(variants, rows, config, provider)
     ranked = [c for c in table if c["eligible"] and c["samples_per_s"] is not None]
     if not ranked:
@@ -113,7 +119,8 @@ def why_text(table: list[dict], provider: str, batch: int, remeasured: dict | No
         results = remeasured["results"]
         winner = min(results, key=lambda n: (results[n]["median_ms"], results[n]["p90_ms"]))
         text = (f"most samples/s within the accuracy budget at batch {batch} on {provider}, re-measured: the top two were "
-                f"within the re-measure margin, so they ran again in {remeasured['rounds']} interleaved rounds: "
+                f"within the re-measure margin, so they ran again in {remeasured['rounds']} interleaved rounds with the "
+                f"server's session settings ({_settings_text(remeasured['session'])}): "
                 + ", ".join(f"{n} {r['samples_per_s']:,.0f} samples/s ({r['median_ms']:.3f} ms)" for n, r in results.items())
                 + f"; {winner} wins. Benchmark: " + ", ".join(fmt(c) for c in ranked))
     else:
@@ -126,12 +133,17 @@ def why_text(table: list[dict], provider: str, batch: int, remeasured: dict | No
     return text
 
 
-def remeasure(names: list[str], paths: dict, x_raw: np.ndarray, config: Config, device: str) -> dict:
-    """The top two again, interleaved round by round on fresh sessions; -> per-variant summary."""
+def _settings_text(session: dict) -> str:
+    return f"intra-op threads {session['intra_op_threads']}, spinning {'on' if session['allow_spinning'] else 'off'}"
+
+
+def remeasure(names: list[str], paths: dict, x_raw: np.ndarray, config: Config, settings: SessionSettings) -> dict:
+    """The top two again, interleaved round by round on fresh sessions built with ``settings`` (the
+    server's); -> per-variant summary."""
     xb = np.resize(x_raw, (config.target_batch_size, *x_raw.shape[1:]))
     calls = {}
     for name in names:
-        predictor = OrtPredictor(paths[name], device)
+        predictor = OrtPredictor(paths[name], settings=settings)
         meta = OnnxModel(predictor).meta
         x = meta.feed(xb)[meta.input.name]  # what the file takes (raw when its graph normalizes)
         timing.measure(lambda p=predictor, x=x: p.predict(x), warmup=10, min_runs=0, max_seconds=0)
@@ -139,7 +151,7 @@ def remeasure(names: list[str], paths: dict, x_raw: np.ndarray, config: Config, 
     times = timing.interleaved(calls, rounds=config.remeasure_rounds, min_runs=10 * config.remeasure_rounds,
                                min_seconds=config.remeasure_seconds * config.remeasure_rounds,
                                max_seconds=4 * config.remeasure_seconds * config.remeasure_rounds)
-    return {"rounds": config.remeasure_rounds,
+    return {"rounds": config.remeasure_rounds, "session": settings.describe(),
             "results": {n: timing.summarize(t, config.target_batch_size) for n, t in times.items()}}
 
 
@@ -160,7 +172,10 @@ def goal_check(name: str, rows: list[dict], provider: str, batch: int) -> dict:
     return out
 
 
-def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: str, pipeline_run_id: str | None = None) -> Result:
+def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: str, pipeline_run_id: str | None = None,
+        serving: SessionSettings = SessionSettings()) -> Result:
+    """``serving``: the sessions the server will build (the recipe's ``serve.runtime``); the provider is
+    chosen by ``serving.device`` and the benchmark rows, re-measures and the registered example use them."""
     tracker.log_params(config.__dict__)
     report = read_json(rundir.variants, "quantize")
     rows = read_json(rundir.benchmark_json, "benchmark")["rows"]
@@ -168,8 +183,10 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     paths = {n: rundir.root / v["file"] if v.get("file") else rundir.variant(n) for n, v in variants.items()}
     data = dataset.load(rundir.data, rundir.dataset)
     x_raw, _ = data.split("test", normalized=False)
-    provider = serving_provider(rows)
-    name, why = choose(variants, rows, config)
+    provider = serving_provider(rows, serving.device)
+    # The server's sessions on the chosen provider (its device may say auto; the provider is decided).
+    serving = dataclasses.replace(serving, device="cuda" if provider == CUDA_EP else "cpu")
+    name, why = choose(variants, rows, config, serving.device)
     table = candidates(variants, rows, config, provider)
     remeasured = None
     ranked = [c for c in table if c["eligible"] and c["samples_per_s"] is not None]
@@ -178,7 +195,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
         top = [ranked[0]["variant"], ranked[1]["variant"]]
         log.info("%s and %s are within %.0f%% at batch %d: measuring both again, interleaved", *top,
                  config.remeasure_margin * 100, config.target_batch_size)
-        remeasured = remeasure(top, paths, x_raw, config, "cuda" if provider == CUDA_EP else "cpu")
+        remeasured = remeasure(top, paths, x_raw, config, serving)
         name = min(top, key=lambda n: (remeasured["results"][n]["median_ms"], remeasured["results"][n]["p90_ms"]))
         why = why_text(table, provider, config.target_batch_size, remeasured)
     chosen = variants[name]
@@ -186,7 +203,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     log.info("chose %s: %s", name, why)
 
     path = paths[name]
-    predictor = OrtPredictor(path)
+    predictor = OrtPredictor(path, settings=serving)
     meta = OnnxModel(predictor).meta
     feeds = meta.feed(x_raw[:2])  # what the file takes (raw when its graph normalizes)
     outputs = predictor.run(feeds)
@@ -233,7 +250,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     result = Result(variant=name, reason=why, accuracy=accuracy, name=registered_name,
                     version=registered["version"] if registered else None, aliases=aliases, candidates=table)
     write_json(rundir.registration, {**result.__dict__, "provider": provider, "target_batch_size": config.target_batch_size,
-                                     "remeasured": remeasured, "goal": goal, "gate_passed": gate,
+                                     "remeasured": remeasured, "session": serving.describe(), "goal": goal, "gate_passed": gate,
                                      "registered": registered, "tags": tags})
     tracker.set_tags({"providers.requested": ",".join(predictor.requested_providers),
                       "providers.active": ",".join(predictor.providers),

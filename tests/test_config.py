@@ -18,7 +18,7 @@ def test_default_recipe_loads_into_typed_configs():
     assert r.train.epochs == 40 and isinstance(r.train.lr, float)
     assert r.export.check_batch_sizes == (1, 2, 37)
     assert r.quantize.variants == ("all",) and r.quantize.accuracy_budget == 0.5
-    assert r.serve.host == "127.0.0.1"
+    assert r.serve.transport.host == "127.0.0.1" and r.serve.batching.max_batch_size == 64
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -47,7 +47,9 @@ def test_recipe_round_trips_through_its_dict():
     ("model.family=resnet", "`model.family` must be one of"),
     ("model.channels=[0]", "`model.channels` must be a non-empty list of positive ints"),
     ("quantize.variants=[int3]", "`quantize.variants` has unknown names ['int3']"),
-    ("serve.port=0", "`serve.port`"),
+    ("serve.transport.port=0", "`serve.transport.port` must be an integer between 1 and 65535, got 0"),
+    ("serve.port=8001", "`serve.port` moved to `serve.transport.port`"),
+    ("serve.batching.max_batch_sise=8", "unknown key `serve.batching.max_batch_sise`; valid keys in `serve.batching`"),
     ("train", "must look like section.key=value"),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, fragment):

@@ -19,6 +19,7 @@ from stages.contract import NullTracker
 from stages import checkpoint, conversion, dataset, export, register
 from stages.onnx_model import OnnxModel, Preprocessing
 from stages.predictors import OrtPredictor, TorchPredictor
+from stages.sessions import SessionSettings
 
 
 def _props(path) -> dict:
@@ -286,11 +287,15 @@ def test_register_never_picks_the_fastest_variant_when_it_is_over_budget(benchma
     rd.variants.write_text(json.dumps(report))
     # a wide margin forces the re-measure of the top two (kept short)
     cfg = register.Config(target_batch_size=1, remeasure_margin=0.99, remeasure_rounds=2, remeasure_seconds=0.02)
-    result = register.run(cfg, rd, NullTracker(), recipe_name="tiny")
+    serving = SessionSettings(device="auto", intra_op_threads=1, allow_spinning=False)  # the server's sessions
+    result = register.run(cfg, rd, NullTracker(), recipe_name="tiny", serving=serving)
     assert result.variant != fastest
     saved = json.loads(rd.registration.read_text())
     cand = {c["variant"]: c for c in saved["candidates"]}
     assert cand[fastest]["eligible"] is False and f"{fastest} (over the accuracy budget)" in saved["reason"]
     assert saved["remeasured"] and set(saved["remeasured"]["results"]) <= {n for n in cand if cand[n]["eligible"]}
+    assert saved["remeasured"]["session"] == saved["session"] == {"device": "cpu", "intra_op_threads": 1,
+                                                                  "inter_op_threads": 1, "allow_spinning": False}
+    assert "with the server's session settings (intra-op threads 1, spinning off)" in saved["reason"]
     with pytest.raises(Exception, match="not an eligible variant"):
         register.run(dataclasses.replace(cfg, variant=fastest), rd, NullTracker(), recipe_name="tiny")

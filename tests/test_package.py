@@ -234,17 +234,19 @@ def test_examples_feed_raw_uint8_to_a_model_that_normalizes_in_its_graph(raw_inp
 # --- Triton and KServe ------------------------------------------------------------------------
 
 def _triton_model_config_class():
-    """Triton's ModelConfig message, built from the descriptor in NVIDIA's model_config_pb2.py."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    """Triton's ModelConfig message, from the schema vendored in stages/serve/triton."""
+    from stages.serve import triton
+
+    return triton.model_config_class()
+
+
+def test_vendored_schema_is_the_one_nvidia_ships():
+    """stages/serve/triton/model_config_desc.py holds, byte for byte, the descriptor in tritonclient's model_config_pb2.py."""
+    from stages.serve.triton import model_config_desc, vendor
 
     if not TRITON_SCHEMAS:
         pytest.skip("Triton's model_config_pb2.py not found in .venv-triton; `make test` installs tritonclient there")
-    calls = [n for n in ast.walk(ast.parse(TRITON_SCHEMAS[-1].read_text()))
-             if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "AddSerializedFile"]
-    serialized = ast.literal_eval(calls[0].args[0])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(descriptor_pb2.FileDescriptorProto.FromString(serialized))
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
+    assert vendor.serialized_descriptor(TRITON_SCHEMAS[-1]) == model_config_desc.SERIALIZED
 
 
 @pytest.fixture(scope="module")
@@ -264,10 +266,10 @@ def test_triton_repository_parses_against_tritons_model_config_schema(triton_rep
     ModelConfig = _triton_model_config_class()
     config = text_format.Parse((triton_repo / "tiny" / "config.pbtxt").read_text(), ModelConfig())  # strict: unknown fields fail
     assert config.name == "tiny" and config.platform == "onnxruntime_onnx"
-    wanted = pkg.Config(**pkg.batching_from_serve(tiny_recipe.serve))  # the recipe's serve section, else defaults
+    wanted = tiny_recipe.serve.batching  # `pipeline package` passes the recipe's serve.batching
     assert config.max_batch_size == wanted.max_batch_size > 0
-    assert config.HasField("dynamic_batching") == wanted.dynamic_batching
-    assert config.dynamic_batching.max_queue_delay_microseconds == wanted.max_queue_delay_us
+    assert config.HasField("dynamic_batching") == wanted.enabled
+    assert config.dynamic_batching.max_queue_delay_microseconds == round(wanted.max_queue_delay_ms * 1000)
     [inp] = config.input
     assert (inp.name, list(inp.dims)) == ("input", [1, 8, 8])
     assert ModelConfig.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"] \
@@ -277,25 +279,40 @@ def test_triton_repository_parses_against_tritons_model_config_schema(triton_rep
     assert (triton_repo / "tiny" / "labels.txt").read_text().split() == test_split.labels
 
 
-def test_triton_batching_follows_the_recipes_serve_section(exported, tmp_path):
-    from types import SimpleNamespace
+def test_triton_config_round_trips_the_batching_the_server_reads(exported, tmp_path):
+    """What package writes from a BatchSettings, the server's repository reader turns back into the same
+    BatchSettings; and the text itself round-trips through ModelConfig unchanged."""
+    from stages.serve import triton
+    from stages.serve.config import BatchSettings
+    from stages.serve.repository import read_model_config, scan_repository
 
-    from google.protobuf import text_format
+    for n, batching in enumerate([BatchSettings(True, 8, 2.5, (4, 8)), BatchSettings(True, 16, 0.0),
+                                  BatchSettings(False, 32)]):
+        out = tmp_path / f"r{n}"
+        pkg.run(pkg.Config(format="triton", name="m", batching=batching), pkg.Source(exported.onnx, str(exported.onnx)), out)
+        text = (out / "m" / "config.pbtxt").read_text()
+        message = read_model_config(out / "m" / "config.pbtxt")
+        assert triton.parse_text(triton.to_text(message), triton.model_config_class()) == message
+        assert triton.to_text(message) in text  # the file is the message (after its comment header)
+        [source] = scan_repository(out)
+        assert source.batching == batching
+        assert message.HasField("dynamic_batching") == batching.enabled
 
-    assert pkg.batching_from_serve(SimpleNamespace()) == {}  # a recipe without them: the defaults
-    found = pkg.batching_from_serve(SimpleNamespace(max_batch_size=8, dynamic_batching=False, max_queue_delay_ms=2.5))
-    assert found == {"max_batch_size": 8, "dynamic_batching": False, "max_queue_delay_us": 2500}
-    pkg.run(pkg.Config(format="triton", name="m", **found), pkg.Source(exported.onnx, str(exported.onnx)), tmp_path / "r")
-    config = text_format.Parse((tmp_path / "r" / "m" / "config.pbtxt").read_text(), _triton_model_config_class()())
-    assert config.max_batch_size == 8 and not config.HasField("dynamic_batching")
 
+def test_triton_config_escapes_names():
+    """A name with a quote, a backslash or a newline is written as protobuf escapes it and reads back equal."""
+    from stages.serve import triton
+    from stages.serve.config import BatchSettings
 
-def test_triton_config_rejects_what_triton_would_reject():
-    """The schema check has teeth: a misspelt field fails to parse."""
-    from google.protobuf import text_format
-
-    with pytest.raises(text_format.ParseError):
-        text_format.Parse('name: "x"\nmax_batch_sise: 8\n', _triton_model_config_class()())
+    info = pkg.ModelInfo(proto=None, props={}, opsets={}, contrib_ops={}, had_external_data=False,
+                         inputs=[{"name": 'in"put\\', "triton_dtype": "TYPE_FP32", "dims": ["batch", 4], "shape": [-1, 4]}],
+                         outputs=[{"name": "lo\ngits", "triton_dtype": "TYPE_FP32", "dims": ["batch", 3], "shape": [-1, 3]}])
+    doc = {"task": "classification", "outputs": [{"name": "lo\ngits"}]}
+    text = pkg.triton_config(doc, info, 'my "model" \\ 1', BatchSettings(), "labels.txt")
+    config = triton.parse_text(text, triton.model_config_class())
+    assert config.name == 'my "model" \\ 1' and config.input[0].name == 'in"put\\'
+    assert config.output[0].name == "lo\ngits" and config.output[0].label_filename == "labels.txt"
+    assert 'name: "my \\"model\\" \\\\ 1"' in text, text
 
 
 def test_onnx_pipelines_server_serves_the_triton_repository(triton_repo, bundle):
@@ -408,11 +425,11 @@ def test_bad_input_gets_one_clear_error(args, message, exported, tiny_yaml, tmp_
     assert (nonempty / "keep.txt").read_text() == "mine" and not (tmp_path / "out").exists()
 
 
-def test_force_replaces_a_non_empty_output(exported, tiny_yaml, tmp_path):
+def test_overwrite_replaces_a_non_empty_output(exported, tiny_yaml, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
     code, text = cli("package", "--recipe", str(tiny_yaml), "--workdir", str(exported.root), "--output", str(out),
-                     "--samples", "2", "--force")
+                     "--samples", "2", "--overwrite")
     assert code == 0, text
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.json", "model.onnx", "samples.json"]

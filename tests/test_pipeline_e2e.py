@@ -87,6 +87,11 @@ def test_registered_version_has_aliases_lineage_and_the_onnx_flavor(client, pipe
     assert mv.tags["variant"] == registration["variant"]
     assert mv.tags["pipeline_run_id"] and mv.tags["training_run_id"] and mv.tags["dataset_sha256"]
     assert "champion" in mv.aliases or registration["gate_passed"] is False
+    # Measured and registered with the sessions the recipe's serve.runtime builds, on the provider chosen.
+    from stages.sessions import default_intra_op_threads
+
+    assert registration["session"] == {"device": "cpu", "intra_op_threads": default_intra_op_threads(),
+                                       "inter_op_threads": 1, "allow_spinning": True}
     import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny/{mv.version}"))

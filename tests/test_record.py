@@ -5,6 +5,7 @@ server. Real pipelines on a small recipe, against temporary stores."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -282,6 +283,93 @@ def test_promote_refuses_a_worse_candidate_unless_forced(retrained, store, monke
     assert "promoted" in out and "(forced)" in out
     assert version("champion") == "2"
     assert "already the champion" in cli(monkeypatch, store, "promote", "small")
+
+
+# ---------------------------------------------------------------- the one resolver of model URIs
+
+def _stage_run(client, stage: str) -> str:
+    """The first pipeline's own (not reused) run of ``stage``."""
+    return children(client, parent_runs(client)[0].info.run_id)[stage].info.run_id
+
+
+@pytest.mark.parametrize("uri, why, fix", [
+    ("model:/small@champion", "not a model URI", "use models:/NAME@ALIAS"),
+    ("models:/small@", "malformed model URI", "use models:/NAME@ALIAS"),
+    ("models:/small/1/2", "malformed model URI", "use models:/NAME@ALIAS"),
+    ("runs:/0123456789abcdef0123456789abcdef", "a run URI names a run and a path in it", "runs:/RUN_ID/PATH"),
+    ("models:/nobody@champion", "no registered model 'nobody' (registered: small", "run `make all`"),
+    ("models:/small@no-such-alias", "registered model 'small' has no alias 'no-such-alias' (it has @candidate = v",
+     "run `make all`"),
+    ("models:/small/99", "registered model 'small' has no version 99 (it has @", "run `make all`"),
+    ("models:/small/first", "version 'first' is not a number", "use models:/NAME@ALIAS"),
+    ("models:/small", "a registered model URI names a version", "e.g. models:/small@champion or models:/small/latest"),
+    ("runs:/0123456789abcdef0123456789abcdef/model.onnx", "no MLflow run 0123456789abcdef0123456789abcdef",
+     "pass the id of a run in this store"),
+    ("runs:/{export}/nope.onnx", "run {export} logged no 'nope.onnx' (it logged: ", "name a file the run logged"),
+])
+def test_an_unresolvable_uri_names_itself_the_store_and_the_fix(first, store, monkeypatch, uri, why, fix):
+    from pipeline import tracking
+    from stages.common import StageError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    export = _stage_run(client_for(store), "export")
+    uri, why = uri.format(export=export), why.format(export=export)
+    with pytest.raises(StageError) as raised:
+        tracking.resolve_model(uri)
+    message = str(raised.value)
+    assert message.startswith(f"cannot resolve {uri!r} in the store {store}: {why}"), message
+    assert fix in message.split(why, 1)[1], message
+    with pytest.raises(StageError, match="cannot resolve"):  # the download resolves with the same resolver
+        tracking.fetch_model(uri)
+
+
+def test_a_password_in_the_store_uri_is_never_shown(monkeypatch):
+    from pipeline import tracking
+    from stages.common import StageError
+
+    assert tracking.redact("postgresql://ci:s3:cr@t@db:5432/mlflow") == "postgresql://ci:***@db:5432/mlflow"
+    assert tracking.redact("http://ci@server:5000") == "http://ci@server:5000"  # no password, nothing to hide
+    assert tracking.redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://ci:s3cret@db.example:5432/mlflow")
+    with pytest.raises(StageError) as raised:  # refused by its shape, before any connection
+        tracking.resolve_model("models:/small@")
+    assert "in the store postgresql://ci:***@db.example:5432/mlflow:" in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_fetch_model_downloads_the_registered_bytes(first, store, monkeypatch, tmp_path):
+    import mlflow
+
+    from pipeline import tracking
+    from stages.common import sha256_file
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = client_for(store)
+    mv = client.get_model_version_by_alias("small", "candidate")
+    fetched = tracking.fetch_model("models:/small@candidate", tmp_path / "alias")
+    assert (fetched.name, fetched.version, fetched.run_id, fetched.tags) == ("small", str(mv.version), mv.run_id, mv.tags)
+    assert sha256_file(fetched.path) == mv.tags["onnx_sha256"]  # the very file the register stage chose
+    direct = Path(mlflow.artifacts.download_artifacts(f"models:/small/{mv.version}", dst_path=str(tmp_path / "mlflow")))
+    assert fetched.path.read_bytes() == next(direct.rglob("*.onnx")).read_bytes()
+    versions = sorted(int(v.version) for v in client.search_model_versions("name = 'small'"))
+    assert tracking.resolve_model("models:/small/latest").version == str(versions[-1])
+    assert tracking.fetch_model(f"models:/small/{mv.version}", tmp_path / "number").path.read_bytes() == \
+        fetched.path.read_bytes()
+    # a file a run logged: the export run's model.onnx, as its outputs tag recorded it
+    export = _stage_run(client, "export")
+    by_run = tracking.fetch_model(f"runs:/{export}/model.onnx", tmp_path / "run")
+    outputs = json.loads(client.get_run(export).data.tags["pipeline.outputs"])
+    assert sha256_file(by_run.path) == outputs["model.onnx"] and (by_run.version, by_run.run_id) == ("", export)
+
+
+def test_a_checkpoint_run_id_not_in_the_store_is_one_error_naming_the_option(first, store, monkeypatch):
+    from pipeline.orchestrate import resolve_checkpoint
+    from stages.common import StageError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    with pytest.raises(StageError, match=rf"^--init-from: no MLflow run {'0' * 32} in the store {re.escape(store)}; pass a "
+                                         "checkpoint path or the id of a train run"):
+        resolve_checkpoint("0" * 32, "--init-from")
 
 
 # ---------------------------------------------------------------- resume, concurrency

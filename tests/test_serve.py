@@ -1,4 +1,4 @@
-"""serve: the v2 protocol codec, the runtime's checks, Config validation, and a real server.
+"""serve: the v2 protocol codec, the runtime's checks, the serve config's validation, and a real server.
 
 The HTTP tests export a tiny CNN to ONNX, start uvicorn on a free loopback port in a background
 thread and talk to it with httpx, comparing every answer with an in-process ONNX Runtime session.
@@ -18,8 +18,9 @@ import time
 import numpy as np
 import pytest
 
-from stages.serve import Config, load_model
+from stages.serve.config import BatchSettings, RuntimeSettings, ServeConfig, TransportSettings
 from stages.serve.protocol import ProtocolError, Tensor, infer_response, parse_infer_request
+from stages.serve.runtime import load_model
 
 MODEL = "digits"
 PROPS = {"labels": json.dumps([str(i) for i in range(10)]), "input.layout": "NCHW",
@@ -49,7 +50,7 @@ def onnx_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runtime(onnx_path):
-    return load_model(onnx_path, MODEL, version="3", device="cpu", intra_op_threads=1,
+    return load_model(onnx_path, MODEL, version="3", runtime=RuntimeSettings(device="cpu", intra_op_threads=1),
                       lineage={"model_uri": "models:/digits@champion"})
 
 
@@ -65,9 +66,14 @@ def reference(onnx_path):
 def client(runtime):
     import httpx
 
-    config = Config(port=free_port(), max_request_mb=0.01)  # 10 KiB: lets a test hit the 413 cheaply
+    config = serve_config(max_request_mb=0.01)  # 10 KiB: lets a test hit the 413 cheaply
     with running_server([runtime], config) as base, httpx.Client(base_url=base, timeout=10) as http:
         yield http
+
+
+def serve_config(batching: BatchSettings = BatchSettings(), **transport) -> ServeConfig:
+    """A serve config on a free loopback port (``transport`` overrides the rest of that part)."""
+    return ServeConfig(transport=TransportSettings(**{"port": free_port(), **transport}), batching=batching)
 
 
 def free_port() -> int:
@@ -94,7 +100,7 @@ def running_server(models, config, batching=None):
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{config.port}"
+        yield f"http://127.0.0.1:{config.transport.port}"
     finally:
         server.should_exit = True
         thread.join(timeout=15)
@@ -185,30 +191,62 @@ def test_infer_response_encodes_flat_data_and_echoes_id():
     assert "id" not in infer_response("m", "1", [out])
 
 
-# --- Config -----------------------------------------------------------------------------------
+# --- the serve config -------------------------------------------------------------------------
 
-def test_config_defaults_bind_loopback_and_batch():
-    c = Config()
-    assert (c.host, c.port, c.device, c.intra_op_threads, c.max_request_mb) == ("127.0.0.1", 8000, "auto", 0, 32.0)
-    assert c.dynamic_batching and c.max_batch_size == 64 and c.max_queue_delay_ms == 0 and not c.require_gpu
+def test_serve_config_defaults_bind_loopback_and_batch():
+    c = ServeConfig()
+    assert (c.transport.host, c.transport.port, c.transport.max_request_mb) == ("127.0.0.1", 8000, 32.0)
+    assert (c.runtime.device, c.runtime.intra_op_threads, c.runtime.require_gpu) == ("auto", 0, False)
+    assert c.batching == BatchSettings(enabled=True, max_batch_size=64, max_queue_delay_ms=0.0)
+    assert ServeConfig.from_dict({}) == c == ServeConfig.from_dict(None)
+    nested = {"transport": {"port": 9000}, "runtime": {"device": "cpu", "allow_spinning": False},
+              "batching": {"max_batch_size": 8, "max_queue_delay_ms": 2, "preferred_batch_sizes": [4, 8]}}
+    c = ServeConfig.from_dict(nested)
+    assert c.transport.port == 9000 and c.runtime.session_settings().allow_spinning is False
+    assert c.batching == BatchSettings(True, 8, 2.0, (4, 8))
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"port": 0}, "`port` must be between 1 and 65535, got 0"),
-    ({"port": 70000}, "`port` must be between 1 and 65535, got 70000"),
-    ({"intra_op_threads": -1}, "`intra_op_threads` must be an int >= 0"),
-    ({"max_request_mb": 0}, "`max_request_mb` must be a finite number > 0, got 0"),
-    ({"device": "gpu"}, "`device` must be one of auto, cpu, cuda, got 'gpu'"),
-    ({"host": ""}, "`host` must be a non-empty"),
-    ({"max_batch_size": 0}, "`max_batch_size` must be an int >= 1, got 0"),
-    ({"max_queue_delay_ms": -1}, "`max_queue_delay_ms` must be a finite number >= 0, got -1"),
-    ({"require_gpu": True, "device": "cpu"}, "`require_gpu` cannot hold with `device` cpu"),
-    ({"dynamic_batching": "yes"}, "`dynamic_batching` must be true or false"),
+@pytest.mark.parametrize("data,message", [
+    ({"transport": {"port": 0}}, "`serve.transport.port` must be an integer between 1 and 65535, got 0"),
+    ({"transport": {"port": 70000}}, "`serve.transport.port` must be an integer between 1 and 65535, got 70000"),
+    ({"transport": {"port": True}}, "`serve.transport.port` must be an integer"),
+    ({"transport": {"max_request_mb": 0}}, "`serve.transport.max_request_mb` must be a finite number > 0, got 0"),
+    ({"transport": {"host": ""}}, "`serve.transport.host` must be a non-empty"),
+    ({"transport": {"prot": 1}}, "unknown key `serve.transport.prot`; valid keys in `serve.transport`: "
+                                 "graceful_shutdown_s, host, max_request_mb, port"),
+    ({"runtime": {"intra_op_threads": -1}}, "`serve.runtime.intra_op_threads` must be an integer >= 0"),
+    ({"runtime": {"device": "gpu"}}, "`serve.runtime.device` must be one of auto, cpu, cuda, got 'gpu'"),
+    ({"runtime": {"allow_spinning": "yes"}}, "`serve.runtime.allow_spinning` must be true, false or auto"),
+    ({"runtime": {"require_gpu": True, "device": "cpu"}}, "`serve.runtime.require_gpu` cannot hold with device cpu"),
+    ({"batching": {"max_batch_size": 0}}, "`serve.batching.max_batch_size` must be an integer >= 1, got 0"),
+    ({"batching": {"max_queue_delay_ms": -1}}, "`serve.batching.max_queue_delay_ms` must be a finite number >= 0"),
+    ({"batching": {"enabled": "yes"}}, "`serve.batching.enabled` must be true or false"),
+    ({"batching": {"preferred_batch_sizes": [128]}}, "`serve.batching.preferred_batch_sizes` must be a list of "
+                                                     "integers within 1..max_batch_size (64)"),
+    ({"batching": 3}, "`serve.batching` must be a mapping"),
+    ({"runtim": {}}, "unknown key `serve.runtim`; valid keys in `serve`: batching, runtime, transport"),
+    # The flat section of before: one error naming each key's new place.
+    ({"port": 8001, "max_batch_size": 8}, "`serve.port` moved to `serve.transport.port`; "
+                                          "`serve.max_batch_size` moved to `serve.batching.max_batch_size`"),
+    ({"dynamic_batching": False}, "`serve.dynamic_batching` moved to `serve.batching.enabled`"),
 ])
-def test_config_validation_names_the_field(kwargs, message):
+def test_serve_config_validation_names_the_full_key(data, message):
     with pytest.raises(ValueError) as e:
-        Config(**kwargs)
+        ServeConfig.from_dict(data)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_serve_config_reads_without_the_heavy_libraries():
+    """The settings module is what a torch-free server reads first: it imports no onnxruntime, torch or numpy."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from stages.serve.config import ServeConfig; ServeConfig.from_dict({'transport': {'port': 1}}); "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'numpy') if m in sys.modules))")
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # --- runtime (no HTTP) ------------------------------------------------------------------------

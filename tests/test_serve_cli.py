@@ -122,7 +122,7 @@ def test_sigterm_lets_the_in_flight_request_finish(repo_server, reference):
 
 
 def _cuda_usable() -> bool:
-    from stages.serve.runtime import cuda_problem
+    from stages.sessions import cuda_problem
 
     return cuda_problem() is None
 
@@ -139,10 +139,12 @@ def test_require_gpu_refuses_without_cuda(onnx_path):
 
 @pytest.mark.skipif(not _cuda_usable(), reason="needs a CUDA GPU (this machine has none): run on the GPU machine")
 def test_cuda_provider_with_io_binding_matches_cpu(onnx_path, reference):
-    from stages.serve import load_model
+    from stages.serve.config import RuntimeSettings
     from stages.serve.protocol import Tensor
+    from stages.serve.runtime import load_model
 
-    runtime = load_model(onnx_path, "digits", device="cuda", require_gpu=True, warm_batch_sizes=(1, 8, 64))
+    runtime = load_model(onnx_path, "digits", runtime=RuntimeSettings(device="cuda", require_gpu=True),
+                         warm_batch_sizes=(1, 8, 64))
     assert runtime.provider == "CUDAExecutionProvider" and runtime.io_binding
     x = batch(8, seed=3)
     (out,) = runtime.infer([Tensor("input", x)])

@@ -11,11 +11,15 @@ import re
 import numpy as np
 import pytest
 
-from stages.serve import Config, load_model
-from stages.serve.batcher import BatchSettings
+from stages.serve import triton
+from stages.serve.config import BatchSettings, RuntimeSettings, ServeConfig
 from stages.serve.protocol import DATATYPES, ProtocolError, parse_infer_request, tensor_bytes
-from stages.serve.repository import RepositoryError, load_sources, parse_pbtxt, scan_repository
-from tests.test_serve import MODEL, batch, free_port, onnx_path, reference, request_body, running_server  # noqa: F401
+from stages.serve.repository import RepositoryError, load_sources, read_model_config, scan_repository
+from stages.serve.runtime import load_model
+from tests.test_serve import (MODEL, batch, onnx_path, reference, request_body, running_server,  # noqa: F401
+                              serve_config)
+
+CPU = RuntimeSettings(device="cpu")
 
 TYPES = [d for d in DATATYPES]  # every v2 datatype ONNX Runtime takes: BOOL .. FP64, BYTES
 ONNX_TYPES = {"BOOL": 9, "UINT8": 2, "UINT16": 4, "UINT32": 12, "UINT64": 13, "INT8": 3, "INT16": 5, "INT32": 6,
@@ -108,9 +112,9 @@ def server(onnx_path, types_path):
     """digits (batching, 30 ms delay so concurrent requests surely merge) and types, on one server."""
     import httpx
 
-    digits = load_model(onnx_path, MODEL, version="3", device="cpu", warm_batch_sizes=(1, 2, 4, 8, 16))
-    types = load_model(types_path, "types", device="cpu")
-    config = Config(port=free_port())
+    digits = load_model(onnx_path, MODEL, version="3", runtime=CPU, warm_batch_sizes=(1, 2, 4, 8, 16))
+    types = load_model(types_path, "types", runtime=CPU)
+    config = serve_config()
     batching = {(MODEL, "3"): BatchSettings(max_batch_size=16, max_queue_delay_ms=30)}
     with running_server([digits, types], config, batching) as base, httpx.Client(base_url=base, timeout=10) as http:
         yield http
@@ -262,7 +266,7 @@ def test_batcher_never_mixes_shapes_and_survives_a_failing_batch(onnx_path, type
     """Direct (no HTTP): different per-row shapes run apart; an exception fails only its batch."""
     from stages.serve.batcher import Batcher
 
-    runtime = load_model(types_path, "types", device="cpu")
+    runtime = load_model(types_path, "types", runtime=CPU)
     b = Batcher(runtime, BatchSettings(max_batch_size=8, max_queue_delay_ms=20)).start()
     try:
         v1, v2 = sample_values(2, 1), sample_values(3, 2)
@@ -298,13 +302,35 @@ instance_group [ { count: 2 kind: KIND_CPU } ]
 """
 
 
-def test_parse_pbtxt_reads_triton_configs():
-    cfg = parse_pbtxt(PBTXT)
-    assert cfg["name"] == ["digits"] and cfg["max_batch_size"] == [8]
-    assert cfg["input"][0]["dims"] == [1, 8, 8] and cfg["output"][0]["data_type"] == ["TYPE_FP32"]
-    assert cfg["dynamic_batching"][0]["preferred_batch_size"] == [4, 8]
-    assert cfg["version_policy"][0] == {"all": [{}]}
-    assert cfg["instance_group"][0]["kind"] == ["KIND_CPU"]
+def test_config_pbtxt_is_read_into_tritons_model_config(tmp_path, caplog):
+    path = tmp_path / "config.pbtxt"
+    path.write_text(PBTXT + 'parameters { key: "k" value { string_value: "v" } }\n')
+    with caplog.at_level("INFO", logger="stages.serve.repository"):
+        cfg = read_model_config(path)
+    assert cfg.name == "digits" and cfg.max_batch_size == 8
+    assert list(cfg.input[0].dims) == [1, 8, 8] and triton.enum_name(cfg.output[0], "data_type") == "TYPE_FP32"
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert cfg.version_policy.WhichOneof("policy_choice") == "all"
+    assert triton.enum_name(cfg.instance_group[0], "kind") == "KIND_CPU"
+    # Parsed but not acted on: said in the log, each at its outermost level.
+    assert "fields not honoured by this server: instance_group.count, parameters" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ('name: "digits"\nmax_batch_sise: 8\n', '2:1 : Message type "inference.ModelConfig" has no field named "max_batch_sise"'),
+    ("dynamic_batching { max_queue_delay_microsecond: 5 }",
+     'Message type "inference.ModelDynamicBatching" has no field named "max_queue_delay_microsecond"'),
+    ('name: "a" name: "b"', 'should not have multiple "name" fields'),
+    ("max_batch_size: 8.5", "Couldn't parse integer"),
+    ("input [ { data_type: TYPE_FP33 } ]", 'Enum type "inference.DataType" has no value named TYPE_FP33'),
+])
+def test_config_pbtxt_refuses_what_triton_refuses_naming_the_field(tmp_path, text, fragment):
+    path = tmp_path / "config.pbtxt"
+    path.write_text(text)
+    with pytest.raises(RepositoryError) as e:
+        read_model_config(path)
+    assert str(e.value).startswith(f"{path}: not a valid Triton model configuration: ") and fragment in str(e.value), \
+        str(e.value)
 
 
 def make_repository(root, onnx_path, types_path, pbtxt: str = PBTXT):
@@ -321,12 +347,12 @@ def test_repository_serves_two_models_and_honors_config(tmp_path, onnx_path, typ
     import httpx
 
     repo = make_repository(tmp_path / "repo", onnx_path, types_path)
-    sources = scan_repository(repo, BatchSettings())
+    sources = scan_repository(repo)
     assert [(s.name, s.version) for s in sources] == [("digits", "1"), ("digits", "2"), ("types", "7")]
     digits = sources[0]
     assert digits.batching == BatchSettings(True, 8, 0.5, (4, 8)) and digits.device == "cpu"
     assert sources[2].batching is None  # no config.pbtxt: the server's defaults
-    config = Config(port=free_port())
+    config = serve_config()
     runtimes, batching = load_sources(sources, config)
     assert runtimes[0].warm_batch_sizes == [1, 2, 4, 8]
     with running_server(runtimes, config, batching) as base, httpx.Client(base_url=base, timeout=10) as http:
@@ -350,20 +376,22 @@ def test_repository_serves_two_models_and_honors_config(tmp_path, onnx_path, typ
     ("version_policy: { specific { versions: [ 5 ] } }", "version_policy.specific.versions ['5'] must name existing"),
     ("max_batch_size: 8 dynamic_batching { preferred_batch_size: [ 16 ] }", "dynamic_batching needs"),
     ("max_batch_size: -1", "max_batch_size must be >= 0"),
-    ("name: ", "field 'name' has no value"), ("dynamic_batching { ", "a message is not closed with }"),
+    ("name: ", "Expected string but found"), ("dynamic_batching { ", 'Expected "}"'),
+    ("max_batch_size: 8 input [ { name: \"input\" dims: [ 8, 8 ] } ]", "input 'input' has shape [-1, 1, 8, 8] in the "
+                                                                      "model (-1: any size), but config.pbtxt says [-1, 8, 8]"),
     ("input [ { name: \"pixels\" data_type: TYPE_FP32 } ]", "input 'pixels' is not in the model"),
     ("output [ { name: \"logits\" data_type: TYPE_INT64 } ]", "output 'logits' is FP32 in the model, not INT64"),
 ])
 def test_bad_repository_config_is_refused_naming_the_file(tmp_path, onnx_path, types_path, pbtxt, message):
     repo = make_repository(tmp_path / "repo", onnx_path, types_path, pbtxt)
     with pytest.raises(RepositoryError) as e:
-        load_sources(scan_repository(repo, BatchSettings()), Config())
+        load_sources(scan_repository(repo), ServeConfig())
     assert "config.pbtxt" in str(e.value) and message in str(e.value), str(e.value)
 
 
 def test_repository_without_models_is_refused(tmp_path):
     (tmp_path / "empty" / "m" / "1").mkdir(parents=True)
     with pytest.raises(RepositoryError, match="m/1/model.onnx not found"):
-        scan_repository(tmp_path / "empty", BatchSettings())
+        scan_repository(tmp_path / "empty")
     with pytest.raises(RepositoryError, match="is not a directory"):
-        scan_repository(tmp_path / "nope", BatchSettings())
+        scan_repository(tmp_path / "nope")

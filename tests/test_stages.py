@@ -199,6 +199,46 @@ def test_register_refuses_a_forced_variant_outside_the_budget():
 
 # ---------------------------------------------------------------- providers
 
+def _session_options(session) -> dict:
+    opts = session.get_session_options()
+    return {"intra": opts.intra_op_num_threads, "inter": opts.inter_op_num_threads,
+            "spinning": opts.get_session_config_entry("session.intra_op.allow_spinning"),
+            "providers": session.get_providers()}
+
+
+def test_one_session_factory_builds_the_servers_sessions_for_register_too(exported):
+    """register re-measures with OrtPredictor(settings=serve.runtime.session_settings()); the server loads
+    with load_model(runtime=serve.runtime): the sessions come out the same (threads, spinning, providers)."""
+    from stages.serve.config import RuntimeSettings
+    from stages.serve.runtime import load_model
+    from stages.sessions import SessionSettings, create_session
+
+    runtime = RuntimeSettings(device="cpu", intra_op_threads=1, allow_spinning=False)
+    served = load_model(exported.onnx, "m", runtime=runtime)
+    measured = OrtPredictor(exported.onnx, settings=runtime.session_settings())
+    assert _session_options(served.session) == _session_options(measured.session) == {
+        "intra": 1, "inter": 1, "spinning": "0", "providers": ["CPUExecutionProvider"]}
+    # The factory applies what it is given, and "auto" resolves for this machine.
+    spinning = create_session(exported.onnx, SessionSettings(device="cpu", intra_op_threads=2, allow_spinning=True))
+    assert _session_options(spinning) == {"intra": 2, "inter": 1, "spinning": "1", "providers": ["CPUExecutionProvider"]}
+    auto = SessionSettings().resolved()
+    assert auto.intra_op_threads >= 1 and isinstance(auto.allow_spinning, bool)
+    with pytest.raises(ValueError, match="`intra_op_threads` must be an integer >= 0"):
+        SessionSettings(intra_op_threads=-1)
+
+
+def test_the_session_factory_imports_neither_torch_nor_onnxruntime():
+    """The slim serve path imports stages.sessions: importing it loads no torch, onnxruntime or numpy."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = "import sys, stages.sessions; print(sorted(m for m in ('torch', 'onnxruntime', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_cuda_request_without_a_gpu_is_reported_not_hidden(exported, caplog):
     from stages.predictors import cuda_available
 

@@ -3,35 +3,40 @@
 Transport, runtime and batching live apart, as in MLServer: the routes only translate HTTP, the
 runtime owns the sessions, the batcher wraps the runtime's ``run``. The modules:
 
+- ``config``: the recipe's ``serve:`` section, ``ServeConfig`` with its transport, runtime and
+  batching parts (light: no onnxruntime, torch or numpy),
 - ``protocol``: the v2 JSON schemas and tensor codec, JSON and binary (no HTTP, no sessions),
-- ``runtime``: ONNX Runtime sessions (providers, threads, I/O binding, warm-up), the recipe's
-  ``serve:`` ``Config`` and the request checks (``load_model`` -> a warm ``ModelRuntime``),
+- ``runtime``: a served model's ONNX Runtime session (built by ``stages.sessions``), I/O binding,
+  warm-up and the request checks (``load_model`` -> a warm ``ModelRuntime``),
 - ``batcher``: the dynamic batcher wrapping ``ModelRuntime.run`` on its own thread,
 - ``repository``: Triton-layout model repositories and their config.pbtxt,
+- ``triton``: Triton's own protobuf schemas (vendored), for config.pbtxt,
 - ``metrics``: the Prometheus series,
 - ``app``: the HTTP routes (``create_app``, a lean ASGI app) and ``serve``, which runs uvicorn.
 
     runtime = load_model("runs/x/model.onnx", "digits")
-    serve([runtime], Config(port=8000))   # http://127.0.0.1:8000/v2
+    serve([runtime], ServeConfig(transport=TransportSettings(port=8000)))   # http://127.0.0.1:8000/v2
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
-
-from stages.serve.runtime import Config, ModelRuntime, load_model
 
 if TYPE_CHECKING:
     from stages.serve.app import create_app, serve
+    from stages.serve.config import BatchSettings, RuntimeSettings, ServeConfig, TransportSettings
+    from stages.serve.runtime import ModelRuntime, load_model
 
-__all__ = ["Config", "ModelRuntime", "load_model", "create_app", "serve"]
+# Name -> submodule. Nothing is imported with the package: reading the settings (stages.serve.config)
+# must not pull in numpy, onnxruntime, uvicorn or prometheus-client; each name loads its module on first use.
+_EXPORTS = {"ServeConfig": "config", "TransportSettings": "config", "RuntimeSettings": "config",
+            "BatchSettings": "config", "ModelRuntime": "runtime", "load_model": "runtime",
+            "create_app": "app", "serve": "app"}
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    # The recipe loader imports this package for `Config`; the server's imports (uvicorn,
-    # prometheus-client, orjson) are only pulled in when the server is actually built.
-    if name in ("create_app", "serve"):
-        from stages.serve import app
-
-        return getattr(app, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"stages.serve.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

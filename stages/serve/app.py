@@ -24,10 +24,11 @@ from urllib.parse import unquote
 
 from stages.common import PRODUCT_VERSION
 from stages.serve import protocol
-from stages.serve.batcher import Batcher, BatchSettings
+from stages.serve.batcher import Batcher
+from stages.serve.config import BatchSettings, ServeConfig
 from stages.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from stages.serve.metrics import ServerMetrics
-from stages.serve.runtime import Config, ModelRuntime
+from stages.serve.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,13 @@ class App:
     """The ASGI application (HTTP + lifespan). Batchers start on lifespan startup (or on the first
     request when the server runs without lifespan) and drain on shutdown."""
 
-    def __init__(self, models: Sequence[ModelRuntime], config: Config,
+    def __init__(self, models: Sequence[ModelRuntime], config: ServeConfig,
                  batching: dict[tuple[str, str], BatchSettings] | None = None):
         self.repo = ModelRepository(models)
         self.config = config
         self.metrics = ServerMetrics()
-        self.max_bytes = config.max_request_bytes
-        default = BatchSettings(enabled=config.dynamic_batching, max_batch_size=config.max_batch_size,
-                                max_queue_delay_ms=config.max_queue_delay_ms)
+        self.max_bytes = config.transport.max_request_bytes
+        default = config.batching  # a model without its own settings (config.pbtxt) batches as the recipe says
         self.served: dict[int, _Served] = {}
         for m in self.repo.all():
             mm = self.metrics.for_model(m.name, m.version, m.provider)
@@ -115,7 +115,7 @@ class App:
 
     def stop(self) -> None:
         for s in self.served.values():
-            s.batcher.stop(timeout=self.config.graceful_shutdown_s)
+            s.batcher.stop(timeout=self.config.transport.graceful_shutdown_s)
 
     @property
     def ready(self) -> bool:
@@ -294,13 +294,13 @@ async def _send(send, status: int, body: bytes, headers: list | None = None) -> 
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(models: Sequence[ModelRuntime], config: Config,
+def create_app(models: Sequence[ModelRuntime], config: ServeConfig,
                batching: dict[tuple[str, str], BatchSettings] | None = None) -> App:
     """The ASGI app serving ``models`` (already loaded and warm) over the v2 REST API."""
     return App(models, config, batching)
 
 
-def uvicorn_config(app: App, config: Config, log_level: str = "info"):
+def uvicorn_config(app: App, config: ServeConfig, log_level: str = "info"):
     """uvicorn settings for serving: uvloop + httptools where installed, no access log (a log line
     per request costs as much as a small inference), graceful shutdown bounded."""
     import importlib.util
@@ -308,20 +308,22 @@ def uvicorn_config(app: App, config: Config, log_level: str = "info"):
     import uvicorn
 
     fast = importlib.util.find_spec("uvloop") is not None and importlib.util.find_spec("httptools") is not None
-    return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=False,
+    transport = config.transport
+    return uvicorn.Config(app, host=transport.host, port=transport.port, log_level=log_level, access_log=False,
                           loop="uvloop" if fast else "asyncio", http="httptools" if fast else "h11",
                           interface="asgi3", lifespan="on", backlog=2048,
                           proxy_headers=False,  # nothing here reads the client address; saves a wrapper per request
-                          timeout_graceful_shutdown=config.graceful_shutdown_s)
+                          timeout_graceful_shutdown=transport.graceful_shutdown_s)
 
 
-def serve(models: Sequence[ModelRuntime], config: Config,
+def serve(models: Sequence[ModelRuntime], config: ServeConfig,
           batching: dict[tuple[str, str], BatchSettings] | None = None) -> None:
     """Run the v2 server until SIGTERM / Ctrl-C; in-flight requests finish first (up to graceful_shutdown_s)."""
     import uvicorn
 
     app = create_app(models, config, batching)
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    log.info("KServe v2 server at http://%s:%d/v2 serving %s", host, config.port,
+    transport = config.transport
+    host = f"[{transport.host}]" if ":" in transport.host else transport.host
+    log.info("KServe v2 server at http://%s:%d/v2 serving %s", host, transport.port,
              ", ".join(f"{m.name} v{m.version} on {m.provider}" for m in models))
     uvicorn.Server(uvicorn_config(app, config)).run()

@@ -29,31 +29,16 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from stages.serve.config import BatchSettings
 
 log = logging.getLogger(__name__)
 
 INLINE_MAX_COMPUTE_S = 0.001  # run a lone request on the event loop only if batch 1 takes <= 1 ms warm
 INLINE_MAX_ROWS = 4
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """How one model batches (the recipe's serve section, or the model's config.pbtxt)."""
-
-    enabled: bool = True
-    max_batch_size: int = 64
-    max_queue_delay_ms: float = 0.0
-    preferred_batch_sizes: tuple[int, ...] = ()  # only warmed up; the merge rule is max size / delay
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"`max_batch_size` must be >= 1, got {self.max_batch_size}")
-        if self.max_queue_delay_ms < 0:
-            raise ValueError(f"`max_queue_delay_ms` must be >= 0, got {self.max_queue_delay_ms}")
 
 
 class _Item:

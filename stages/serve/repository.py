@@ -2,7 +2,9 @@
 
 ``scan_repository`` turns a directory into ``ModelSource``s (what to load, under which name and
 version, batching how) without opening any session. The optional ``<repo>/<model>/config.pbtxt`` is
-protobuf text format; ``parse_pbtxt`` reads it generically and these fields are honored:
+read with protobuf's text format into Triton's own ``ModelConfig`` message (``stages.serve.triton``),
+so a field Triton does not know, or a value of the wrong type, is refused naming its line and field,
+as Triton refuses it. These fields are honoured:
 
 - ``name``: must equal the directory name (as Triton requires),
 - ``platform`` / ``backend``: must be ``onnxruntime_onnx`` / ``onnxruntime`` when given,
@@ -11,39 +13,56 @@ protobuf text format; ``parse_pbtxt`` reads it generically and these fields are 
   is on only when this block is present; preferred sizes are warmed up,
 - ``version_policy { latest { num_versions } | all {} | specific { versions } }``: default latest 1,
 - ``default_model_filename``: default ``model.onnx``,
-- ``input`` / ``output`` ``name`` and ``data_type``: checked against the ONNX file at load,
+- ``input`` / ``output`` ``name``, ``data_type`` and ``dims``: checked against the ONNX file at load
+  (``dims`` without the batch dim when ``max_batch_size`` > 0; -1 matches any size),
 - ``instance_group { kind: KIND_CPU }``: runs that model on the CPU provider.
 
-Anything else (``count``, ``optimization``, ``parameters``, ``dims``...) is parsed and reported as
-not honored in the log, so nothing is ignored silently. Without a config.pbtxt a model gets the
-recipe's ``serve`` settings.
+Every other field that is set (``instance_group.count``, ``optimization``, ``parameters``,
+``output.label_filename``...) is reported in the log as not honoured, so nothing is ignored silently.
+Without a config.pbtxt a model gets the recipe's ``serve.batching`` settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.serve.batcher import BatchSettings
+from stages.serve import triton
+from stages.serve.config import BatchSettings, ServeConfig
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.pbtxt"
 DEFAULT_MODEL_FILE = "model.onnx"
-HONORED = {"name", "platform", "backend", "max_batch_size", "dynamic_batching", "version_policy",
-           "default_model_filename", "input", "output", "instance_group"}
+# Fields of ModelConfig this server acts on (dotted: a sub-message's fields); see the module docstring.
+HONOURED = {"name", "platform", "backend", "max_batch_size", "default_model_filename",
+            "dynamic_batching", "dynamic_batching.max_queue_delay_microseconds", "dynamic_batching.preferred_batch_size",
+            "version_policy", "version_policy.latest", "version_policy.latest.num_versions", "version_policy.all",
+            "version_policy.specific", "version_policy.specific.versions",
+            "input", "input.name", "input.data_type", "input.dims",
+            "output", "output.name", "output.data_type", "output.dims",
+            "instance_group", "instance_group.kind"}
 # Triton's TYPE_* names for the v2 datatypes (TYPE_STRING is BYTES).
 TRITON_TYPES = {"TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16", "TYPE_UINT32": "UINT32",
                 "TYPE_UINT64": "UINT64", "TYPE_INT8": "INT8", "TYPE_INT16": "INT16", "TYPE_INT32": "INT32",
                 "TYPE_INT64": "INT64", "TYPE_FP16": "FP16", "TYPE_FP32": "FP32", "TYPE_FP64": "FP64",
-                "TYPE_STRING": "BYTES"}
+                "TYPE_BF16": "BF16", "TYPE_STRING": "BYTES"}
 
 
 class RepositoryError(ValueError):
     """The repository or one of its config.pbtxt files is wrong; the message names the file and fix."""
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    """An input or output as config.pbtxt declares it; empty ``datatype`` / None ``shape``: not declared."""
+
+    name: str
+    datatype: str = ""  # v2 name (FP32, BYTES, ...)
+    shape: tuple[int, ...] | None = None  # full shape, batch dim (-1) included when the model batches
 
 
 @dataclass(frozen=True)
@@ -56,142 +75,60 @@ class ModelSource:
     batching: BatchSettings | None = None
     device: str | None = None  # None: the server's device
     lineage: dict[str, Any] = field(default_factory=dict)
-    io_spec: dict[str, dict[str, str]] = field(default_factory=dict)  # "input"/"output" -> name -> v2 datatype
+    io_spec: dict[str, list[TensorConfig]] = field(default_factory=dict)  # "input"/"output" -> declared tensors
 
 
 # --- config.pbtxt ----------------------------------------------------------------------------
 
-_TOKEN = re.compile(r'\s+|#[^\n]*|(?P<tok>"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[{}\[\]<>:,;]|[^\s{}\[\]<>:,;#"\']+)')
-
-
-def _tokens(text: str, where: str) -> list[str]:
-    out, pos = [], 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None:
-            raise RepositoryError(f"{where}: cannot read text at offset {pos}: {text[pos:pos + 20]!r}")
-        if m.group("tok"):
-            out.append(m.group("tok"))
-        pos = m.end()
-    return out
-
-
-def parse_pbtxt(text: str, where: str = CONFIG_FILE) -> dict[str, list]:
-    """Protobuf text format -> {field: [values]} (every field a list: fields may repeat); messages
-    are nested dicts, scalars are int, float, str (quoted or enum names) or bool."""
-    toks = _tokens(text, where)
-    pos = 0
-
-    def scalar(tok: str) -> Any:
-        if tok[0] in "\"'":
-            return bytes(tok[1:-1], "utf-8").decode("unicode_escape")
-        if tok in ("true", "True"):
-            return True
-        if tok in ("false", "False"):
-            return False
-        for conv in (int, float):
-            try:
-                return conv(tok)
-            except ValueError:
-                pass
-        return tok  # an enum name such as KIND_GPU or TYPE_FP32
-
-    def value() -> Any:
-        nonlocal pos
-        tok = toks[pos]
-        if tok in ("{", "<"):
-            pos += 1
-            return message("}" if tok == "{" else ">")
-        pos += 1
-        return scalar(tok)
-
-    def message(end: str | None) -> dict[str, list]:
-        nonlocal pos
-        msg: dict[str, list] = {}
-        while pos < len(toks):
-            tok = toks[pos]
-            if tok == end:
-                pos += 1
-                return msg
-            if tok in (",", ";"):
-                pos += 1
-                continue
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", tok):
-                raise RepositoryError(f"{where}: expected a field name, got {tok!r}")
-            pos += 1
-            if pos < len(toks) and toks[pos] == ":":
-                pos += 1
-            if pos >= len(toks):
-                raise RepositoryError(f"{where}: field {tok!r} has no value")
-            values = msg.setdefault(tok, [])
-            if toks[pos] == "[":  # a list: [1, 2] or [ { ... }, { ... } ]
-                pos += 1
-                while toks[pos] != "]":
-                    if toks[pos] == ",":
-                        pos += 1
-                        continue
-                    values.append(value())
-                    if pos >= len(toks):
-                        raise RepositoryError(f"{where}: list of {tok!r} is not closed with ]")
-                pos += 1
-            else:
-                values.append(value())
-        if end is not None:
-            raise RepositoryError(f"{where}: a message is not closed with {end}")
-        return msg
-
+def read_model_config(path: Path) -> Any:
+    """``path`` (a config.pbtxt) as Triton's ``ModelConfig`` message; RepositoryError naming the file,
+    line and field when protobuf's text format refuses it. Set fields this server does not act on are
+    logged as not honoured."""
     try:
-        return message(None)
-    except IndexError:
-        raise RepositoryError(f"{where}: the text ends in the middle of a field") from None
+        config = triton.parse_text(Path(path).read_text(), triton.model_config_class())
+    except ValueError as e:
+        raise RepositoryError(f"{path}: not a valid Triton model configuration: {e}") from None
+    ignored = _not_honoured(triton.set_fields(config))
+    if ignored:
+        log.info("%s: fields not honoured by this server: %s", path, ", ".join(ignored))
+    return config
 
 
-def _one(msg: dict, key: str, kind: type | tuple, where: str, default: Any = None) -> Any:
-    values = msg.get(key)
-    if not values:
-        return default
-    if len(values) > 1:
-        raise RepositoryError(f"{where}: `{key}` is given {len(values)} times; give it once")
-    v = values[0]
-    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-        raise RepositoryError(f"{where}: `{key}` must be {getattr(kind, '__name__', kind)}, got {v!r}")
-    return v
+def _not_honoured(names: list[str]) -> list[str]:
+    """The set fields outside HONOURED, each reported once at its outermost level."""
+    out: list[str] = []
+    for name in names:
+        if name not in HONOURED and not any(name.startswith(f"{o}.") for o in out):
+            out.append(name)
+    return sorted(out)
 
 
 # --- scanning --------------------------------------------------------------------------------
 
-def scan_repository(root: Path | str, default_batching: BatchSettings) -> list[ModelSource]:
+def scan_repository(root: Path | str) -> list[ModelSource]:
     """Every model version the repository asks to serve, in name then version order."""
     root = Path(root)
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} is not a directory; expected <repo>/<model>/<version>/model.onnx")
     sources: list[ModelSource] = []
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        sources += _scan_model(model_dir, default_batching)
+        sources += _scan_model(model_dir)
     if not sources:
         raise RepositoryError(f"model repository {root} holds no model; expected <repo>/<model>/<version>/model.onnx")
     return sources
 
 
-def _scan_model(model_dir: Path, default_batching: BatchSettings) -> list[ModelSource]:
+def _scan_model(model_dir: Path) -> list[ModelSource]:
     name = model_dir.name
     cfg_path = model_dir / CONFIG_FILE
-    cfg: dict[str, list] = {}
     where = str(cfg_path)
-    if cfg_path.is_file():
-        cfg = parse_pbtxt(cfg_path.read_text(), where)
-        ignored = sorted(set(cfg) - HONORED)
-        if ignored:
-            log.info("%s: fields not honored by this server: %s", where, ", ".join(ignored))
-    cfg_name = _one(cfg, "name", str, where)
-    if cfg_name is not None and cfg_name != name:
-        raise RepositoryError(f"{where}: name {cfg_name!r} must equal the model's directory name {name!r}")
-    platform = _one(cfg, "platform", str, where)
-    backend = _one(cfg, "backend", str, where)
-    if platform not in (None, "onnxruntime_onnx") or backend not in (None, "onnxruntime"):
+    cfg = read_model_config(cfg_path) if cfg_path.is_file() else triton.model_config_class()()
+    if cfg.name and cfg.name != name:
+        raise RepositoryError(f"{where}: name {cfg.name!r} must equal the model's directory name {name!r}")
+    if cfg.platform not in ("", "onnxruntime_onnx") or cfg.backend not in ("", "onnxruntime"):
         raise RepositoryError(f"{where}: this server runs ONNX models only; platform must be onnxruntime_onnx "
-                              f"(or backend onnxruntime), got platform={platform!r} backend={backend!r}")
-    filename = _one(cfg, "default_model_filename", str, where, DEFAULT_MODEL_FILE)
+                              f"(or backend onnxruntime), got platform={cfg.platform!r} backend={cfg.backend!r}")
+    filename = cfg.default_model_filename or DEFAULT_MODEL_FILE
 
     versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     if not versions:
@@ -199,16 +136,12 @@ def _scan_model(model_dir: Path, default_batching: BatchSettings) -> list[ModelS
                               f"expected {model_dir}/1/{filename}")
     versions = _apply_version_policy(cfg, versions, where)
 
-    batching = None
-    if cfg:
-        batching = _batching(cfg, default_batching, where)
-    device = None
-    for group in cfg.get("instance_group", []):
-        kinds = group.get("kind", []) if isinstance(group, dict) else []
-        if "KIND_CPU" in kinds:
-            device = "cpu"
-    io_spec = {kind: {_one(t, "name", str, where): TRITON_TYPES.get(_one(t, "data_type", str, where, ""), "")
-                      for t in cfg.get(kind, []) if isinstance(t, dict)} for kind in ("input", "output")}
+    # A config.pbtxt that says nothing about batching turns merging off, as in Triton (max_batch_size 0);
+    # no config.pbtxt (or an empty one) means the recipe's serve.batching.
+    batching = _batching(cfg, where) if cfg.ListFields() else None
+    device = "cpu" if any(triton.enum_name(g, "kind") == "KIND_CPU" for g in cfg.instance_group) else None
+    io_spec = {kind: [_tensor_config(t, cfg.max_batch_size > 0) for t in getattr(cfg, kind)]
+               for kind in ("input", "output")}
     out = []
     for vdir in versions:
         path = vdir / filename
@@ -220,76 +153,91 @@ def _scan_model(model_dir: Path, default_batching: BatchSettings) -> list[ModelS
     return out
 
 
-def _apply_version_policy(cfg: dict, versions: list[Path], where: str) -> list[Path]:
-    policy = _one(cfg, "version_policy", dict, where)
-    if policy is None:
+def _tensor_config(t: Any, batched: bool) -> TensorConfig:
+    type_name = triton.enum_name(t, "data_type")
+    dims = tuple(t.dims)
+    return TensorConfig(name=t.name, datatype=TRITON_TYPES.get(type_name, ""),
+                        shape=((-1, *dims) if batched else dims) if dims else None)
+
+
+def _apply_version_policy(cfg: Any, versions: list[Path], where: str) -> list[Path]:
+    if not cfg.HasField("version_policy"):
         return versions[-1:]  # Triton's default: the latest version only
-    if "all" in policy:
+    policy = cfg.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
         return versions
-    if "latest" in policy:
-        n = _one(policy["latest"][0], "num_versions", int, where, 1)
+    if choice == "latest":
+        n = policy.latest.num_versions
         if n < 1:
             raise RepositoryError(f"{where}: version_policy.latest.num_versions must be >= 1, got {n}")
         return versions[-n:]
-    if "specific" in policy:
-        wanted = [str(v) for v in policy["specific"][0].get("versions", [])]
+    if choice == "specific":
+        wanted = [str(v) for v in policy.specific.versions]
         present = {p.name for p in versions}
         missing = [v for v in wanted if v not in present]
         if missing or not wanted:
             raise RepositoryError(f"{where}: version_policy.specific.versions {wanted} must name existing "
                                   f"version directories; found {sorted(present, key=int)}")
         return [p for p in versions if p.name in wanted]
-    raise RepositoryError(f"{where}: version_policy must hold latest, all or specific, got {sorted(policy)}")
+    raise RepositoryError(f"{where}: version_policy must hold latest, all or specific")
 
 
-def _batching(cfg: dict, default: BatchSettings, where: str) -> BatchSettings:
-    max_bs = _one(cfg, "max_batch_size", int, where, 0)
+def _batching(cfg: Any, where: str) -> BatchSettings:
+    max_bs = cfg.max_batch_size
     if max_bs < 0:
         raise RepositoryError(f"{where}: max_batch_size must be >= 0, got {max_bs}")
-    dyn = _one(cfg, "dynamic_batching", dict, where)
-    if dyn is None or max_bs == 0:
+    if not cfg.HasField("dynamic_batching") or max_bs == 0:
         # Triton batches dynamically only when asked to (a dynamic_batching block and max_batch_size > 0).
         return BatchSettings(enabled=False, max_batch_size=max(max_bs, 1), max_queue_delay_ms=0.0)
-    delay_us = _one(dyn, "max_queue_delay_microseconds", int, where, 0)
-    preferred = tuple(int(v) for v in dyn.get("preferred_batch_size", []))
-    if delay_us < 0 or any(p < 1 or p > max_bs for p in preferred):
-        raise RepositoryError(f"{where}: dynamic_batching needs max_queue_delay_microseconds >= 0 and "
-                              f"preferred_batch_size within 1..max_batch_size ({max_bs}); got {delay_us}, {list(preferred)}")
-    ignored = sorted(set(dyn) - {"max_queue_delay_microseconds", "preferred_batch_size"})
-    if ignored:
-        log.info("%s: dynamic_batching fields not honored: %s", where, ", ".join(ignored))
+    dyn = cfg.dynamic_batching
+    delay_us = dyn.max_queue_delay_microseconds  # uint64: never negative
+    preferred = tuple(dyn.preferred_batch_size)
+    if any(p < 1 or p > max_bs for p in preferred):
+        raise RepositoryError(f"{where}: dynamic_batching needs preferred_batch_size within 1..max_batch_size "
+                              f"({max_bs}); got {list(preferred)}")
     return BatchSettings(enabled=True, max_batch_size=max_bs, max_queue_delay_ms=delay_us / 1000.0,
                          preferred_batch_sizes=preferred)
 
 
 def check_io_spec(source: ModelSource, runtime) -> None:
-    """The config.pbtxt's input/output names and data types must match the ONNX file."""
+    """The config.pbtxt's input/output names, data types and dims must match the ONNX file."""
     problems = []
     for kind, specs in (("input", runtime.inputs), ("output", runtime.outputs)):
-        actual = {s.name: s.datatype.name for s in specs}
-        for name, dtype in source.io_spec.get(kind, {}).items():
-            if name not in actual:
-                problems.append(f"{kind} {name!r} is not in the model (it has {sorted(actual)})")
-            elif dtype and dtype != actual[name]:
-                problems.append(f"{kind} {name!r} is {actual[name]} in the model, not {dtype}")
+        actual = {s.name: s for s in specs}
+        for declared in source.io_spec.get(kind, []):
+            spec = actual.get(declared.name)
+            if spec is None:
+                problems.append(f"{kind} {declared.name!r} is not in the model (it has {sorted(actual)})")
+                continue
+            if declared.datatype and declared.datatype != spec.datatype.name:
+                problems.append(f"{kind} {declared.name!r} is {spec.datatype.name} in the model, not {declared.datatype}")
+            if declared.shape is not None and not _shapes_agree(declared.shape, spec.shape):
+                problems.append(f"{kind} {declared.name!r} has shape {list(spec.shape)} in the model (-1: any size), "
+                                f"but config.pbtxt says {list(declared.shape)} (with the batch dim when "
+                                "max_batch_size > 0)")
     if problems:
         raise RepositoryError(f"{source.path.parent.parent / CONFIG_FILE}: " + "; ".join(problems))
 
 
-def load_sources(sources: list[ModelSource], config) -> tuple[list, dict[tuple[str, str], BatchSettings]]:
+def _shapes_agree(declared: tuple[int, ...], actual: tuple[int, ...]) -> bool:
+    return len(declared) == len(actual) and all(d == a or d == -1 or a == -1 for d, a in zip(declared, actual))
+
+
+def load_sources(sources: list[ModelSource], config: ServeConfig) -> tuple[list, dict[tuple[str, str], BatchSettings]]:
     """Open, check and warm every source (at the batch sizes its batcher will form); returns the
-    runtimes and each one's batch settings. ``config`` is the recipe's serve ``Config``."""
+    runtimes and each one's batch settings (its config.pbtxt's, else the serve config's batching)."""
     from stages.serve.runtime import load_model, warm_up_sizes
 
-    default = BatchSettings(enabled=config.dynamic_batching, max_batch_size=config.max_batch_size,
-                            max_queue_delay_ms=config.max_queue_delay_ms)
     runtimes, batching = [], {}
     for src in sources:
-        settings = src.batching or default
+        settings = src.batching or config.batching
         sizes = warm_up_sizes(settings.max_batch_size, settings.preferred_batch_sizes) if settings.enabled else [1]
-        runtime = load_model(src.path, src.name, src.version, device=src.device or config.device,
-                             intra_op_threads=config.intra_op_threads, lineage=src.lineage,
-                             warm_batch_sizes=sizes, require_gpu=config.require_gpu and src.device != "cpu")
+        # instance_group KIND_CPU: that model runs on the CPU provider, whatever the server's device.
+        runtime_settings = config.runtime if src.device is None else \
+            dataclasses.replace(config.runtime, device=src.device, require_gpu=False)
+        runtime = load_model(src.path, src.name, src.version, runtime_settings, lineage=src.lineage,
+                             warm_batch_sizes=sizes)
         check_io_spec(src, runtime)
         runtimes.append(runtime)
         batching[(runtime.name, runtime.version)] = settings

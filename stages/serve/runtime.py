@@ -11,108 +11,37 @@ allocated there and copied back once) when a GPU is usable, CPU otherwise. ONNX 
 to CPU silently when CUDA libraries are missing, so the providers really in use are read back from
 the session, reported in the metadata and the metrics, and ``require_gpu`` refuses to serve on CPU.
 
-Threads (CPU): the batcher calls ``run`` from one thread and the HTTP event loop needs a core of its
-own, so on small machines intra-op threads are cores - 1 and do not spin-wait (a spinning worker
-takes the event loop's core; on 2 cores ORT's defaults made `mlflow models serve` burn 1.8 cores at
-concurrency 1).
+Sessions are built by the one factory (``stages.sessions.create_session``) from the serve config's
+``runtime`` part: the batcher calls ``run`` from one thread and the HTTP event loop needs a core of
+its own, so on small machines intra-op threads are cores - 1 and do not spin-wait (see there).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, get_args
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from stages.common import sha256_file
-
+from stages.serve.config import RuntimeSettings
 from stages.serve.protocol import DataType, ProtocolError, Tensor, format_shape, from_onnx
+from stages.sessions import CUDA_EP, create_session, cuda_problem
 
 log = logging.getLogger(__name__)
 
-Device = Literal["auto", "cpu", "cuda"]
-CUDA_EP = "CUDAExecutionProvider"
-CPU_EP = "CPUExecutionProvider"
-
-
-@dataclass(frozen=True)
-class Config:
-    """The recipe's ``serve:`` section."""
-
-    host: str = "127.0.0.1"  # loopback unless told otherwise: the server has no authentication
-    port: int = 8000
-    device: Device = "auto"
-    require_gpu: bool = False  # refuse to start unless CUDA is the provider really in use
-    intra_op_threads: int = 0  # 0: chosen for the machine (see default_intra_op_threads)
-    max_request_mb: float = 32.0  # request bodies above this are refused with 413
-    # Dynamic batching (stages/serve/batcher.py); a model repository's config.pbtxt overrides these per model.
-    dynamic_batching: bool = True
-    max_batch_size: int = 64  # rows merged into one session run at most
-    max_queue_delay_ms: float = 0.0  # extra wait for more rows; 0: merge what queued while the last batch ran
-    graceful_shutdown_s: float = 30.0  # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not self.host.strip():
-            raise ValueError(f"`host` must be a non-empty host name or IP address, got {self.host!r}")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
-            raise ValueError(f"`port` must be between 1 and 65535, got {self.port!r}")
-        if self.device not in get_args(Device):
-            raise ValueError(f"`device` must be one of {', '.join(get_args(Device))}, got {self.device!r}")
-        for key in ("require_gpu", "dynamic_batching"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"`{key}` must be true or false, got {getattr(self, key)!r}")
-        if self.require_gpu and self.device == "cpu":
-            raise ValueError("`require_gpu` cannot hold with `device` cpu; use device auto or cuda")
-        if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int) \
-                or self.intra_op_threads < 0:
-            raise ValueError(f"`intra_op_threads` must be an int >= 0 (0: automatic), got {self.intra_op_threads!r}")
-        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
-            raise ValueError(f"`max_batch_size` must be an int >= 1, got {self.max_batch_size!r}")
-        for key in ("max_request_mb", "max_queue_delay_ms", "graceful_shutdown_s"):
-            v = getattr(self, key)
-            lowest_ok = key != "max_request_mb"  # a delay or grace of 0 is fine; a 0-byte limit is not
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isinf(v) or math.isnan(v) \
-                    or v < 0 or (v == 0 and not lowest_ok):
-                raise ValueError(f"`{key}` must be a finite number {'>= 0' if lowest_ok else '> 0'}, got {v!r}")
-
-    @property
-    def max_request_bytes(self) -> int:
-        return int(self.max_request_mb * 1024 * 1024)
-
 
 class GpuRequired(ValueError):
-    """--require-gpu was given but CUDA is not (or would not be) the provider in use."""
+    """require_gpu was asked for but CUDA is not (or would not be) the provider in use."""
 
 
-def default_intra_op_threads() -> int:
-    """Leave the HTTP event loop a core on small machines; cap at 8 (a small model gains nothing more)."""
-    cores = os.cpu_count() or 1
-    return max(1, cores - 1) if cores <= 4 else min(cores - 1, 8)
-
-
-def cuda_problem() -> str | None:
-    """Why CUDA cannot be used here, or None when it can (as far as we can tell before a session)."""
-    import onnxruntime as ort
-
-    from stages.predictors import cuda_available
-
-    if CUDA_EP not in ort.get_available_providers():
-        return (f"this onnxruntime build ({ort.__version__}) has no CUDA execution provider; "
-                "install onnxruntime-gpu (never beside onnxruntime)")
-    if not cuda_available():
-        return "no CUDA GPU is visible (torch.cuda.is_available() is False: no GPU, no driver or CUDA_VISIBLE_DEVICES hides it)"
-    return None
-
-
-def check_gpu_required(config: Config) -> None:
-    """Refuse early (before loading anything) when --require-gpu cannot be met on this machine."""
-    if config.require_gpu:
+def check_gpu_required(runtime: RuntimeSettings) -> None:
+    """Refuse early (before loading anything) when require_gpu cannot be met on this machine."""
+    if runtime.require_gpu:
         problem = cuda_problem()
         if problem:
             raise GpuRequired(f"--require-gpu: CUDAExecutionProvider is not available, the server would run on "
@@ -320,57 +249,32 @@ def lineage_of(props: Mapping[str, str], given: Mapping[str, Any], onnx_sha256: 
     return out
 
 
-def make_session(path: Path, device: Device, intra_op_threads: int = 0):
-    """An ONNX Runtime session with providers and threads chosen for serving on this machine."""
-    import onnxruntime as ort
-
-    from stages.predictors import ort_providers, provider_options
-
-    opts = ort.SessionOptions()
-    cores = os.cpu_count() or 1
-    opts.intra_op_num_threads = intra_op_threads or default_intra_op_threads()
-    opts.inter_op_num_threads = 1  # sequential execution: a small graph has no parallel branches worth a pool
-    if cores <= 4:
-        # Spin-waiting intra-op workers would take the core the event loop needs.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3  # errors only: a provider fallback is reported by us, plainly
-    providers = ort_providers(device)
-    session = ort.InferenceSession(str(path), opts, providers=providers, provider_options=provider_options(providers))
-    session.requested_providers = providers  # what we asked for, beside get_providers(): what we got
-    return session
-
-
-def load_model(path: Path | str, name: str, version: str = "1", device: Device = "auto",
-               intra_op_threads: int = 0, lineage: Mapping[str, Any] | None = None,
-               warm_batch_sizes: Sequence[int] = (1,), require_gpu: bool = False) -> ModelRuntime:
-    """Open ``path`` in ONNX Runtime, warm it up and return the runtime that serves it as ``name``.
+def load_model(path: Path | str, name: str, version: str = "1", runtime: RuntimeSettings = RuntimeSettings(),
+               lineage: Mapping[str, Any] | None = None, warm_batch_sizes: Sequence[int] = (1,)) -> ModelRuntime:
+    """Open ``path`` in ONNX Runtime with the serve config's ``runtime`` settings, warm it up and return
+    the runtime that serves it as ``name``.
 
     ``lineage`` (say, the registry URI and version it was resolved from) is added to the model's
-    metadata parameters next to the file's own ``metadata_props``. With ``require_gpu``, a session
-    that did not get the CUDA provider is refused (GpuRequired) instead of served on CPU.
+    metadata parameters next to the file's own ``metadata_props``. With ``runtime.require_gpu``, a
+    session that did not get the CUDA provider is refused (GpuRequired) instead of served on CPU.
     """
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model file {path} not found")
-    if require_gpu and device == "auto":
-        device = "cuda"
     try:
-        session = make_session(path, device, intra_op_threads)
+        session = create_session(path, runtime.session_settings())  # warns when CUDA fell back to CPU
     except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NotImplemented) as e:
         raise ValueError(f"{path} is not a valid ONNX model that ONNX Runtime can load: {e}") from None
-    runtime = ModelRuntime(name, version, session, path, lineage)
-    if require_gpu and runtime.provider != CUDA_EP:
-        raise GpuRequired(f"--require-gpu: model {name!r} got {runtime.provider}, not {CUDA_EP} "
+    model = ModelRuntime(name, version, session, path, lineage)
+    if runtime.require_gpu and model.provider != CUDA_EP:
+        raise GpuRequired(f"--require-gpu: model {name!r} got {model.provider}, not {CUDA_EP} "
                           f"(ONNX Runtime could not start CUDA: {cuda_problem() or 'CUDA/cuDNN libraries not found?'})")
-    if CUDA_EP in session.requested_providers and runtime.provider != CUDA_EP:
-        log.warning("CUDA was asked for model %r but ONNX Runtime runs it on %s", name, runtime.provider)
     try:
-        runtime.warm_up(warm_batch_sizes)
+        model.warm_up(warm_batch_sizes)
     except Exception as e:
         raise ValueError(f"{path} loaded but a warm-up inference on zeros failed: {e}") from e
-    log.info("model %r version %s ready from %s on %s (warm at batch sizes %s)", name, runtime.version, path,
-             ", ".join(runtime.providers), runtime.warm_batch_sizes)
-    return runtime
-
+    log.info("model %r version %s ready from %s on %s (warm at batch sizes %s)", name, model.version, path,
+             ", ".join(model.providers), model.warm_batch_sizes)
+    return model

@@ -1,0 +1,172 @@
+"""ONNX Runtime sessions: one frozen ``SessionSettings`` record and one ``create_session`` factory.
+
+Every ONNX Runtime session the project runs is built here: the predictors (evaluate, quantize,
+benchmark, register) and the server. So "measured with the settings the server uses" means the
+same providers, provider options, threads and spinning, not a second copy that differs a little.
+
+Importing this module is cheap (no onnxruntime, no torch, no numpy): the slim serve path imports it.
+onnxruntime is imported when a session is made; torch only by ``cuda_available`` (see there).
+
+Providers: CUDA (with CPU behind it) when asked for or, with ``device: auto``, when a GPU is usable;
+CPU otherwise. ONNX Runtime falls back to CPU silently when the CUDA libraries are missing, so
+``create_session`` compares what it asked for with ``get_providers()`` and warns.
+
+Threads: the defaults leave a core free on small machines (the server's event loop, the benchmark
+harness) and do not spin-wait there: ORT's spinning intra-op workers take that core (on 2 cores ORT's
+defaults made `mlflow models serve` burn 1.8 cores at concurrency 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args
+
+log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+AUTO = "auto"
+
+# ORT's CUDA EP runs an exhaustive cuDNN algorithm search for every new input shape (its default). A
+# server whose batcher merges requests into batches of any size meets many shapes: on an H100 that
+# made serving at concurrency 8 fall to 96 req/s at p50 86 ms while c=1 did 1,470 req/s. The
+# heuristic choice costs nothing per shape; set here so benchmark, register and server run the same way.
+CUDA_PROVIDER_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+SMALL_MACHINE_CORES = 4  # at or below this many cores: leave one free, and do not spin-wait
+
+
+def cuda_available() -> bool:
+    """True when a CUDA GPU is usable. Importing torch first also loads the CUDA/cuDNN libraries
+    that onnxruntime-gpu needs (they ship inside torch's CUDA wheels); torch is imported here, on
+    call, never when this module is imported, so a torch-free install still imports it (and answers
+    False)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def cuda_problem() -> str | None:
+    """Why the CUDA provider cannot be used here, or None when it can (as far as we can tell before a session)."""
+    import onnxruntime as ort
+
+    if CUDA_EP not in ort.get_available_providers():
+        return (f"this onnxruntime build ({ort.__version__}) has no CUDA execution provider; "
+                "install onnxruntime-gpu (never beside onnxruntime)")
+    if not cuda_available():
+        return ("no CUDA GPU is visible (torch.cuda.is_available() is False: no GPU, no driver, "
+                "CUDA_VISIBLE_DEVICES hides it, or torch is not installed)")
+    return None
+
+
+def ort_providers(device: Device) -> list[str]:
+    """Providers to request: CUDA (with CPU behind it) when asked for or available, else CPU."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return [CPU_EP]
+    if device == "cuda":
+        return [CUDA_EP, CPU_EP]
+    # auto: onnxruntime-gpu lists the CUDA EP even on machines without a GPU; ask torch too.
+    return [CUDA_EP, CPU_EP] if CUDA_EP in ort.get_available_providers() and cuda_available() else [CPU_EP]
+
+
+def provider_options(providers: Sequence[str]) -> list[dict]:
+    """Per-provider options, in the order of ``providers`` (ONNX Runtime's provider_options)."""
+    return [dict(CUDA_PROVIDER_OPTIONS) if p == CUDA_EP else {} for p in providers]
+
+
+def default_intra_op_threads(cores: int | None = None) -> int:
+    """cores - 1 on small machines (a core stays free for the event loop or the harness), at most 8
+    elsewhere (a small model gains nothing from more)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - 1) if cores <= SMALL_MACHINE_CORES else min(cores - 1, 8)
+
+
+def default_allow_spinning(cores: int | None = None) -> bool:
+    """Spin-waiting intra-op workers take the core the event loop needs on small machines: off there,
+    ONNX Runtime's default (on) elsewhere."""
+    cores = cores or os.cpu_count() or 1
+    return cores > SMALL_MACHINE_CORES
+
+
+def _bad(key: str, rule: str, value: Any) -> ValueError:
+    return ValueError(f"`{key}` must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How one ONNX Runtime session is built. ``0`` / ``"auto"`` mean "chosen for this machine"
+    (``resolved()`` says what was chosen)."""
+
+    device: Device = "auto"  # auto: CUDA when onnxruntime has it and a GPU is visible, else CPU
+    intra_op_threads: int = 0  # threads one run may use; 0: default_intra_op_threads()
+    # Threads running independent graph branches at once; only used in ORT's parallel execution mode,
+    # which we never enable (a small classifier has no parallel branches worth a pool).
+    inter_op_threads: int = 1
+    allow_spinning: bool | Literal["auto"] = AUTO  # intra-op workers spin-wait between runs; auto: default_allow_spinning()
+
+    def __post_init__(self) -> None:
+        if self.device not in get_args(Device):
+            raise _bad("device", f"one of {', '.join(get_args(Device))}", self.device)
+        for key in ("intra_op_threads", "inter_op_threads"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise _bad(key, "an integer >= 0 (0: chosen for this machine)", v)
+        if not isinstance(self.allow_spinning, bool) and self.allow_spinning != AUTO:
+            raise _bad("allow_spinning", "true, false or auto", self.allow_spinning)
+
+    def resolved(self) -> "SessionSettings":
+        """The same settings with every automatic choice made for this machine (the device stays as
+        asked: which provider a session really got is read back from the session)."""
+        return SessionSettings(
+            device=self.device,
+            intra_op_threads=self.intra_op_threads or default_intra_op_threads(),
+            inter_op_threads=self.inter_op_threads,
+            allow_spinning=default_allow_spinning() if self.allow_spinning == AUTO else self.allow_spinning)
+
+    def describe(self) -> dict[str, Any]:
+        """What a report writes beside its numbers: the resolved values."""
+        return asdict(self.resolved())
+
+    def providers(self) -> list[str]:
+        """The providers a session with these settings asks for, in order of preference."""
+        return ort_providers(self.device)
+
+    def session_options(self):
+        """ONNX Runtime's SessionOptions for these settings."""
+        import onnxruntime as ort
+
+        r = self.resolved()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = r.intra_op_threads
+        opts.inter_op_num_threads = r.inter_op_threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if r.allow_spinning else "0")
+        opts.log_severity_level = 3  # errors only: a provider fallback is reported by create_session, plainly
+        return opts
+
+
+def create_session(path: Path | str, settings: SessionSettings = SessionSettings()):
+    """An ``onnxruntime.InferenceSession`` over ``path`` built with ``settings``.
+
+    ``session.get_providers()`` says which providers it really runs on; when CUDA was asked for and
+    ONNX Runtime fell back to CPU (CUDA/cuDNN libraries not found), a warning says so. Errors loading
+    the file are ONNX Runtime's own (callers turn them into their users' messages).
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    providers = settings.providers()
+    session = ort.InferenceSession(str(path), settings.session_options(), providers=providers,
+                                   provider_options=provider_options(providers))
+    if CUDA_EP in providers and CUDA_EP not in session.get_providers():
+        log.warning("CUDA was requested for %s but ONNX Runtime runs it on %s (%s); what it measures or serves "
+                    "is CPU work", path.name, session.get_providers()[0],
+                    cuda_problem() or "the CUDA provider did not start: CUDA/cuDNN libraries not found?")
+    return session
