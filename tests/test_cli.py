@@ -111,7 +111,7 @@ def test_every_option_with_a_default_shows_it_in_help(helps):
 
 def test_help_names_the_defaults_a_user_asks_about(helps):
     assert "[default: (runs/<recipe name>)]" in helps["run"]
-    assert "[default: (the recipe's serve.port, else 8000)]" in helps["serve"]
+    assert "[default: (the recipe's serve.transport.port, else 8000)]" in helps["serve"]
     assert "[default: configs/digits-cnn.yaml]" in helps["train"]
     assert "[default: bundle]" in helps["package"] and "[default: 16]" in helps["package"]
     top = helps[""]
