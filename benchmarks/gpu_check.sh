@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks, in one call on the lent GPU machine (see ../shared/docs/GPU.md for carrying
-# onnxruntime-gpu and MLflow there): the CUDA tests, the training data-path benchmark, one whole
-# `pipeline run` on CUDA (training on cuda, benchmark and register on the CUDA execution provider),
-# and the serving load benchmark with --device cuda. Every output lands in $OUT (or ./gpu-out).
+# The GPU checks, in one go on a machine with an NVIDIA GPU: the CUDA tests, the training data-path
+# benchmark, one whole `pipeline run` on CUDA (training on cuda, benchmark and register on the CUDA
+# execution provider), and the serving load benchmark with --device cuda. Every output lands in $OUT
+# (or ./gpu-out). Run it from the repository root, with the project's dependencies on the python3 in
+# PATH (after `make install`: `source .venv/bin/activate`):
 #
-#   source .gpudeps/install && bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh
 #
-# The project is not pip-installed there (the machine's own torch is used): PYTHONPATH points at the
-# checkout, and each step's exit code is recorded instead of stopping the script.
+# PYTHONPATH points at the checkout (so an environment without the project pip-installed works too),
+# MLflow records into a store under /tmp, and each step's exit code is recorded instead of stopping.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"

@@ -1,7 +1,19 @@
-"""The `pipeline` command: one thin command per stage, `run` for all of them, and `serve`.
+"""The `pipeline` command: one thin command per stage, `run` for all of them, `serve`, `package`, and the
+questions asked of the record (`lineage`, `compare`, `promote`).
 
 Heavy libraries (torch, onnxruntime, mlflow) are imported inside the commands so `--help` is instant.
-User errors (a bad recipe, a missing input) print one line and exit non-zero, without a traceback.
+Exit codes (one table, also in `pipeline --help` and the README):
+
+    0    done
+    1    the work failed: a stage failed, a promotion was refused, the run directory is busy,
+         --require-gpu found no usable GPU
+    2    the command or its input must change: an unknown option or stage name, a bad recipe key or value,
+         a model, file or registry URI that does not exist or cannot be read, a model that serve or package
+         refuses, an output directory in the way
+    130  interrupted by Ctrl-C (SIGINT); 143: stopped by SIGTERM. MLflow runs end KILLED.
+
+Errors are one line on stderr (`error: ...`), never a traceback. Results go to stdout (tables, or JSON
+with --json), logs to stderr.
 """
 
 from __future__ import annotations
@@ -9,25 +21,39 @@ from __future__ import annotations
 import atexit
 import contextlib
 import enum
+import json
 import logging
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="From a PyTorch model to a fast, quantized, served ONNX model, every step in MLflow.")
+OK, FAILED, USAGE, INTERRUPTED, TERMINATED = 0, 1, 2, 130, 143
+EXIT_CODES = (f"Exit codes: {OK} done; {FAILED} the work failed (a stage, a refused promotion, a busy run "
+              f"directory); {USAGE} the command, recipe or input must change; {INTERRUPTED} Ctrl-C, "
+              f"{TERMINATED} SIGTERM.")
+
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown", epilog=EXIT_CODES)
 log = logging.getLogger("pipeline")
 
 DEFAULT_RECIPE = Path("configs/digits-cnn.yaml")
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML file.")]
+# serve and package need a recipe only for defaults: the default file when it is there, else built-in ones.
+OptionalRecipeOpt = Annotated[Optional[Path], typer.Option(
+    "--recipe", "-r", show_default=f"{DEFAULT_RECIPE} if it exists here, else built-in serve defaults",
+    help="Recipe YAML file, for its `serve` settings and its registered model name.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
-                                                     help="Override a recipe value, e.g. --set train.epochs=3 (repeatable).")]
-WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Run directory [default: runs/<recipe name>].")]
-NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="Do not record anything in MLflow.")]
+                                                     help="Override a recipe value, e.g. `--set train.epochs=3` (repeatable).")]
+WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", show_default="runs/<recipe name>",
+                                                    help="Run directory.")]
+NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="Record nothing in MLflow (the run directory still "
+                                                             "stamps each stage for reuse).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout instead of a table "
+                                                      "(logs stay on stderr).")]
 InitFromOpt = Annotated[Optional[str], typer.Option(
     "--init-from", metavar="RUN_ID|CHECKPOINT",
     help="Start from another run's weights (an MLflow run id or a checkpoint.pt path); a head of a "
@@ -40,33 +66,101 @@ class Device(str, enum.Enum):
     cuda = "cuda"
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+TrainDeviceOpt = Annotated[Optional[Device], typer.Option(show_default="the recipe's train.device",
+                                                          help="Training device.")]
+
+
+# ---------------------------------------------------------------- global options, logging, errors
+
+def _setup_logging(level: int = logging.INFO) -> None:
+    """Logs go to stderr: INFO by default, DEBUG for this project's modules with -v, WARNING with -q."""
+    logging.basicConfig(level=max(level, logging.INFO), format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    for ours in ("pipeline", "stages", "models"):
+        logging.getLogger(ours).setLevel(level)
     for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # The torch.export-based exporter warns about every torchvision op it cannot register; we use none.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"onnx-pipeline {version('onnx-pipeline')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("onnx-pipeline (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages too.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings and errors only.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    """From a PyTorch model to a fast, quantized, served ONNX model, every step in MLflow.
+
+    Run it from the repository root (recipes are `configs/*.yaml`, runs go to `runs/`, the MLflow store is
+    `mlruns/` unless `MLFLOW_TRACKING_URI` says otherwise). `pipeline COMMAND --help` lists a command's options.
+    """
+    if verbose and quiet:
+        raise _usage("-v/--verbose and -q/--quiet contradict each other; pass one")
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+def _error(message: str, code: int) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
 
 
+def _usage(message: str) -> typer.Exit:
+    """The command, recipe or input must change (exit 2)."""
+    return _error(message, USAGE)
+
+
+def _failed(message: str) -> typer.Exit:
+    """The work was attempted and failed (exit 1)."""
+    return _error(message, FAILED)
+
+
+def _warn(message: str) -> None:
+    typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+
+
 @contextlib.contextmanager
-def _user_errors():
-    """Turn errors a user can fix into one line and an exit code: 2 for the recipe, 1 otherwise."""
+def _errors(stage_error: int) -> Iterator[None]:
+    """One line and an exit code instead of a traceback. A recipe problem is always a usage error (2); a
+    StageError is ``stage_error``: 2 while the command's inputs are resolved, 1 once the work runs.
+    Ctrl-C / SIGTERM end with 130 / 143 (the orchestrator has marked the MLflow runs KILLED)."""
     from pipeline.config import ConfigError
     from stages.common import StageError
 
     try:
         yield
     except ConfigError as e:
-        raise _fail(str(e), 2) from None
+        raise _usage(str(e)) from None
     except StageError as e:
-        raise _fail(str(e), 1) from None
+        raise _error(str(e), stage_error) from None
+    except KeyboardInterrupt as e:
+        raise _interrupted(e) from None
 
+
+def _interrupted(e: KeyboardInterrupt) -> typer.Exit:
+    orchestrate = sys.modules.get("pipeline.orchestrate")  # loaded if a stage was running
+    terminated = orchestrate is not None and isinstance(e, orchestrate.Terminated)
+    return _error(f"interrupted ({e or 'Ctrl-C'}); any MLflow runs are marked KILLED; `pipeline run --resume` "
+                  "continues from the unfinished stage", TERMINATED if terminated else INTERRUPTED)
+
+
+def _emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- recipes and run directories
 
 def _load(recipe: Path, overrides: Optional[list[str]]):
     from pipeline.config import load_recipe
@@ -79,6 +173,44 @@ def _rundir(workdir: Optional[Path]):
 
     return RunDir(workdir) if workdir else None
 
+
+def _optional_recipe(recipe: Optional[Path], overrides: list[str]):
+    """(serve settings, recipe or None) for commands that need a recipe only for defaults: the given
+    recipe, else the default one when it is here, else the serve section's built-in defaults (then only
+    `serve.*` keys may be --set)."""
+    import typing
+
+    from pipeline.config import ConfigError, Recipe, apply_override, build_config
+
+    if recipe is None and DEFAULT_RECIPE.is_file():
+        recipe = DEFAULT_RECIPE
+    if recipe is not None:
+        cfg = _load(recipe, overrides)
+        return cfg.serve, cfg
+    data: dict = {}
+    for item in overrides:
+        if not item.startswith("serve."):
+            raise ConfigError(f"--set {item}: without a recipe only serve.* keys can be set; pass --recipe FILE")
+        apply_override(data, item)
+    return build_config(typing.get_type_hints(Recipe)["serve"], data.get("serve") or {}, "serve"), None
+
+
+def _champion_uri(cfg) -> str:
+    return f"models:/{cfg.register.model_name or cfg.name}@champion"
+
+
+def _require_store(uri: str) -> None:
+    """A models:/ URI read from the default local store, run outside the repository, would create an empty
+    store in the current directory and then fail to find the model: refuse with the fix instead."""
+    from pipeline import tracking
+
+    store = tracking.tracking_uri()
+    if store == tracking.DEFAULT_TRACKING_URI and not Path(store[len("sqlite:///"):]).is_file():
+        raise _usage(f"{uri}: no MLflow store at {store} (run from the repository root, where `pipeline run` "
+                     "registered it, or set MLFLOW_TRACKING_URI)")
+
+
+# ---------------------------------------------------------------- printing results
 
 def _print_outcomes(outcomes) -> None:
     from rich.console import Console
@@ -93,16 +225,20 @@ def _print_outcomes(outcomes) -> None:
     Console().print(table)
 
 
+def _benchmark_rows(rundir) -> list[dict] | None:
+    if not rundir.benchmark_json.is_file():
+        return None
+    return json.loads(rundir.benchmark_json.read_text())["rows"]
+
+
 def _print_benchmark(rundir) -> None:
     """The benchmark's rows as a table: every variant x provider x batch size."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
-    if not rundir.benchmark_json.is_file():
+    rows = _benchmark_rows(rundir)
+    if rows is None:
         return
-    rows = json.loads(rundir.benchmark_json.read_text())["rows"]
     table = Table(title=f"benchmark ({rundir.benchmark_md})")
     for col in ("variant", "engine", "provider", "batch", "median ms", "p90 ms", "p99 ms", "samples/s", "cold start ms"):
         table.add_column(col, justify="left" if col in ("variant", "engine", "provider") else "right")
@@ -113,29 +249,48 @@ def _print_benchmark(rundir) -> None:
     Console().print(table)
 
 
-def _stage_command(stage: str, recipe: Path, overrides, workdir, no_track: bool, device: str | None = None,
-                   **train_options) -> None:
-    _setup_logging()
-    with _user_errors():
+def _report(rundir, outcomes, as_json: bool, status: str, benchmark: bool = True) -> None:
+    """What a run did: the benchmark table and the stage summary, or one JSON document with both."""
+    if not as_json:
+        if benchmark:
+            _print_benchmark(rundir)
+        _print_outcomes(outcomes)
+        return
+    import dataclasses
+
+    from pipeline.orchestrate import read_state
+
+    state = read_state(rundir) or {}
+    registration = json.loads(rundir.registration.read_text()) if rundir.registration.is_file() else None
+    _emit_json({"status": status, "run_dir": str(rundir.root), "pipeline_run_id": state.get("parent_run_id"),
+                "stages": [dataclasses.asdict(o) for o in outcomes], "benchmark": _benchmark_rows(rundir) if benchmark else None,
+                "registration": registration})
+
+
+# ---------------------------------------------------------------- the stages, one command each
+
+def _stage_command(stage: str, recipe: Path, overrides, workdir, no_track: bool, as_json: bool,
+                   device: str | None = None, **train_options) -> None:
+    with _errors(USAGE):
+        cfg = _load(recipe, overrides)
+    with _errors(FAILED):
         from pipeline.orchestrate import default_rundir, run_stage
 
-        cfg = _load(recipe, overrides)
         rundir = _rundir(workdir) or default_rundir(cfg)
         outcome = run_stage(stage, cfg, rundir, track=not no_track, device=device, **train_options)
-    if stage == "benchmark":
-        _print_benchmark(rundir)
-    _print_outcomes([outcome])
+    _report(rundir, [outcome], as_json, "done", benchmark=stage == "benchmark")
 
 
 @app.command()
-def prepare(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False):
-    """Split the bundled dataset (seeded, stratified) into data.npz + dataset.json."""
-    _stage_command("prepare", recipe, set_, workdir, no_track)
+def prepare(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+            no_track: NoTrackOpt = False, json_: JsonOpt = False):
+    """Split the recipe's dataset (seeded, stratified for classes) into data.npz + dataset.json."""
+    _stage_command("prepare", recipe, set_, workdir, no_track, json_)
 
 
 @app.command()
-def train(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False,
-          device: Annotated[Optional[Device], typer.Option(help="Training device [default: the recipe's train.device].")] = None,
+def train(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+          no_track: NoTrackOpt = False, json_: JsonOpt = False, device: TrainDeviceOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from the run directory's "
                                                "train_state.pt (same recipe); logs into a new MLflow run tagged "
                                                "with the one it resumes.")] = False,
@@ -145,38 +300,66 @@ def train(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Work
     Under torchrun (`torchrun --nproc_per_node 2 -m pipeline.cli train ...`) it trains data-parallel:
     rank 0 alone records in MLflow and writes files.
     """
-    _stage_command("train", recipe, set_, workdir, no_track, device.value if device else None, resume=resume,
+    _stage_command("train", recipe, set_, workdir, no_track, json_, device.value if device else None, resume=resume,
                    init_from=init_from)
 
 
 @app.command()
-def evaluate(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False):
-    """Test accuracy, per-class precision/recall/F1 and a confusion matrix of the trained model."""
-    _stage_command("evaluate", recipe, set_, workdir, no_track)
+def evaluate(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+             no_track: NoTrackOpt = False, json_: JsonOpt = False):
+    """The task's test metrics of the trained model (accuracy, per-class precision/recall/F1, confusion matrix)."""
+    _stage_command("evaluate", recipe, set_, workdir, no_track, json_)
 
 
 @app.command()
-def export(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False):
+def export(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+           no_track: NoTrackOpt = False, json_: JsonOpt = False):
     """Export the checkpoint to one self-describing ONNX file, verified against PyTorch."""
-    _stage_command("export", recipe, set_, workdir, no_track)
+    _stage_command("export", recipe, set_, workdir, no_track, json_)
 
 
 @app.command()
-def quantize(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False):
+def quantize(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+             no_track: NoTrackOpt = False, json_: JsonOpt = False):
     """Make the quantized variants and evaluate each against the accuracy budget."""
-    _stage_command("quantize", recipe, set_, workdir, no_track)
+    _stage_command("quantize", recipe, set_, workdir, no_track, json_)
 
 
 @app.command()
-def benchmark(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False):
+def benchmark(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+              no_track: NoTrackOpt = False, json_: JsonOpt = False):
     """Time PyTorch eager and every ONNX variant per execution provider and batch size."""
-    _stage_command("benchmark", recipe, set_, workdir, no_track)
+    _stage_command("benchmark", recipe, set_, workdir, no_track, json_)
 
 
 @app.command()
-def register(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None):
-    """Register the fastest variant within budget in MLflow (alias candidate; champion if it passes the gate)."""
-    _stage_command("register", recipe, set_, workdir, False)
+def register(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+             json_: JsonOpt = False):
+    """Register the fastest variant within budget in MLflow (alias candidate; champion if it passes the gate).
+
+    It has no `--no-track`: registering is writing to the MLflow model registry.
+    """
+    _stage_command("register", recipe, set_, workdir, False, json_)
+
+
+# ---------------------------------------------------------------- run
+
+def _check_stage_names(names: Optional[list[str]]) -> Optional[list[str]]:
+    """Stage names given on the command line: each must be one, or the command is refused (exit 2)."""
+    if not names:
+        return names
+    from pipeline.orchestrate import STAGES
+
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise typer.BadParameter(f"unknown stage {', '.join(map(repr, unknown))}; the stages are {', '.join(STAGES)}")
+    return names
+
+
+def _complete_stage(incomplete: str) -> list[str]:
+    from pipeline.orchestrate import STAGES
+
+    return [s for s in STAGES if s.startswith(incomplete)]
 
 
 def _print_plan(decisions) -> None:
@@ -189,159 +372,198 @@ def _print_plan(decisions) -> None:
 
 
 @app.command()
-def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False,
-        device: Annotated[Optional[Device], typer.Option(help="Training device [default: the recipe's train.device].")] = None,
+def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+        no_track: NoTrackOpt = False, json_: JsonOpt = False, device: TrainDeviceOpt = None,
         init_from: InitFromOpt = None,
-        stages: Annotated[Optional[list[str]], typer.Argument(metavar="[STAGE]...", show_default=False,
-                                                              help="With --force: the stages to rerun [default: all].")] = None,
-        force: Annotated[bool, typer.Option("--force", help="Rerun the named stages (all if none) even if unchanged.")] = False,
-        explain: Annotated[bool, typer.Option("--explain", help="Say per stage whether it would run and why; run nothing.")] = False,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue the last failed or killed pipeline run in the run "
-                                                              "directory, with its recorded recipe.")] = False):
+        stages: Annotated[Optional[list[str]], typer.Argument(
+            metavar="[STAGE]...", show_default="every stage", callback=_check_stage_names,
+            autocompletion=_complete_stage, help="With --force: the stages to rerun.")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Rerun the named stages (every stage if none are "
+                                                           "named) even if unchanged.")] = False,
+        explain: Annotated[bool, typer.Option("--explain", help="Say per stage whether it would run and why; "
+                                                               "run nothing.")] = False,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the last failed or killed pipeline run in "
+                                                             "the run directory, with its recorded recipe.")] = False):
     """Run every stage in order: prepare, train, evaluate, export, quantize, benchmark, register.
 
     A stage whose inputs (recipe section, upstream files, code, library versions) did not change since its
     last run in this run directory is reused, not rerun; the log says which run it reuses.
     """
-    _setup_logging()
     if stages and not force:
-        raise _fail(f"stage names ({' '.join(stages)}) are only taken with --force, e.g. pipeline run --force train", 2)
+        raise _usage(f"stage names ({' '.join(stages)}) are only taken with --force, e.g. pipeline run --force train")
     if resume and (set_ or force or explain):
-        raise _fail("--resume continues the recorded recipe and stages; drop --set/--force/--explain", 2)
-    with _user_errors():
+        raise _usage("--resume continues the recorded recipe and stages; drop --set/--force/--explain")
+    with _errors(USAGE):
         from pipeline.orchestrate import ALL, PipelineFailed, default_rundir, plan, read_state, run_pipeline
         from pipeline.orchestrate import resume as resume_pipeline
-        from stages.contract import RunDir
 
-        force_set = tuple(stages or (ALL,)) if force else ()
+        cfg = None if resume and workdir else _load(recipe, None if resume else set_)
+        rundir = _rundir(workdir) or default_rundir(cfg)
+    if resume and read_state(rundir) is None:
+        raise _usage(f"nothing to resume in {rundir.root}: no pipeline run there yet; start one with `pipeline run`")
+    track, device_name = not no_track, device.value if device else None
+    force_set = tuple(stages or (ALL,)) if force else ()
+    if explain:
+        with _errors(USAGE):
+            decisions = plan(cfg, rundir, track=track, device=device_name, force=force_set, init_from=init_from)
+        if json_:
+            _emit_json({"run_dir": str(rundir.root), "plan": [
+                {"stage": d.stage, "run": d.run, "reasons": d.reasons, "reuse_run_id": d.reuse_run_id} for d in decisions]})
+        else:
+            _print_plan(decisions)
+        return
+    with _errors(FAILED):
         try:
             if resume:
-                if workdir:
-                    rundir = RunDir(workdir)
-                else:
-                    rundir = default_rundir(_load(recipe, None))
                 outcomes = resume_pipeline(rundir, track=False if no_track else None)
                 if outcomes is None:
                     state = read_state(rundir) or {}
-                    typer.echo(f"nothing to resume: the last pipeline run in {rundir.root} finished "
+                    message = (f"nothing to resume: the last pipeline run in {rundir.root} finished "
                                f"({state.get('parent_run_id') or 'untracked'}, {state.get('ended', '?')})")
+                    if json_:
+                        _emit_json({"status": "finished", "run_dir": str(rundir.root), "message": message,
+                                    "pipeline_run_id": state.get("parent_run_id"), "stages": []})
+                    else:
+                        typer.echo(message)
                     return
             else:
-                cfg = _load(recipe, set_)
-                rundir = _rundir(workdir) or default_rundir(cfg)
-                if explain:
-                    _print_plan(plan(cfg, rundir, track=not no_track, device=device.value if device else None,
-                                     force=force_set, init_from=init_from))
-                    return
-                outcomes = run_pipeline(cfg, rundir, track=not no_track, device=device.value if device else None,
-                                        force=force_set, init_from=init_from)
+                outcomes = run_pipeline(cfg, rundir, track=track, device=device_name, force=force_set,
+                                        init_from=init_from)
         except PipelineFailed as failed:
-            _print_outcomes(failed.outcomes)
+            _report(rundir, failed.outcomes, json_, "failed", benchmark=False)
             from stages.common import StageError
 
             if isinstance(failed.error, StageError):
-                raise _fail(f"stage {failed.outcomes[-1].stage} failed: {failed.error}; fix it, then "
-                            "`pipeline run --resume` continues from there") from None
+                raise _failed(f"stage {failed.outcomes[-1].stage} failed: {failed.error}; fix it, then "
+                              "`pipeline run --resume` continues from there") from None
             raise failed.error
-        except KeyboardInterrupt as e:
-            from pipeline.orchestrate import Terminated
+    _report(rundir, outcomes, json_, "done")
 
-            raise _fail(f"interrupted ({e or 'Ctrl-C'}); the MLflow runs are marked KILLED; "
-                        "`pipeline run --resume` continues from the unfinished stage",
-                        143 if isinstance(e, Terminated) else 130) from None
-    _print_benchmark(rundir)
-    _print_outcomes(outcomes)
 
+# ---------------------------------------------------------------- the record: promote, lineage, compare
 
 @app.command()
-def promote(name: Annotated[str, typer.Argument(help="Registered model name, e.g. digits-cnn.")],
-            force: Annotated[bool, typer.Option("--force", help="Promote even if the candidate is worse.")] = False):
+def promote(name: Annotated[str, typer.Argument(metavar="NAME", help="Registered model name, e.g. digits-cnn.")],
+            allow_worse: Annotated[bool, typer.Option("--allow-worse", help="Promote even if the candidate is "
+                                                                            "worse than the champion.")] = False,
+            force: Annotated[bool, typer.Option("--force", hidden=True, help="Deprecated: --allow-worse.")] = False,
+            json_: JsonOpt = False):
     """Make the `candidate` version the `champion` if it is at least as good on the candidate's test data.
 
     Both ONNX files run with ONNX Runtime on the candidate's test split; a worse candidate is refused
-    (exit code 1), saying by how much, unless --force.
+    (exit code 1), saying by how much, unless --allow-worse.
     """
-    _setup_logging()
-    with _user_errors():
+    if force:
+        _warn("`promote --force` is deprecated and will be removed in the next release; use --allow-worse")
+    _require_store(f"models:/{name}@candidate")
+    with _errors(FAILED):
         from pipeline.lineage import promote as promote_model
 
-        verdict = promote_model(name, force=force)
-    typer.echo(verdict.message)
+        verdict = promote_model(name, force=allow_worse or force)
+    if json_:
+        import dataclasses
+
+        _emit_json(dataclasses.asdict(verdict))
+    else:
+        typer.echo(verdict.message)
     if not verdict.promoted and verdict.champion != verdict.candidate:
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
 
 
 @app.command()
-def lineage(model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION.")]):
+def lineage(model: Annotated[str, typer.Argument(metavar="MODEL_URI", help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
+            json_: JsonOpt = False):
     """Print where a registered model came from: version, pipeline run, stage runs, checkpoint, dataset, recipe."""
-    _setup_logging()
-    with _user_errors():
-        from pipeline.lineage import lineage as lineage_of
+    _require_store(model)
+    with _errors(USAGE):
+        from pipeline.lineage import format_lineage, lineage_record
 
-        text = lineage_of(model)
-    typer.echo(text)
+        record = lineage_record(model)
+    if json_:
+        _emit_json(record)
+    else:
+        typer.echo(format_lineage(record))
 
 
 @app.command()
-def compare(run_a: Annotated[str, typer.Argument(help="MLflow run id (a pipeline run or a stage run).")],
-            run_b: Annotated[str, typer.Argument(help="MLflow run id to compare with.")],
-            all_: Annotated[bool, typer.Option("--all", help="Show equal values too.")] = False):
+def compare(run_a: Annotated[str, typer.Argument(metavar="RUN_A", help="MLflow run id (a pipeline run or a stage run).")],
+            run_b: Annotated[str, typer.Argument(metavar="RUN_B", help="MLflow run id to compare with.")],
+            all_: Annotated[bool, typer.Option("--all", help="Show equal values too.")] = False,
+            json_: JsonOpt = False):
     """Show the params and metrics that differ between two runs (like `dvc params diff`)."""
-    _setup_logging()
-    with _user_errors():
-        from pipeline.lineage import compare as compare_runs
+    _require_store(run_a)
+    with _errors(USAGE):
+        from pipeline.lineage import compare_record, format_compare
 
-        text = compare_runs(run_a, run_b, show_all=all_)
-    typer.echo(text)
+        record = compare_record(run_a, run_b, show_all=all_)
+    if json_:
+        _emit_json(record)
+    else:
+        typer.echo(format_compare(record))
 
+
+# ---------------------------------------------------------------- serve
 
 @app.command()
 def serve(
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="A .onnx path or models:/NAME@ALIAS "
-                                                       "(repeatable) [default: models:/<recipe name>@champion unless "
-                                                       "--model-repository is given].")] = None,
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", show_default="models:/<recipe's model name>@champion, unless --model-repository",
+        help="A .onnx path or models:/NAME@ALIAS (repeatable).")] = None,
     model_repository: Annotated[Optional[Path], typer.Option(
-        "--model-repository", help="A Triton-layout directory: <repo>/<model>/<version>/model.onnx (+ config.pbtxt).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Model name in the v2 API, with a single --model "
-                                                "[default: registered name or file stem].")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Bind address [default: the recipe's serve.transport.host, 127.0.0.1].")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port [default: the recipe's serve.transport.port, 8000].")] = None,
-    device: Annotated[Optional[Device], typer.Option(help="ONNX Runtime device [default: the recipe's serve.runtime.device].")] = None,
-    require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Refuse to start unless ONNX Runtime really "
-                                              "runs on CUDA (it falls back to CPU silently otherwise).")] = False,
-    recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None,
+        "--model-repository", help="A Triton-layout directory: `<repo>/<model>/<version>/model.onnx` (+ config.pbtxt).")] = None,
+    name: Annotated[Optional[str], typer.Option(show_default="registered name or file stem",
+                                                help="Model name in the v2 API, with a single --model.")] = None,
+    host: Annotated[Optional[str], typer.Option(show_default="the recipe's serve.transport.host, else 127.0.0.1",
+                                                help="Bind address.")] = None,
+    port: Annotated[Optional[int], typer.Option(show_default="the recipe's serve.transport.port, else 8000", help="Port.")] = None,
+    device: Annotated[Optional[Device], typer.Option(show_default="the recipe's serve.runtime.device, else auto",
+                                                     help="ONNX Runtime device.")] = None,
+    require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Refuse to start (exit 1) unless ONNX Runtime "
+                                              "really runs on CUDA (it falls back to CPU silently otherwise).")] = False,
+    recipe: OptionalRecipeOpt = None, set_: SetOpt = None,
 ):
-    """Serve models over the KServe v2 / Open Inference Protocol with ONNX Runtime and dynamic batching."""
-    _setup_logging()
+    """Serve models over the KServe v2 / Open Inference Protocol with ONNX Runtime and dynamic batching.
+
+    Works from any directory given `--model PATH.onnx` (or a models:/ URI with MLFLOW_TRACKING_URI set); the
+    recipe is read only for its `serve` settings and its model name. Ctrl-C or SIGTERM stops it gracefully.
+    """
     overrides = list(set_ or [])
     overrides += [f"serve.{k}={v}" for k, v in (("transport.host", host), ("transport.port", port),
                                                  ("runtime.device", device.value if device else None)) if v is not None]
     if require_gpu:
         overrides.append("serve.runtime.require_gpu=true")
-    with _user_errors():
-        cfg = _load(recipe, overrides)
+    with _errors(USAGE):
+        settings, cfg = _optional_recipe(recipe, overrides)
     if name and len(model or []) != 1:
-        raise _fail("--name renames a single --model; with a repository or several models, names come from them")
+        raise _usage("--name renames a single --model; with a repository or several models, names come from them")
+    if not model and model_repository is None and cfg is None:
+        raise _usage(f"nothing to serve: no recipe here ({DEFAULT_RECIPE} not found) to name a registered model; "
+                     "pass --model PATH.onnx, --model models:/NAME@ALIAS or --model-repository DIR")
     from stages.common import StageError
     from stages.serve import runtime as serve_runtime
-    from stages.serve.repository import RepositoryError, load_sources, scan_repository
+    from stages.serve.repository import load_sources, scan_repository
 
     try:
-        serve_runtime.check_gpu_required(cfg.serve.runtime)
+        serve_runtime.check_gpu_required(settings.runtime)
+    except serve_runtime.GpuRequired as e:
+        raise _failed(str(e)) from None
+    try:
         sources = []
         if model_repository is not None:
             sources += scan_repository(model_repository)
-        uris = list(model or ([] if model_repository else [f"models:/{cfg.register.model_name or cfg.name}@champion"]))
+        uris = list(model or ([] if model_repository else [_champion_uri(cfg)]))
         sources += [_model_source(uri, name) for uri in uris]
-        runtimes, batching = load_sources(sources, cfg.serve)
-    except (ValueError, RepositoryError, StageError) as e:
-        raise _fail(str(e)) from None
+        runtimes, batching = load_sources(sources, settings)
+    except serve_runtime.GpuRequired as e:
+        raise _failed(str(e)) from None
+    except (ValueError, StageError) as e:  # a bad path, URI, model file or repository (RepositoryError)
+        raise _usage(str(e)) from None
     from stages.serve.app import serve as run_server
 
     try:
-        run_server(runtimes, cfg.serve, batching)
+        run_server(runtimes, settings, batching)
     except ValueError as e:  # two sources with the same name and version
-        raise _fail(str(e)) from None
+        raise _usage(str(e)) from None
 
 
 def _model_source(uri: str, name: Optional[str]):
@@ -351,6 +573,7 @@ def _model_source(uri: str, name: Optional[str]):
     if uri.startswith(("models:/", "runs:/")):
         from pipeline import tracking
 
+        _require_store(uri)
         download = Path(tempfile.mkdtemp(prefix="onnx-pipeline-serve-"))
         atexit.register(shutil.rmtree, download, ignore_errors=True)
         fetched = tracking.fetch_model(uri, download)
@@ -364,6 +587,8 @@ def _model_source(uri: str, name: Optional[str]):
                        lineage={"model_path": str(path.resolve())})
 
 
+# ---------------------------------------------------------------- package
+
 class PackageFormat(str, enum.Enum):
     bundle = "bundle"
     triton = "triton"
@@ -372,55 +597,82 @@ class PackageFormat(str, enum.Enum):
 
 @app.command()
 def package(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A .onnx path or models:/NAME@ALIAS [default: the "
-                                                 "--workdir's registered variant, else models:/<recipe name>@champion].")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory to write [default: dist/<name> "
-                                                   "(bundle), dist/model-repository (triton), dist/<name>-kserve].")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", show_default="the --workdir's registered variant, else models:/<recipe's model name>@champion",
+        help="A .onnx path or models:/NAME@ALIAS.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", show_default="dist/NAME (bundle), dist/model-repository (triton), dist/NAME-kserve",
+        help="Directory to write.")] = None,
     format_: Annotated[PackageFormat, typer.Option("--format", "-f", help="bundle: for apps; triton: a Triton model "
                                                    "repository; kserve: an InferenceService manifest.")] = PackageFormat.bundle,
-    name: Annotated[Optional[str], typer.Option(help="Model name [default: registered name, else the recipe's].")] = None,
+    name: Annotated[Optional[str], typer.Option(show_default="the registered name, else the recipe's",
+                                                help="Model name.")] = None,
     version: Annotated[int, typer.Option(help="Triton version directory.")] = 1,
     storage_uri: Annotated[Optional[str], typer.Option("--storage-uri", help="kserve: where model.onnx will be "
                                                        "uploaded, e.g. s3://bucket/models/digits-cnn.")] = None,
-    samples: Annotated[str, typer.Option(help="Test samples to carry in samples.json: a count, or 'all'.")] = "16",
-    force: Annotated[bool, typer.Option("--force", help="Replace the output directory if it is not empty.")] = False,
+    samples: Annotated[str, typer.Option(help="Test samples to carry in samples.json (bundle): a count, or 'all'; "
+                                              "they come from the run directory's test split.")] = "16",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it is not "
+                                                                "empty.")] = False,
+    force: Annotated[bool, typer.Option("--force", hidden=True, help="Deprecated: --overwrite.")] = False,
     allow_contrib_ops: Annotated[bool, typer.Option("--allow-contrib-ops", help="Package a model that needs ONNX "
                                                     "Runtime's contrib operators (the README says so).")] = False,
-    recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+    recipe: OptionalRecipeOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
 ):
-    """Package a model for other apps (bundle) or serving engines (Triton repository, KServe manifest)."""
-    _setup_logging()
-    with _user_errors():
-        from pipeline.orchestrate import default_rundir
-        from stages import package as pkg
-        from stages.common import StageError
+    """Package a model for other apps (bundle) or serving engines (Triton repository, KServe manifest).
 
-        cfg = _load(recipe, set_)
-        if samples != "all" and not samples.isdigit():
-            raise StageError(f"--samples must be a count >= 0 or 'all', got {samples!r}")
+    Works from any directory given `--model PATH.onnx` (add `--workdir RUN_DIR` for the bundle's test samples,
+    or `--samples 0`); the recipe is read only for defaults.
+    """
+    if force:
+        _warn("`package --force` is deprecated and will be removed in the next release; use --overwrite")
+        overwrite = True
+    if samples != "all" and not samples.isdigit():
+        raise _usage(f"--samples must be a count >= 0 or 'all', got {samples!r}")
+    with _errors(USAGE):
+        from stages import package as pkg
+
+        settings, cfg = _optional_recipe(recipe, list(set_ or []))
+        if model is None and workdir is None and cfg is None:
+            raise _usage(f"nothing to package: no recipe here ({DEFAULT_RECIPE} not found) to name a registered model; "
+                         "pass --model PATH.onnx, --model models:/NAME@ALIAS or --workdir RUN_DIR")
         try:
-            config = pkg.Config(format=format_.value, name=name or "", version=version, force=force,
+            config = pkg.Config(format=format_.value, name=name or "", version=version, force=overwrite,
                                 samples=-1 if samples == "all" else int(samples), storage_uri=storage_uri or "",
-                                allow_contrib_ops=allow_contrib_ops, batching=cfg.serve.batching)
+                                allow_contrib_ops=allow_contrib_ops, batching=settings.batching)
         except ValueError as e:
-            raise StageError(str(e).replace("`", "")) from None
-        rundir = _rundir(workdir) or default_rundir(cfg)
-        with tempfile.TemporaryDirectory(prefix="onnx-pipeline-package-") as download:
-            source = _package_source(model, workdir, rundir, cfg, Path(download))
-            split = _package_split(rundir) if config.format == "bundle" and config.samples else None
-            out = output or Path("dist") / {"bundle": "{n}", "triton": "model-repository", "kserve": "{n}-kserve"}[
-                config.format].format(n=config.name or pkg.default_name(source, pkg.inspect(source.path)))
-            result = pkg.run(config, source, out, split)
+            raise _usage(str(e).replace("`", "")) from None
+        if workdir is not None:
+            rundir = _rundir(workdir)
+        else:
+            from pipeline.orchestrate import default_rundir
+
+            rundir = default_rundir(cfg) if cfg is not None else None
+    # Every refusal of package is the user's to fix (a model that does not say how to feed it, contrib
+    # operators without --allow-contrib-ops, a test split of other data, an output in the way): exit 2.
+    with tempfile.TemporaryDirectory(prefix="onnx-pipeline-package-") as download, _errors(USAGE):
+        source = _package_source(model, workdir, rundir, cfg, Path(download))
+        split = _package_split(rundir) if config.format == "bundle" and config.samples else None
+        out = output or Path("dist") / {"bundle": "{n}", "triton": "model-repository", "kserve": "{n}-kserve"}[
+            config.format].format(n=config.name or pkg.default_name(source, pkg.inspect(source.path)))
+        _check_output(out, overwrite)
+        result = pkg.run(config, source, out, split)
     typer.echo(result.summary())
     for f in result.files:
         typer.echo(f"  {Path(result.output) / f}")
 
 
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output in the way before any work (the package stage checks again, for library callers)."""
+    if out.exists() and not out.is_dir():
+        raise _usage(f"output {out} exists and is not a directory; choose another --output")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise _usage(f"output directory {out} exists and is not empty; choose another --output, or pass --overwrite")
+
+
 def _package_source(model: Optional[str], workdir: Optional[Path], rundir, cfg, download: Path):
     """The model to package: --model (a path or a registry URI), else the --workdir's registered (or fp32)
     variant, else the recipe's champion in the registry."""
-    import json
-
     from pipeline import tracking
     from stages.common import StageError
     from stages.package import Source
@@ -434,8 +686,9 @@ def _package_source(model: Optional[str], workdir: Optional[Path], rundir, cfg, 
             raise StageError(f"{path} not found; run `pipeline export --workdir {workdir}` (or `pipeline run`) first, "
                              "or pass --model")
         return Source(path=path, uri=str(path))
-    uri = model or f"models:/{cfg.register.model_name or cfg.name}@champion"
+    uri = model or _champion_uri(cfg)
     if uri.startswith(("models:/", "runs:/")):
+        _require_store(uri)
         fetched = tracking.fetch_model(uri, download)
         return Source(path=fetched.path, uri=uri, name=fetched.name, version=fetched.version, tags=fetched.tags)
     path = Path(uri)
@@ -450,9 +703,10 @@ def _package_split(rundir):
     from stages.common import StageError
     from stages.package import TestSplit
 
-    if not rundir.data.is_file():
-        raise StageError(f"no test split for the bundle's samples: {rundir.data} not found; pass --workdir RUN_DIR "
-                         f"(the run the model came from), or --samples 0")
+    if rundir is None or not rundir.data.is_file():
+        where = f"{rundir.data} not found" if rundir is not None else "no run directory"
+        raise StageError(f"no test split for the bundle's samples ({where}); pass --workdir RUN_DIR (the run the "
+                         "model came from), or --samples 0")
     data = dataset.load(rundir.data, rundir.dataset)
     x, y = data.split("test", normalized=False)
     return TestSplit(x=x, y=y, dataset_sha256=data.info.get("sha256", ""), value_range=data.info.get("value_range"))

@@ -2,7 +2,9 @@
 between two runs (``compare``), and is the candidate better than the champion (``promote``).
 
 All three read the MLflow store through pipeline/tracking.py (its configuration, and its one resolver
-of model URIs and one download) and return plain text or plain values; the CLI prints them.
+of model URIs and one download). ``lineage_record`` and ``compare_record`` return plain JSON-able values
+(what `--json` prints), ``format_lineage`` / ``format_compare`` the text the CLI prints; ``promote``
+returns a Verdict.
 """
 
 from __future__ import annotations
@@ -79,64 +81,106 @@ def _when(ms: int | None) -> str:
 
 # ---------------------------------------------------------------- lineage
 
-def lineage(uri: str) -> str:
-    """The chain from a registered version back to its data: version -> pipeline run -> stage runs ->
-    checkpoint -> dataset digest and source, and the recipe."""
+def lineage_record(uri: str) -> dict[str, Any]:
+    """The chain from a registered version back to its data, as plain JSON-able values: version ->
+    pipeline run -> stage runs -> checkpoint -> dataset digest and source, and the recipe. A link that
+    is not in this store is None (its id is still given)."""
+    import yaml
+
     mv = tracking.resolve_model(uri)
     if not mv.version:
         raise StageError(f"lineage follows a registered version, and {uri!r} names a run's file; pass "
                          "models:/NAME@ALIAS or models:/NAME/VERSION")
     client = _client()
-    tags = mv.tags
-    aliases = ", ".join(mv.aliases) or "none"
-    lines = [uri,
-             f"registered model {mv.name} version {mv.version} (aliases: {aliases}; variant {tags.get('variant', '?')}; "
-             f"test accuracy {tags.get('test_accuracy', '?')}; onnx sha256 {tags.get('onnx_sha256', '?')[:12]})",
-             f"  description: {mv.description or '(none)'}",
-             f"  source: {mv.source}  logged model {tags.get('logged_model_id', mv.model_id or '?')}"]
-    pipeline_id = tags.get("pipeline_run_id") or ""
-    parent = _run(client, pipeline_id) if pipeline_id else None
-    if parent is None:
-        lines.append(f"  pipeline run: {pipeline_id or '(not recorded)'} not found in this store")
-    else:
+    tags = dict(mv.tags)
+    record: dict[str, Any] = {
+        "uri": uri,
+        "registered_model": {"name": mv.name, "version": str(mv.version), "aliases": list(mv.aliases),
+                             "variant": tags.get("variant"), "test_accuracy": tags.get("test_accuracy"),
+                             "onnx_sha256": tags.get("onnx_sha256"), "description": mv.description or "",
+                             "source": mv.source,
+                             "logged_model_id": tags.get("logged_model_id", mv.model_id or None),
+                             "tags": tags},
+        "pipeline_run_id": tags.get("pipeline_run_id") or None, "pipeline_run": None,
+        "training_run_id": tags.get("training_run_id") or None, "training_run": None,
+        "dataset": {"sha256": tags.get("dataset_sha256"), "source": tags.get("dataset_source")},
+        "recipe": None,
+    }
+    parent = _run(client, record["pipeline_run_id"]) if record["pipeline_run_id"] else None
+    if parent is not None:
         t = parent.data.tags
-        lines.append(f"  └─ pipeline run {parent.info.run_id} ({parent.info.status}, started {_when(parent.info.start_time)}, "
-                     f"git {t.get('git.commit', '?')[:12]} dirty={t.get('git.dirty', '?')}, host {t.get('host', '?')})")
-        if t.get("pipeline.resumes"):
-            lines.append(f"     resumes pipeline run {t['pipeline.resumes']}")
-        lines.append(f"     run directory {t.get('pipeline.rundir', '?')}")
+        stages = []
         for child in stage_runs(client, parent.info.run_id):
             origin = _origin(client, child)
-            stage = child.data.tags.get("pipeline.stage", child.info.run_name)
-            how = (f"reused run {origin.info.run_id}" if origin is not None and origin.info.run_id != child.info.run_id
-                   else "ran")
-            lines.append(f"     ├─ {stage:<10} {child.info.run_id} {child.info.status:<8} {how}: "
-                         f"{child.data.tags.get('pipeline.summary', '')}")
-    train_id = tags.get("training_run_id") or ""
-    train = _run(client, train_id) if train_id else None
-    if train is None:
-        lines.append(f"  checkpoint: training run {train_id or '(not recorded)'} not found in this store")
-    else:
-        meta = json.loads(_download_text(client, train_id, "checkpoint.json") or "{}")
-        lines.append(f"  └─ checkpoint from training run {train_id} ({train.info.status}): epoch {meta.get('epoch', '?')}, "
-                     f"val accuracy {meta.get('val_accuracy', '?')}, device {meta.get('train_device', '?')}, "
-                     f"model {meta.get('model', {}).get('family', '?')}")
+            reused = origin is not None and origin.info.run_id != child.info.run_id
+            stages.append({"stage": child.data.tags.get("pipeline.stage", child.info.run_name), "run_id": child.info.run_id,
+                           "status": child.info.status, "reused_from": origin.info.run_id if reused else None,
+                           "summary": child.data.tags.get("pipeline.summary", "")})
+        record["pipeline_run"] = {"run_id": parent.info.run_id, "status": parent.info.status,
+                                  "started": _when(parent.info.start_time), "git_commit": t.get("git.commit"),
+                                  "git_dirty": t.get("git.dirty"), "host": t.get("host"),
+                                  "resumes": t.get("pipeline.resumes") or None, "run_dir": t.get("pipeline.rundir"),
+                                  "stages": stages}
+        recipe = _download_text(client, parent.info.run_id, "recipe.yaml")
+        record["recipe"] = yaml.safe_load(recipe) if recipe else None
+    train = _run(client, record["training_run_id"]) if record["training_run_id"] else None
+    if train is not None:
+        meta = json.loads(_download_text(client, train.info.run_id, "checkpoint.json") or "{}")
         outputs = json.loads(train.data.tags.get("pipeline.outputs", "{}") or "{}")
-        if "checkpoint.pt" in outputs:
-            lines.append(f"     checkpoint.pt sha256 {outputs['checkpoint.pt']}")
-        inputs = getattr(train.inputs, "dataset_inputs", None) or []
-        for di in inputs:
-            ds = di.dataset
-            lines.append(f"     └─ dataset {ds.name} digest {ds.digest} source {_source(ds.source)} "
-                         f"(MLflow dataset input, {', '.join(t.value for t in di.tags) or 'no context'})")
+        record["training_run"] = {
+            "run_id": train.info.run_id, "status": train.info.status, "epoch": meta.get("epoch"),
+            "val_accuracy": meta.get("val_accuracy"), "device": meta.get("train_device"),
+            "model_family": meta.get("model", {}).get("family"), "checkpoint_sha256": outputs.get("checkpoint.pt"),
+            "dataset_inputs": [{"name": di.dataset.name, "digest": di.dataset.digest, "source": _source(di.dataset.source),
+                                "context": [t.value for t in di.tags]}
+                               for di in (getattr(train.inputs, "dataset_inputs", None) or [])]}
         if meta.get("dataset_sha256"):
-            lines.append(f"        dataset sha256 {meta['dataset_sha256']} source {meta.get('dataset_source', '?')}")
-    if tags.get("dataset_sha256") and not train:
-        lines.append(f"  dataset sha256 {tags['dataset_sha256']} source {tags.get('dataset_source', '?')}")
-    recipe = _download_text(client, pipeline_id, "recipe.yaml") if parent is not None else None
-    if recipe:
+            record["dataset"] = {"sha256": meta["dataset_sha256"], "source": meta.get("dataset_source")}
+    return record
+
+
+def format_lineage(record: dict[str, Any]) -> str:
+    """``lineage_record`` as the tree `pipeline lineage` prints."""
+    import yaml
+
+    mv = record["registered_model"]
+    lines = [record["uri"],
+             f"registered model {mv['name']} version {mv['version']} (aliases: {', '.join(mv['aliases']) or 'none'}; "
+             f"variant {mv['variant'] or '?'}; test accuracy {mv['test_accuracy'] or '?'}; "
+             f"onnx sha256 {(mv['onnx_sha256'] or '?')[:12]})",
+             f"  description: {mv['description'] or '(none)'}",
+             f"  source: {mv['source']}  logged model {mv['logged_model_id'] or '?'}"]
+    parent = record["pipeline_run"]
+    if parent is None:
+        lines.append(f"  pipeline run: {record['pipeline_run_id'] or '(not recorded)'} not found in this store")
+    else:
+        lines.append(f"  └─ pipeline run {parent['run_id']} ({parent['status']}, started {parent['started']}, "
+                     f"git {(parent['git_commit'] or '?')[:12]} dirty={parent['git_dirty'] or '?'}, host {parent['host'] or '?'})")
+        if parent["resumes"]:
+            lines.append(f"     resumes pipeline run {parent['resumes']}")
+        lines.append(f"     run directory {parent['run_dir'] or '?'}")
+        for s in parent["stages"]:
+            how = f"reused run {s['reused_from']}" if s["reused_from"] else "ran"
+            lines.append(f"     ├─ {s['stage']:<10} {s['run_id']} {s['status']:<8} {how}: {s['summary']}")
+    train = record["training_run"]
+    if train is None:
+        lines.append(f"  checkpoint: training run {record['training_run_id'] or '(not recorded)'} not found in this store")
+    else:
+        q = lambda v: "?" if v is None else v  # noqa: E731
+        lines.append(f"  └─ checkpoint from training run {train['run_id']} ({train['status']}): epoch {q(train['epoch'])}, "
+                     f"val accuracy {q(train['val_accuracy'])}, device {q(train['device'])}, model {q(train['model_family'])}")
+        if train["checkpoint_sha256"]:
+            lines.append(f"     checkpoint.pt sha256 {train['checkpoint_sha256']}")
+        for ds in train["dataset_inputs"]:
+            lines.append(f"     └─ dataset {ds['name']} digest {ds['digest']} source {ds['source']} "
+                         f"(MLflow dataset input, {', '.join(ds['context']) or 'no context'})")
+    dataset = record["dataset"]
+    if dataset["sha256"]:
+        indent = "        " if train is not None else "  "
+        lines.append(f"{indent}dataset sha256 {dataset['sha256']} source {dataset['source'] or '?'}")
+    if record["recipe"]:
         lines.append("  recipe (recipe.yaml of the pipeline run):")
-        lines += [f"    {line}" for line in recipe.rstrip().splitlines()]
+        lines += [f"    {line}" for line in yaml.safe_dump(record["recipe"], sort_keys=False).rstrip().splitlines()]
     return "\n".join(lines)
 
 
@@ -162,8 +206,10 @@ def _values(client, run) -> tuple[dict[str, str], dict[str, float]]:
     return params, metrics
 
 
-def compare(run_a: str, run_b: str, show_all: bool = False) -> str:
-    """Params and metrics that differ between two runs, like `dvc params diff` / `dvc metrics diff`."""
+def compare_record(run_a: str, run_b: str, show_all: bool = False) -> dict[str, Any]:
+    """Params and metrics that differ between two runs (all of them with ``show_all``), like
+    `dvc params diff` / `dvc metrics diff`: {"run_a", "run_b", "params": [{key, a, b}], "metrics":
+    [{key, a, b, change}]}; a value one run lacks is None, ``change`` is b - a, "new" or "gone"."""
     client = _client()
     runs = []
     for rid in (run_a, run_b):
@@ -173,29 +219,36 @@ def compare(run_a: str, run_b: str, show_all: bool = False) -> str:
                              "(the parent `pipeline` run or a stage run)")
         runs.append(run)
     (pa, ma), (pb, mb) = _values(client, runs[0]), _values(client, runs[1])
-    rows = [("Param", "RUN_A " + run_a[:8], "RUN_B " + run_b[:8], "")]
-    for key in sorted(set(pa) | set(pb)):
-        a, b = pa.get(key, "-"), pb.get(key, "-")
-        if a != b or show_all:
-            rows.append((key, a, b, ""))
-    param_rows = len(rows) - 1
-    rows.append(("Metric", "", "", "change"))
+    params = [{"key": k, "a": pa.get(k), "b": pb.get(k)} for k in sorted(set(pa) | set(pb))
+              if show_all or pa.get(k) != pb.get(k)]
+    metrics = []
     for key in sorted(set(ma) | set(mb)):
         a, b = ma.get(key), mb.get(key)
         same = a is not None and b is not None and math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
         if not same or show_all:
-            change = f"{b - a:+.6g}" if a is not None and b is not None else "new" if a is None else "gone"
-            rows.append((key, _fmt(a), _fmt(b), change))
-    metric_rows = len(rows) - 2 - param_rows
+            change = b - a if a is not None and b is not None else "new" if a is None else "gone"
+            metrics.append({"key": key, "a": a, "b": b, "change": change})
+    return {"run_a": {"run_id": run_a, "run_name": runs[0].info.run_name},
+            "run_b": {"run_id": run_b, "run_name": runs[1].info.run_name}, "params": params, "metrics": metrics}
+
+
+def format_compare(record: dict[str, Any]) -> str:
+    """``compare_record`` as the aligned table `pipeline compare` prints."""
+    run_a, run_b = record["run_a"]["run_id"], record["run_b"]["run_id"]
+    rows = [("Param", "RUN_A " + run_a[:8], "RUN_B " + run_b[:8], "")]
+    rows += [(p["key"], "-" if p["a"] is None else p["a"], "-" if p["b"] is None else p["b"], "") for p in record["params"]]
+    rows.append(("Metric", "", "", "change"))
+    rows += [(m["key"], _fmt(m["a"]), _fmt(m["b"]), m["change"] if isinstance(m["change"], str) else f"{m['change']:+.6g}")
+             for m in record["metrics"]]
     width = [max(len(str(r[i])) for r in rows) for i in range(4)]
-    out = [f"{runs[0].info.run_name} {run_a}  vs  {runs[1].info.run_name} {run_b}"]
+    out = [f"{record['run_a']['run_name']} {run_a}  vs  {record['run_b']['run_name']} {run_b}"]
     for r in rows:
         if r[0] in ("Param", "Metric"):
             out.append("")
         out.append("  ".join(str(c).ljust(width[i]) for i, c in enumerate(r)).rstrip())
-    if not param_rows:
+    if not record["params"]:
         out.insert(out.index(next(o for o in out if o.startswith("Metric"))) - 1, "(no params differ)")
-    if not metric_rows:
+    if not record["metrics"]:
         out.append("(no metrics differ)")
     return "\n".join(out)
 
@@ -288,7 +341,7 @@ def promote(name: str, force: bool = False) -> Verdict:
                       f"on the candidate's test split ({len(y)} samples, {where})")
         if delta < 0 and not force:
             return Verdict(cand.version, champ.version, metric, higher, cv, hv, len(y), False,
-                           f"refused: {comparison}: the candidate is worse by {points}; pass --force to promote it anyway")
+                           f"refused: {comparison}: the candidate is worse by {points}; pass --allow-worse to promote it anyway")
         word = "better by" if delta > 0 else "equal" if delta == 0 else "worse by"
         verdict = Verdict(cand.version, champ.version, metric, higher, cv, hv, len(y), True,
                           f"promoted: {comparison}: {word}{' ' + points if delta else ''}"

@@ -110,4 +110,4 @@ def test_cli_help_lists_every_stage():
 def test_cli_serve_refuses_a_bad_model_in_one_line(tmp_path, model, fragment):
     (tmp_path / "bad.onnx").write_bytes(b"garbage")
     p = _cli("serve", "--model", model, "--recipe", str(DEFAULT), cwd=tmp_path)
-    assert p.returncode == 1 and fragment in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and fragment in p.stderr and "Traceback" not in p.stderr

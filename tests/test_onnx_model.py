@@ -224,7 +224,7 @@ def test_a_file_that_does_not_say_how_to_feed_it_is_refused_everywhere_with_one_
     assert not (tmp_path / "out").exists()
     code, text = cli("package", "--recipe", str(tiny_yaml), "--model", str(stripped.onnx), "--samples", "0",
                      "--output", str(tmp_path / "cli"))
-    assert (code, text.strip()) == (1, f"error: {MISSING}")
+    assert (code, text.strip()) == (2, f"error: {MISSING}")  # the input must change: a usage error
 
 
 def test_promote_refuses_a_candidate_that_does_not_say_how_to_feed_it(stripped, tmp_path):

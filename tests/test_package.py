@@ -394,7 +394,7 @@ def contrib_model(tmp_path_factory) -> Path:
 def test_contrib_ops_are_refused_unless_allowed_and_then_stated(contrib_model, tiny_yaml, tmp_path):
     args = ["package", "--recipe", str(tiny_yaml), "--model", str(contrib_model), "--samples", "0"]
     code, text = cli(*args, "--output", str(tmp_path / "refused"))
-    assert code == 1 and text.startswith("error: ") and "com.microsoft: FusedMatMul" in text
+    assert code == 2 and text.startswith("error: ") and "com.microsoft: FusedMatMul" in text
     assert "--allow-contrib-ops" in text and not (tmp_path / "refused").exists()
     code, text = cli(*args, "--output", str(tmp_path / "allowed"), "--allow-contrib-ops")
     assert code == 0, text
@@ -409,7 +409,7 @@ def test_contrib_ops_are_refused_unless_allowed_and_then_stated(contrib_model, t
     (["--format", "kserve"], "--storage-uri is required for --format kserve"),
     (["--format", "kserve", "--storage-uri", "bucket/path"], "--storage-uri must be a URI"),
     (["--samples", "many"], "--samples must be a count >= 0 or 'all'"),
-    (["--output", "{nonempty}"], "exists and is not empty; choose another --output, or pass --force"),
+    (["--output", "{nonempty}"], "exists and is not empty; choose another --output, or pass --overwrite"),
 ])
 def test_bad_input_gets_one_clear_error(args, message, exported, tiny_yaml, tmp_path):
     nonempty = tmp_path / "taken"
@@ -419,17 +419,17 @@ def test_bad_input_gets_one_clear_error(args, message, exported, tiny_yaml, tmp_
     if "--output" not in args:
         args += ["--output", str(tmp_path / "out")]
     code, text = cli("package", "--recipe", str(tiny_yaml), "--workdir", str(exported.root), *args)
-    assert code != 0
+    assert code == 2  # each is a usage error: the command must change
     assert text.startswith("error: ") and message in text, text
     assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
     assert (nonempty / "keep.txt").read_text() == "mine" and not (tmp_path / "out").exists()
 
 
-def test_force_replaces_a_non_empty_output(exported, tiny_yaml, tmp_path):
+def test_overwrite_replaces_a_non_empty_output(exported, tiny_yaml, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
     code, text = cli("package", "--recipe", str(tiny_yaml), "--workdir", str(exported.root), "--output", str(out),
-                     "--samples", "2", "--force")
+                     "--samples", "2", "--overwrite")
     assert code == 0, text
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.json", "model.onnx", "samples.json"]

@@ -116,7 +116,7 @@ def test_package_the_champion_for_apps(store, pipeline_run, client, tiny_yaml, t
     assert meta["model"]["variant"] == registration["variant"]
     code, text = cli("package", "--recipe", str(tiny_yaml), "--model", "models:/tiny@no-such-alias",
                      "--output", str(tmp_path / "none"))
-    assert code == 1 and text.startswith("error: cannot resolve 'models:/tiny@no-such-alias'"), text
+    assert code == 2 and text.startswith("error: cannot resolve 'models:/tiny@no-such-alias'"), text
     assert len(text.strip().splitlines()) == 1 and not (tmp_path / "none").exists()
 
 

@@ -58,6 +58,18 @@ def cli(monkeypatch, store: str, *args: str, code: int = 0) -> str:
     return result.output
 
 
+def cli_json(monkeypatch, store: str, *args: str) -> str:
+    """A read-only command with --json, in-process: its stdout alone (logs go to stderr)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
 def client_for(store: str):
     from mlflow.tracking import MlflowClient
 
@@ -238,6 +250,10 @@ def test_lineage_reaches_the_dataset_digest_and_the_recipe(first, store, workdir
     assert "checkpoint from training run" in out and "checkpoint.pt sha256" in out
     assert f"digest {digest[:36]}" in out and f"dataset sha256 {digest}" in out
     assert "sklearn.datasets.load_digits" in out and "recipe (recipe.yaml" in out and "epochs: 3" in out
+    record = json.loads(cli_json(monkeypatch, store, "lineage", "models:/small@champion"))
+    assert record["registered_model"]["version"] == "1" and record["pipeline_run"]["run_id"] == parent.info.run_id
+    assert [s["stage"] for s in record["pipeline_run"]["stages"]] == STAGES
+    assert record["dataset"]["sha256"] == digest and record["recipe"]["train"]["epochs"] == 3
 
 
 def test_compare_shows_what_differs(retrained, store, monkeypatch):
@@ -249,6 +265,11 @@ def test_compare_shows_what_differs(retrained, store, monkeypatch):
     assert rows["recipe.train.epochs"][1:3] == ["3", "1"]
     assert "recipe.prepare.seed" not in rows  # equal params stay out
     assert "evaluate.test_accuracy" in rows and rows["evaluate.test_accuracy"][3].startswith("-")
+    record = json.loads(cli_json(monkeypatch, store, "compare", a, b))
+    params = {p["key"]: (p["a"], p["b"]) for p in record["params"]}
+    metrics = {m["key"]: m for m in record["metrics"]}
+    assert params["recipe.train.epochs"] == ("3", "1") and "recipe.prepare.seed" not in params
+    assert metrics["evaluate.test_accuracy"]["change"] == metrics["evaluate.test_accuracy"]["b"] - metrics["evaluate.test_accuracy"]["a"]
 
 
 def test_promote_refuses_a_worse_candidate_unless_forced(retrained, store, monkeypatch):
@@ -258,7 +279,7 @@ def test_promote_refuses_a_worse_candidate_unless_forced(retrained, store, monke
     out = cli(monkeypatch, store, "promote", "small", code=1)
     assert "refused: candidate v2 accuracy" in out and "worse by" in out and "points" in out
     assert version("champion") == "1"
-    out = cli(monkeypatch, store, "promote", "small", "--force")
+    out = cli(monkeypatch, store, "promote", "small", "--allow-worse")
     assert "promoted" in out and "(forced)" in out
     assert version("champion") == "2"
     assert "already the champion" in cli(monkeypatch, store, "promote", "small")
