@@ -21,7 +21,7 @@ UI_PORT  ?= 5000
 STORE    ?= sqlite:///mlruns/mlflow.db
 # Triton's Python client, for tests only: it pins protobuf and ml_dtypes versions that onnx and mlflow
 # refuse, so it lives in its own small venv and runs as a separate process. The package tests also
-# read Triton's model-configuration schema from it (tritonclient/grpc/model_config_pb2.py).
+# check the vendored copy of Triton's model-configuration schema against it (tritonclient/grpc/model_config_pb2.py).
 # Its version is pinned in constraints-triton.txt: 2.46.0, whose wheel also carries the perf_analyzer
 # binary (later wheels moved it to a package of its own).
 TRITON_VENV        ?= .venv-triton

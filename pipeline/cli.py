@@ -637,7 +637,7 @@ def package(
             raise _usage(f"nothing to package: no recipe here ({DEFAULT_RECIPE} not found) to name a registered model; "
                          "pass --model PATH.onnx, --model models:/NAME@ALIAS or --workdir RUN_DIR")
         try:
-            config = pkg.Config(format=format_.value, name=name or "", version=version, force=overwrite,
+            config = pkg.Config(format=format_.value, name=name or "", version=version, overwrite=overwrite,
                                 samples=-1 if samples == "all" else int(samples), storage_uri=storage_uri or "",
                                 allow_contrib_ops=allow_contrib_ops, batching=settings.batching)
         except ValueError as e:

@@ -527,6 +527,7 @@ def run_pipeline(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str
                          "`pipeline prepare`, then `torchrun --nproc_per_node N -m pipeline.cli train`, then "
                          "`pipeline evaluate` and the later stages")
     stages, force = tuple(_check_stages(stages)), tuple(force)
+    _check_stages(f for f in force if f != ALL)  # a misspelt --force name must not silently rerun nothing
     rundir = (rundir or default_rundir(recipe)).ensure()
     with locked(rundir), _signals_as_interrupts():
         recorder = _recorder(track, rundir, recipe.name)

@@ -70,7 +70,7 @@ class Config:
     samples: int = 16  # test samples carried in samples.json; -1: the whole test split
     storage_uri: str = ""  # kserve: where model.onnx will be uploaded (s3://..., gs://..., pvc://...)
     allow_contrib_ops: bool = False
-    force: bool = False  # replace a non-empty output directory
+    overwrite: bool = False  # replace a non-empty output directory
     # Triton's batching (max_batch_size, a dynamic_batching block and its delay): the serve section's
     # batching part, so Triton batches as our own server would.
     batching: BatchSettings = field(default_factory=BatchSettings)
@@ -465,16 +465,16 @@ def _k8s_name(name: str) -> str:
     return fixed
 
 
-def _prepare_output(output: Path, force: bool) -> None:
+def _prepare_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise StageError(f"output {output} exists and is not a directory; choose another --output")
-    if output.is_dir() and any(output.iterdir()) and not force:
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise StageError(f"output directory {output} exists and is not empty; choose another --output, or pass "
-                         "--force to replace it")
+                         "--overwrite to replace it")
 
 
 def _install(tmp: Path, output: Path) -> None:
-    """Move the finished directory into place; an old one (allowed by --force) is removed only after."""
+    """Move the finished directory into place; an old one (allowed by --overwrite) is removed only after."""
     old = None
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
@@ -495,7 +495,7 @@ def run(config: Config, source: Source, output: Path, split: TestSplit | None = 
     import yaml
 
     output = Path(output)
-    _prepare_output(output, config.force)
+    _prepare_output(output, config.overwrite)
     info = inspect(source.path)
     check_contrib_ops(info, config.allow_contrib_ops, source.path)
     if split is not None and info.props.get("lineage.dataset_sha256") and split.dataset_sha256 \

@@ -105,7 +105,3 @@ class TorchPredictor:
             out = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
         out = out if isinstance(out, (tuple, list)) else (out,)
         return tuple(o.float().cpu().numpy() for o in out)  # .cpu() synchronizes a CUDA stream
-
-
-def predict_batched(predictor, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    return np.concatenate([predictor.predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
