@@ -8,9 +8,10 @@ names are escaped as protobuf escapes them and a misspelt field is refused, nami
 The schemas are vendored as serialized ``FileDescriptorProto``s (``<name>_desc.py``, NVIDIA's BSD-3
 license inside, written by ``vendor.py`` from the tritonclient wheel) and loaded into a private
 descriptor pool on first use: no protoc and no generated ``_pb2`` code at run time, so any protobuf
-runtime (4.x and later) works, whatever version generated the upstream code. To add a schema (say
-``grpc_service.proto`` for gRPC): vendor it with ``vendor.py``, add it to ``FILES``; its imports
-(``model_config.proto``) are added to the pool first.
+runtime (4.x and later) works, whatever version generated the upstream code. Two are vendored:
+``model_config.proto`` (config.pbtxt, /config) and ``grpc_service.proto`` (the gRPC transport's
+messages and its service, ``inference.GRPCInferenceService``); to add one, vendor it with
+``vendor.py`` and add it to ``FILES``; its imports are added to the pool first.
 
     ModelConfig = message_class("inference.ModelConfig")
     config = parse_text(path.read_text(), ModelConfig)      # ValueError naming line, column and field
@@ -26,6 +27,7 @@ from typing import Any
 # Vendored .proto file name -> the module holding its serialized FileDescriptorProto.
 FILES = {
     "model_config.proto": "stages.serve.triton.model_config_desc",
+    "grpc_service.proto": "stages.serve.triton.grpc_service_desc",  # the KServe v2 gRPC API (grpc_server)
 }
 
 _lock = threading.Lock()

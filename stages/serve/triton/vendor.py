@@ -8,6 +8,10 @@ one that ``stages.serve.triton`` loads into its private descriptor pool. Run it 
 needs the standard library only:
 
     python -m stages.serve.triton.vendor .venv-triton/lib/python3.11/site-packages/tritonclient/grpc/model_config_pb2.py
+    python -m stages.serve.triton.vendor .venv-triton/lib/python3.11/site-packages/tritonclient/grpc/service_pb2.py
+
+(The vendored copies come from the tritonclient 2.73.0 wheel: ``pip download --no-deps tritonclient==2.73.0``
+and unzip it; .venv-triton pins 2.46.0, whose wheel still carries perf_analyzer.)
 """
 
 from __future__ import annotations
@@ -86,7 +90,10 @@ def main(argv: list[str]) -> int:
         return 2
     pb2 = Path(argv[0])
     data = serialized_descriptor(pb2)
-    name = pb2.name.removesuffix("_pb2.py")
+    # Named after the .proto it holds (grpc_service.proto -> grpc_service_desc.py), not the _pb2 file
+    # (tritonclient calls grpc_service.proto's output service_pb2.py).
+    source = re.search(r"^# source: (\S+)\.proto", Path(pb2).read_text(), re.M)
+    name = source.group(1) if source else pb2.name.removesuffix("_pb2.py")
     out = HERE / f"{name}_desc.py"
     out.write_text(module_text(pb2, data))
     print(f"wrote {out} ({len(data)} bytes of descriptor)")
