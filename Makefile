@@ -23,7 +23,9 @@ STORE    ?= sqlite:///mlruns/mlflow.db
 # refuse, so it lives in its own small venv and runs as a separate process. The package tests also
 # check the vendored copy of Triton's model-configuration schema against it (tritonclient/grpc/model_config_pb2.py).
 # Its version is pinned in constraints-triton.txt: 2.46.0, whose wheel also carries the perf_analyzer
-# binary (later wheels moved it to a package of its own).
+# binary (later wheels moved it to a package of its own). The gRPC tests use its gRPC client; perf_analyzer
+# needs libcudart.so.12 (pip's nvidia-cuda-runtime-cu12, installed here) and Debian's libb64-0d (.ci/run
+# installs it; benchmarks/perf_analyzer.sh says how). Without them those tests skip, saying why.
 TRITON_VENV        ?= .venv-triton
 TRITON_CONSTRAINTS := constraints-triton.txt
 TRITON_STAMP       := $(TRITON_VENV)/.installed
@@ -66,7 +68,7 @@ $(NODE_STAMP): $(NODE_EXAMPLE)/package-lock.json
 
 $(TRITON_STAMP): $(TRITON_CONSTRAINTS)
 	@test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
-	$(TRITON_VENV)/bin/python -m pip install -qq -c $(TRITON_CONSTRAINTS) 'tritonclient[http]' numpy
+	$(TRITON_VENV)/bin/python -m pip install -qq -c $(TRITON_CONSTRAINTS) 'tritonclient[http,grpc]' numpy nvidia-cuda-runtime-cu12
 	@touch $@
 
 ui: $(STAMP)  ## browse runs and the model registry

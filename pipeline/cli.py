@@ -24,6 +24,7 @@ import enum
 import json
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -516,6 +517,9 @@ def serve(
     host: Annotated[Optional[str], typer.Option(show_default="the recipe's serve.transport.host, else 127.0.0.1",
                                                 help="Bind address.")] = None,
     port: Annotated[Optional[int], typer.Option(show_default="the recipe's serve.transport.port, else 8000", help="Port.")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(
+        "--grpc-port", show_default="the recipe's serve.transport.grpc_port, else 8001",
+        help="KServe v2 gRPC port (Triton's API); 0: HTTP only.")] = None,
     device: Annotated[Optional[Device], typer.Option(show_default="the recipe's serve.runtime.device, else auto",
                                                      help="ONNX Runtime device.")] = None,
     require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Refuse to start (exit 1) unless ONNX Runtime "
@@ -529,6 +533,7 @@ def serve(
     """
     overrides = list(set_ or [])
     overrides += [f"serve.{k}={v}" for k, v in (("transport.host", host), ("transport.port", port),
+                                                 ("transport.grpc_port", grpc_port),
                                                  ("runtime.device", device.value if device else None)) if v is not None]
     if require_gpu:
         overrides.append("serve.runtime.require_gpu=true")
@@ -558,12 +563,43 @@ def serve(
         raise _failed(str(e)) from None
     except (ValueError, StageError) as e:  # a bad path, URI, model file or repository (RepositoryError)
         raise _usage(str(e)) from None
+    from stages.serve.app import StartupError
     from stages.serve.app import serve as run_server
 
     try:
-        run_server(runtimes, settings, batching)
+        with _stop_signals_exit():
+            run_server(runtimes, settings, batching)
+    except StartupError as e:  # a port taken
+        raise _failed(str(e)) from None
     except ValueError as e:  # two sources with the same name and version
         raise _usage(str(e)) from None
+    finally:
+        _remove_downloads()
+
+
+# models:/ and runs:/ files fetched for serve: removed when it stops, however it stops (SIGTERM included).
+_DOWNLOADS: list[Path] = []
+
+
+def _remove_downloads() -> None:
+    while _DOWNLOADS:
+        shutil.rmtree(_DOWNLOADS.pop(), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _stop_signals_exit():
+    """SIGTERM / SIGINT end the command with 143 / 130 through the normal exit path (finally blocks,
+    atexit). uvicorn shuts down gracefully on them, then restores these handlers and raises the signal
+    again; with the default SIGTERM handler the process would die on the spot, leaving the download."""
+    def stop(signum, frame):
+        raise SystemExit(TERMINATED if signum == signal.SIGTERM else INTERRUPTED)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _model_source(uri: str, name: Optional[str]):
@@ -575,7 +611,8 @@ def _model_source(uri: str, name: Optional[str]):
 
         _require_store(uri)
         download = Path(tempfile.mkdtemp(prefix="onnx-pipeline-serve-"))
-        atexit.register(shutil.rmtree, download, ignore_errors=True)
+        _DOWNLOADS.append(download)
+        atexit.register(_remove_downloads)  # if serve fails before it starts
         fetched = tracking.fetch_model(uri, download)
         lineage = {"model_uri": uri, "registered_name": fetched.name, "registered_version": fetched.version,
                    "run_id": fetched.run_id or "", **fetched.tags}
@@ -583,8 +620,9 @@ def _model_source(uri: str, name: Optional[str]):
     path = Path(uri)
     if not path.is_file():
         raise ValueError(f"model file {uri!r} not found; pass a .onnx path or models:/NAME@ALIAS")
+    # The file's name, not its absolute path: model metadata must not map the server's disk.
     return ModelSource(path=path, name=name or path.stem.split(".")[0], version="1",
-                       lineage={"model_path": str(path.resolve())})
+                       lineage={"model_file": path.name})
 
 
 # ---------------------------------------------------------------- package

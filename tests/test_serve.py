@@ -72,8 +72,10 @@ def client(runtime):
 
 
 def serve_config(batching: BatchSettings = BatchSettings(), **transport) -> ServeConfig:
-    """A serve config on a free loopback port (``transport`` overrides the rest of that part)."""
-    return ServeConfig(transport=TransportSettings(**{"port": free_port(), **transport}), batching=batching)
+    """A serve config on a free loopback port, gRPC off unless asked (``transport`` overrides the rest of
+    that part: parallel test sessions must not all bind gRPC's default port 8001)."""
+    return ServeConfig(transport=TransportSettings(**{"port": free_port(), "grpc_port": 0, **transport}),
+                       batching=batching)
 
 
 def free_port() -> int:
@@ -86,12 +88,12 @@ def free_port() -> int:
 def running_server(models, config, batching=None):
     """uvicorn (as `pipeline serve` configures it) on a loopback port in a thread; yields the base URL
     and the app. Stops it (graceful shutdown: batchers drain) on exit."""
-    import uvicorn
-
     from stages.serve.app import create_app, uvicorn_config
 
+    from stages.serve.app import uvicorn_server
+
     app = create_app(models, config, batching)
-    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
+    server = uvicorn_server(app, uvicorn_config(app, config, log_level="warning"))
     server.config.install_signal_handlers = False  # not the main thread
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -154,7 +156,7 @@ def test_parse_every_datatype(datatype, data, dtype):
     ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2], "dtype": "x"}]},
      "inputs[0].dtype: Extra inputs are not permitted"),
     ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}]},
-     "inputs[0].data: FP32 needs numbers, got strings"),
+     "inputs[0].data: FP32 needs numbers (or the strings \"NaN\", \"Infinity\", \"-Infinity\"), got strings"),
     ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, None]}]}, "inputs[0].data: FP32 needs"),
     ({"inputs": [{"name": "x", "shape": [2], "datatype": "INT64", "data": [1.5, 2]}]},
      "inputs[0].data: INT64 needs integers, got non-integer numbers"),
@@ -213,7 +215,8 @@ def test_serve_config_defaults_bind_loopback_and_batch():
     ({"transport": {"max_request_mb": 0}}, "`serve.transport.max_request_mb` must be a finite number > 0, got 0"),
     ({"transport": {"host": ""}}, "`serve.transport.host` must be a non-empty"),
     ({"transport": {"prot": 1}}, "unknown key `serve.transport.prot`; valid keys in `serve.transport`: "
-                                 "graceful_shutdown_s, host, max_request_mb, port"),
+                                 "body_timeout_s, graceful_shutdown_s, grpc_port, header_timeout_s, host, keep_alive_s, "
+                                 "max_request_mb, port"),
     ({"runtime": {"intra_op_threads": -1}}, "`serve.runtime.intra_op_threads` must be an integer >= 0"),
     ({"runtime": {"device": "gpu"}}, "`serve.runtime.device` must be one of auto, cpu, cuda, got 'gpu'"),
     ({"runtime": {"allow_spinning": "yes"}}, "`serve.runtime.allow_spinning` must be true, false or auto"),
@@ -224,7 +227,7 @@ def test_serve_config_defaults_bind_loopback_and_batch():
     ({"batching": {"preferred_batch_sizes": [128]}}, "`serve.batching.preferred_batch_sizes` must be a list of "
                                                      "integers within 1..max_batch_size (64)"),
     ({"batching": 3}, "`serve.batching` must be a mapping"),
-    ({"runtim": {}}, "unknown key `serve.runtim`; valid keys in `serve`: batching, runtime, transport"),
+    ({"runtim": {}}, "unknown key `serve.runtim`; valid keys in `serve`: batching, inputs, runtime, transport"),
     # The flat section of before: one error naming each key's new place.
     ({"port": 8001, "max_batch_size": 8}, "`serve.port` moved to `serve.transport.port`; "
                                           "`serve.max_batch_size` moved to `serve.batching.max_batch_size`"),

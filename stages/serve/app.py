@@ -1,11 +1,19 @@
 """The HTTP transport: KServe v2 / Open Inference Protocol REST routes, as a lean ASGI app.
 
-Routes only translate HTTP: read the body (bounded), hand it to ``protocol`` to decode, to the
-model's ``ModelRuntime`` to check, to its ``Batcher`` to run, and write the answer back. Status
-codes: 400 for a request that breaks the protocol or does not fit the model (the JSON ``error``
-names the field), 404 for an unknown model, version or route, 405 for a wrong method, 413 for a
-body above ``max_request_mb``, 503 while not ready, 500 (logged, server keeps running) for anything
-else.
+Routes only translate HTTP: read the body (bounded), hand it to ``App.infer`` (the transport-neutral
+path the gRPC transport shares: ``protocol`` decodes, the model's ``ModelRuntime`` checks, its
+``Batcher`` runs, ``stats`` records), and write the answer back. Status codes: 400 for a request
+that breaks the protocol or does not fit the model (the JSON ``error`` names the field), 404 for an
+unknown model, version or route, 405 for a wrong method, 408 for a client too slow to send its
+headers or body (``header_timeout_s``, ``body_timeout_s``), 413 for a body above ``max_request_mb``,
+503 while not ready or when shutdown cuts a request, 500 (logged, server keeps running) for anything
+else. Every error body is JSON with an ``error``; no answer holds non-standard JSON.
+
+Routes: ``/v2``, ``/v2/health/live|ready``, ``/v2/models/NAME[/versions/V]`` (metadata), ``.../ready``,
+``.../infer``, ``.../config`` (Triton's model configuration: what the server really applies),
+``.../stats`` and ``/v2/models/stats`` (Triton's statistics extension), ``/metrics`` (Prometheus).
+With ``transport.grpc_port`` set, the lifespan also starts the gRPC transport (``grpc_server``) on
+this event loop, sharing the models, batchers, metrics and statistics.
 
 Why a bare ASGI callable and not FastAPI routing: on the infer hot path, FastAPI's dependency
 injection, Starlette's Request object and a thread-pool hop cost more than decoding a one-sample
@@ -29,6 +37,7 @@ from stages.serve.config import BatchSettings, ServeConfig
 from stages.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from stages.serve.metrics import ServerMetrics
 from stages.serve.runtime import ModelRuntime
+from stages.serve.stats import ModelStats, Timing
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +84,27 @@ class ModelRepository:
         return [m for versions in self.by_name.values() for m in versions.values()]
 
 
+class StartupError(RuntimeError):
+    """The server could not start (say, the gRPC port is taken); the message says what to change."""
+
+
 class _Served:
-    """What the transport holds per model version: runtime, batcher, metric series."""
+    """What the transports hold per model version: runtime, batcher, metric series, statistics, the
+    batch settings and input policy it is served with, and its applied configuration (Triton's form)."""
 
-    __slots__ = ("runtime", "batcher", "metrics")
+    __slots__ = ("runtime", "batcher", "metrics", "stats", "settings", "allow_non_finite", "_config")
 
-    def __init__(self, runtime, batcher, metrics):
-        self.runtime, self.batcher, self.metrics = runtime, batcher, metrics
+    def __init__(self, runtime, batcher, metrics, stats, settings, allow_non_finite):
+        self.runtime, self.batcher, self.metrics, self.stats = runtime, batcher, metrics, stats
+        self.settings, self.allow_non_finite, self._config = settings, allow_non_finite, None
+
+    def config(self):
+        """Triton's ``ModelConfig`` message of what this server applies to the model (built once)."""
+        if self._config is None:
+            from stages.serve.repository import served_config
+
+            self._config = served_config(self.runtime, self.settings, self.allow_non_finite)
+        return self._config
 
 
 class App:
@@ -99,8 +122,13 @@ class App:
         for m in self.repo.all():
             mm = self.metrics.for_model(m.name, m.version, m.provider)
             settings = (batching or {}).get((m.name, m.version), default)
-            self.served[id(m)] = _Served(m, Batcher(m, settings, mm), mm)
+            stats = ModelStats(m.name, m.version)
+            allow = config.inputs.allow_non_finite if m.allow_non_finite is None else m.allow_non_finite
+            self.served[id(m)] = _Served(m, Batcher(m, settings, mm, stats), mm, stats, settings, allow)
         self._started = False
+        self.grpc = None  # the gRPC transport (grpc_server.GrpcServer) while it runs
+        self.grpc_reuse_port = False  # worker processes sharing one gRPC port set this (SO_REUSEPORT)
+        self.startup_error: str | None = None
         self._static = {"/v2": protocol.dumps({"name": SERVER_NAME, "version": PRODUCT_VERSION,
                                                "extensions": EXTENSIONS}),
                         "/v2/health/live": b'{"live":true}'}
@@ -138,12 +166,40 @@ class App:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.start()
+                try:
+                    await self.start_grpc()
+                except StartupError as e:
+                    self.startup_error = str(e)
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # uvicorn has already waited for in-flight requests; the queues are empty or draining.
+                await self.stop_grpc()
                 await asyncio.get_running_loop().run_in_executor(None, self.stop)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def start_grpc(self) -> None:
+        """Start the gRPC transport on this event loop when ``transport.grpc_port`` is set (StartupError
+        when its port cannot be bound)."""
+        port = self.config.transport.grpc_port
+        if port and self.grpc is None:
+            from stages.serve.grpc_server import GrpcServer  # grpc is imported only when gRPC is on
+
+            self.grpc = GrpcServer(self, reuse_port=self.grpc_reuse_port)
+            await self.grpc.start()
+
+    def begin_shutdown(self) -> None:
+        """Stop taking new gRPC calls now (in-flight ones finish within graceful_shutdown_s); HTTP's own
+        shutdown runs in uvicorn."""
+        if self.grpc is not None:
+            self.grpc.begin_stop()
+
+    async def stop_grpc(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
+            self.grpc = None
 
     async def _http(self, scope, receive, send) -> None:
         if not self._started:
@@ -167,7 +223,10 @@ class App:
             # ["", "v2", "models", name, ("versions", v), (action)]
             if len(parts) < 4 or parts[1] != "v2" or parts[2] != "models" or not parts[3]:
                 raise HttpError(404, f"no route {path}; see /v2, /v2/health/live|ready, /v2/models/NAME[/versions/V]"
-                                     "[/ready|/infer], /metrics")
+                                     "[/ready|/infer|/config|/stats], /v2/models/stats, /metrics")
+            if len(parts) == 4 and parts[3] == "stats":  # every model's statistics (Triton's route)
+                _allow(method, "GET")
+                return await _send(send, 200, protocol.dumps(self.statistics()))
             name, rest, version = unquote(parts[3]), parts[4:], None
             if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
                 version, rest = unquote(rest[1]), rest[2:]
@@ -184,53 +243,124 @@ class App:
                 ok = model.ready and self.served[id(model)].batcher.alive
                 return await _send(send, 200 if ok else 503, protocol.dumps(
                     {"name": model.name, "version": model.version, "ready": ok}))
+            if rest == ["config"]:
+                _allow(method, "GET")
+                from stages.serve import triton
+
+                return await _send(send, 200, protocol.dumps(triton.to_json(self.served[id(model)].config())))
+            if rest == ["stats"]:
+                _allow(method, "GET")
+                return await _send(send, 200, protocol.dumps(self.statistics(name, version)))
             raise HttpError(404, f"no route {path}")
         except HttpError as e:
             await _send(send, e.status, protocol.dumps({"error": str(e)}))
 
     async def _infer(self, scope, receive, send, name: str, version: str | None) -> None:
-        start = time.perf_counter()
+        start = time.perf_counter_ns()
         served = self.served[id(self.repo.get(name, version))]  # 404 before reading the body
         model = served.runtime
         try:
             body = await _read_body(scope, receive, self.max_bytes)
             header_length = _header_length(scope)
-            if len(body) > INLINE_DECODE_BYTES:
-                parsed, feeds, names = await asyncio.get_running_loop().run_in_executor(
-                    None, _decode, model, body, header_length)
-            else:
-                parsed, feeds, names = _decode(model, body, header_length)
-            outputs = await served.batcher.infer(feeds)
-            tensors = [protocol.Tensor(n, outputs[n]) for n in names]
-            binary = [parsed.wants_binary(n) for n in names]
-            if len(body) > INLINE_DECODE_BYTES:
-                payload, json_length = await asyncio.get_running_loop().run_in_executor(
-                    None, protocol.encode_infer_response, model.name, model.version, tensors, binary, parsed.id)
-            else:
-                payload, json_length = protocol.encode_infer_response(model.name, model.version, tensors, binary,
-                                                                      parsed.id)
+        except (HttpError, protocol.ProtocolError) as e:
+            self.failed(served, start)
+            return await _send(send, getattr(e, "status", 400), protocol.dumps({"error": str(e)}))
+
+        def encode(parsed, tensors):
+            binary = [parsed.wants_binary(t.name) for t in tensors]
+            return protocol.encode_infer_response(model.name, model.version, tensors, binary, parsed.id)
+
+        try:
+            payload, json_length = await self.infer(
+                served, lambda: protocol.parse_infer_request(body, header_length), encode,
+                offload=len(body) > INLINE_DECODE_BYTES, start_ns=start)
         except HttpError as e:
-            served.metrics.failure.inc()
             return await _send(send, e.status, protocol.dumps({"error": str(e)}))
-        except protocol.ProtocolError as e:
-            served.metrics.failure.inc()
-            return await _send(send, 400, protocol.dumps({"error": str(e)}))
-        except Exception as e:
-            served.metrics.failure.inc()
-            log.exception("inference on model %r version %s failed", model.name, model.version)
-            return await _send(send, 500, protocol.dumps({"error": f"inference failed: {type(e).__name__}: {e}"}))
+        except asyncio.CancelledError:
+            # Shutdown's grace period ran out with this request still running: answer 503 (retry
+            # elsewhere), not uvicorn's 500 with a CancelledError traceback.
+            await _send(send, 503, protocol.dumps({"error": "the server shut down before this request finished "
+                                                            "(graceful_shutdown_s ran out); retry it"}))
+            return
         if json_length is None:
             await _send(send, 200, payload)
         else:
             await _send(send, 200, payload, [(b"content-type", b"application/octet-stream"),
                                              (_HEADER_LENGTH, str(json_length).encode())])
+
+    # --- the transport-neutral infer path (HTTP and gRPC) ------------------------------------------
+
+    def served_model(self, name: str, version: str | None = None) -> _Served:
+        """The served model version (HttpError 404 naming what is served)."""
+        return self.served[id(self.repo.get(name, version))]
+
+    async def infer(self, served: _Served, decode, encode, offload: bool = False, start_ns: int | None = None):
+        """One infer request, whichever transport it came by: ``decode()`` -> ``protocol.InferRequest``,
+        the model's checks (and its non-finite policy), the batcher, ``encode(request, tensors)`` -> the
+        transport's answer, which is returned. Raises HttpError: 400 (the ProtocolError's message), 503
+        (shutting down) or 500 (logged); records metrics and statistics either way. ``offload``: decode
+        and encode in a worker thread (large requests must not stall the event loop)."""
+        start = time.perf_counter_ns() if start_ns is None else start_ns
+        model = served.runtime
+        loop = asyncio.get_running_loop()
+        timing = Timing()
+        try:
+            if not served.batcher.alive and self._started:
+                raise HttpError(503, f"model {model.name!r} version {model.version} is not accepting requests: "
+                                     "the server is shutting down")
+            if offload:
+                parsed, feeds, names = await loop.run_in_executor(None, _decode, served, decode)
+            else:
+                parsed, feeds, names = _decode(served, decode)
+            decoded = time.perf_counter_ns()
+            outputs = await served.batcher.infer(feeds, timing)
+            tensors = [protocol.Tensor(n, outputs[n]) for n in names]
+            inferred = time.perf_counter_ns()
+            if offload:
+                answer = await loop.run_in_executor(None, encode, parsed, tensors)
+            else:
+                answer = encode(parsed, tensors)
+        except HttpError:
+            self.failed(served, start)
+            raise
+        except protocol.ProtocolError as e:
+            self.failed(served, start)
+            raise HttpError(400, str(e)) from None
+        except asyncio.CancelledError:
+            self.failed(served, start)
+            raise
+        except Exception as e:
+            self.failed(served, start)
+            log.exception("inference on model %r version %s failed", model.name, model.version)
+            raise HttpError(500, f"inference failed: {type(e).__name__}: {e}") from None
+        end = time.perf_counter_ns()
+        rows = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+        served.stats.succeeded(end - start, rows, decoded - start, timing, end - inferred)
         served.metrics.success.inc()
-        served.metrics.request_seconds.observe(time.perf_counter() - start)
+        served.metrics.request_seconds.observe((end - start) / 1e9)
+        return answer
+
+    def failed(self, served: _Served, start_ns: int) -> None:
+        served.metrics.failure.inc()
+        served.stats.failed(time.perf_counter_ns() - start_ns)
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> dict:
+        """Triton's statistics document: every model, one name (all its versions) or one version (404 if unknown)."""
+        if name is None:
+            models = self.repo.all()
+        elif version is None:
+            self.repo.get(name)
+            models = list(self.repo.by_name[name].values())
+        else:
+            models = [self.repo.get(name, version)]
+        return {"model_stats": [self.served[id(m)].stats.to_dict() for m in models]}
 
 
-def _decode(model: ModelRuntime, body: bytes, header_length: int | None):
-    """Body -> (request, checked feeds, output names); every problem a ProtocolError naming the field."""
-    parsed = protocol.parse_infer_request(body, header_length)
+def _decode(served: _Served, decode):
+    """``decode()`` (a transport's parser) -> (request, checked feeds, output names); every problem a
+    ProtocolError naming the field."""
+    model = served.runtime
+    parsed = decode()
     problems = []
     feeds = names = None
     try:
@@ -243,6 +373,8 @@ def _decode(model: ModelRuntime, body: bytes, header_length: int | None):
         problems.append(str(e))
     if problems:
         raise protocol.ProtocolError("; ".join(problems))
+    if not served.allow_non_finite:
+        protocol.refuse_non_finite(parsed.inputs, " (serve.inputs.allow_non_finite is false for it)")
     return parsed, feeds, names
 
 
@@ -301,29 +433,78 @@ def create_app(models: Sequence[ModelRuntime], config: ServeConfig,
 
 
 def uvicorn_config(app: App, config: ServeConfig, log_level: str = "info"):
-    """uvicorn settings for serving: uvloop + httptools where installed, no access log (a log line
-    per request costs as much as a small inference), graceful shutdown bounded."""
+    """uvicorn settings for serving: uvloop where installed, httptools with the header/body timeouts and
+    the shutdown cut of ``http_protocol``, no access log (a log line per request costs as much as a
+    small inference), keep-alive and graceful shutdown bounded."""
     import importlib.util
 
     import uvicorn
 
-    fast = importlib.util.find_spec("uvloop") is not None and importlib.util.find_spec("httptools") is not None
     transport = config.transport
-    return uvicorn.Config(app, host=transport.host, port=transport.port, log_level=log_level, access_log=False,
-                          loop="uvloop" if fast else "asyncio", http="httptools" if fast else "h11",
-                          interface="asgi3", lifespan="on", backlog=2048,
-                          proxy_headers=False,  # nothing here reads the client address; saves a wrapper per request
-                          timeout_graceful_shutdown=transport.graceful_shutdown_s)
+    if importlib.util.find_spec("httptools") is not None:  # a declared dependency; h11 only as a last resort
+        from stages.serve.http_protocol import TimedHttpToolsProtocol
+
+        http = TimedHttpToolsProtocol
+    else:
+        log.warning("httptools is not installed: serving with h11, without header and body timeouts")
+        http = "h11"
+    uconfig = uvicorn.Config(app, host=transport.host, port=transport.port, log_level=log_level, access_log=False,
+                             loop="uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio",
+                             http=http, interface="asgi3", lifespan="on", backlog=2048,
+                             proxy_headers=False,  # nothing here reads the client address; saves a wrapper per request
+                             timeout_keep_alive=transport.keep_alive_s,
+                             timeout_graceful_shutdown=transport.graceful_shutdown_s)
+    uconfig.header_timeout_s = transport.header_timeout_s  # read by TimedHttpToolsProtocol
+    uconfig.body_timeout_s = transport.body_timeout_s
+    return uconfig
+
+
+def uvicorn_server(app: App, uconfig):
+    """uvicorn's Server, telling ``app`` when shutdown begins (so gRPC stops taking calls with HTTP)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.begin_shutdown()
+            await super().shutdown(sockets)
+
+    return Server(uconfig)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "ip6-localhost")
+
+
+def warn_if_exposed(host: str) -> None:
+    """A warning when the server listens beyond this machine: it has no authentication or TLS."""
+    import ipaddress
+
+    try:
+        local = host in LOOPBACK or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        local = False
+    if not local:
+        where = "every network interface" if host in ("0.0.0.0", "::", "") else f"{host}"
+        log.warning("serving on %s: anyone who can reach this machine can call the models (the server has no "
+                    "authentication or TLS); bind 127.0.0.1 and put an authenticating proxy in front to expose "
+                    "it", where)
 
 
 def serve(models: Sequence[ModelRuntime], config: ServeConfig,
           batching: dict[tuple[str, str], BatchSettings] | None = None) -> None:
-    """Run the v2 server until SIGTERM / Ctrl-C; in-flight requests finish first (up to graceful_shutdown_s)."""
-    import uvicorn
-
+    """Run the v2 server (HTTP, and gRPC unless ``grpc_port`` is 0) until SIGTERM / Ctrl-C; in-flight
+    requests finish first (up to graceful_shutdown_s). StartupError when a port cannot be bound."""
     app = create_app(models, config, batching)
     transport = config.transport
     host = f"[{transport.host}]" if ":" in transport.host else transport.host
-    log.info("KServe v2 server at http://%s:%d/v2 serving %s", host, transport.port,
+    warn_if_exposed(transport.host)
+    grpc = f" and grpc://{host}:{transport.grpc_port}" if transport.grpc_port else ""
+    log.info("KServe v2 server at http://%s:%d/v2%s serving %s", host, transport.port, grpc,
              ", ".join(f"{m.name} v{m.version} on {m.provider}" for m in models))
-    uvicorn.Server(uvicorn_config(app, config)).run()
+    server = uvicorn_server(app, uvicorn_config(app, config))
+    try:
+        server.run()
+    except SystemExit as e:
+        if e.code in (None, 0) or server.started:  # a signal's exit (the CLI's handlers), not a failed start
+            raise
+        raise StartupError(app.startup_error or f"the server could not start (uvicorn exited with {e.code}); "
+                           f"see the log above") from None

@@ -42,11 +42,12 @@ INLINE_MAX_ROWS = 4
 
 
 class _Item:
-    __slots__ = ("feeds", "rows", "key", "future", "loop", "enqueued")
+    __slots__ = ("feeds", "rows", "key", "future", "loop", "enqueued", "timing")
 
-    def __init__(self, feeds, rows, key, future, loop):
+    def __init__(self, feeds, rows, key, future, loop, timing=None):
         self.feeds, self.rows, self.key, self.future, self.loop = feeds, rows, key, future, loop
         self.enqueued = time.perf_counter()
+        self.timing = timing  # stats.Timing: this request's queue and compute time, written back
 
 
 def _resolve(results: list) -> None:
@@ -63,10 +64,11 @@ def _resolve(results: list) -> None:
 class Batcher:
     """Queue + worker thread wrapping ``runtime.run`` for one model."""
 
-    def __init__(self, runtime, settings: BatchSettings, metrics=None):
+    def __init__(self, runtime, settings: BatchSettings, metrics=None, stats=None):
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics
+        self.stats = stats  # stats.ModelStats: each session run and its rows (Triton's batch_stats)
         self.merging = settings.enabled and runtime.batchable and settings.max_batch_size > 1
         self._delay_s = settings.max_queue_delay_ms / 1000.0
         # Hand-over to the worker: a C-implemented SimpleQueue of *lists* of requests. The event loop
@@ -101,8 +103,9 @@ class Batcher:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
-    async def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Every model output for these (checked) feeds, rows of this request only."""
+    async def infer(self, feeds: Mapping[str, np.ndarray], timing=None) -> dict[str, np.ndarray]:
+        """Every model output for these (checked) feeds, rows of this request only. ``timing`` (a
+        ``stats.Timing``), when given, gets this request's queue and batch compute seconds."""
         if self._stopping:
             raise RuntimeError("the server is shutting down")
         loop = asyncio.get_running_loop()
@@ -112,7 +115,7 @@ class Batcher:
         key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
         if not self._pending:
             loop.call_soon(self._flush)  # after the other requests of this loop iteration joined
-        self._pending.append(_Item(feeds, rows, key, future, loop))
+        self._pending.append(_Item(feeds, rows, key, future, loop, timing))
         return await future
 
     def _flush(self) -> None:
@@ -218,9 +221,15 @@ class Batcher:
                     for it in batch:
                         results.append((it, {n: a[offset:offset + it.rows] for n, a in outputs.items()}, None))
                         offset += it.rows
+        compute_s = time.perf_counter() - start
         if m is not None:
-            m.compute_seconds.observe(time.perf_counter() - start)
+            m.compute_seconds.observe(compute_s)
             m.batch_size.observe(rows)
+        if self.stats is not None:
+            self.stats.executed(rows, compute_s)
+        for it in batch:
+            if it.timing is not None:
+                it.timing.queue_s, it.timing.compute_s = start - it.enqueued, compute_s
         if hand_back:
             self._hand_back(results)
         else:  # already on the event loop

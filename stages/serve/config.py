@@ -1,14 +1,17 @@
 """The server's settings: the recipe's ``serve:`` section, in three nested parts.
 
     serve:
-      transport: {host: 127.0.0.1, port: 8000, max_request_mb: 32, graceful_shutdown_s: 30}
+      transport: {host: 127.0.0.1, port: 8000, grpc_port: 8001, max_request_mb: 32, graceful_shutdown_s: 30,
+                  header_timeout_s: 10, body_timeout_s: 60, keep_alive_s: 5}
       runtime:   {device: auto, require_gpu: false, intra_op_threads: 0, inter_op_threads: 1, allow_spinning: auto}
       batching:  {enabled: true, max_batch_size: 64, max_queue_delay_ms: 0, preferred_batch_sizes: []}
+      inputs:    {allow_non_finite: false}
 
-``transport`` is how clients reach the server (``app``), ``runtime`` how its ONNX Runtime sessions are
+``transport`` is how clients reach the server (``app`` over HTTP, ``grpc_server`` over gRPC), ``runtime`` how its ONNX Runtime sessions are
 built (``RuntimeSettings.session_settings()`` is the one conversion to the session factory's record;
 register measures with it too), ``batching`` is the dynamic batcher's ``BatchSettings`` (a model
-repository's config.pbtxt gives a model its own). ``ServeConfig.from_dict`` validates a mapping (the
+repository's config.pbtxt gives a model its own), ``inputs`` what request data a model accepts (a
+config.pbtxt's ``parameters`` may say it per model). ``ServeConfig.from_dict`` validates a mapping (the
 recipe loader calls it): every message names the full key, unknown keys are errors, and a key of the
 old flat section (``serve.port``) is refused with its new place.
 
@@ -60,16 +63,28 @@ class TransportSettings:
 
     host: str = "127.0.0.1"  # loopback unless told otherwise: the server has no authentication
     port: int = 8000
-    max_request_mb: float = 32.0  # request bodies above this are refused with 413
+    grpc_port: int = 8001  # KServe v2 gRPC (Triton's default port); 0: no gRPC
+    max_request_mb: float = 32.0  # request bodies (and gRPC messages) above this are refused with 413
     graceful_shutdown_s: float = 30.0  # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
+    # Slow or idle HTTP clients (seconds): a connection must finish its request headers this long after it
+    # opened (or after its first byte, on a kept-alive connection), its body this long after the headers;
+    # a kept-alive connection idle this long after an answer is closed.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0  # a whole max_request_mb body at >= ~4.5 Mbit/s
+    keep_alive_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip():
             raise ValueError(f"`host` must be a non-empty host name or IP address, got {self.host!r}")
         _check_int("port", self.port, 1, 65535)
+        _check_int("grpc_port", self.grpc_port, 0, 65535)
+        if self.grpc_port == self.port:
+            raise ValueError(f"`grpc_port` must differ from port ({self.port}); 0 turns gRPC off")
         object.__setattr__(self, "max_request_mb", _number("max_request_mb", self.max_request_mb, positive=True))
-        object.__setattr__(self, "graceful_shutdown_s",
-                           _number("graceful_shutdown_s", self.graceful_shutdown_s, positive=False))
+        for key in ("graceful_shutdown_s",):
+            object.__setattr__(self, key, _number(key, getattr(self, key), positive=False))
+        for key in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            object.__setattr__(self, key, _number(key, getattr(self, key), positive=True))
 
     @property
     def max_request_bytes(self) -> int:
@@ -122,15 +137,29 @@ class BatchSettings:
 
 
 @dataclass(frozen=True)
+class InputSettings:
+    """What request data a model accepts, beyond its declared datatypes and shapes: the recipe's
+    ``serve.inputs`` for every model, or a model's config.pbtxt ``parameters`` (``allow_non_finite``)."""
+
+    # NaN / +-Infinity in float inputs: refused with a 400 by default. A model does not tell a NaN
+    # pixel from a real one (an int8 model quantizes NaN to 0 and answers a confident class).
+    allow_non_finite: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bool("allow_non_finite", self.allow_non_finite)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """The recipe's ``serve:`` section."""
 
     transport: TransportSettings = field(default_factory=TransportSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     batching: BatchSettings = field(default_factory=BatchSettings)
+    inputs: InputSettings = field(default_factory=InputSettings)
 
     PARTS: ClassVar[dict[str, type]] = {"transport": TransportSettings, "runtime": RuntimeSettings,
-                                        "batching": BatchSettings}
+                                        "batching": BatchSettings, "inputs": InputSettings}
 
     def __post_init__(self) -> None:
         for name, cls in self.PARTS.items():
@@ -147,7 +176,7 @@ class ServeConfig:
         moved = [k for k in data if k in MOVED_KEYS]
         if moved:
             raise ValueError("; ".join(f"`{path}.{k}` moved to `{path}.{MOVED_KEYS[k]}`" for k in moved)
-                             + " (the serve section has transport, runtime and batching parts)")
+                             + " (the serve section has transport, runtime, batching and inputs parts)")
         _reject_unknown(data, set(cls.PARTS), path)
         parts = {name: _build(part_cls, data.get(name), f"{path}.{name}") for name, part_cls in cls.PARTS.items()}
         return cls(**parts)

@@ -15,19 +15,32 @@ by the raw little-endian tensors, in input order, of every input whose ``paramet
 ``binary_data_size``. BOOL is one byte per element; BYTES elements are a 4-byte little-endian length
 then the bytes. Outputs come back binary when the request output says ``binary_data: true`` or the
 request says ``binary_data_output: true`` (a per-output ``binary_data`` wins).
+
+Shapes are checked before any arithmetic on them (``check_shape``): every dim an integer in
+0..2**63-1, at most ``MAX_RANK`` dims, and the element count (the product of the non-zero dims) within
+int64, so ``[9223372036854775808, 0]`` is a 400 naming the field, never a failed reshape.
+
+Non-finite floats. JSON has no NaN or Infinity, so answers write them as the strings ``"NaN"``,
+``"Infinity"`` and ``"-Infinity"`` (protobuf's JSON mapping does the same; Python's ``float()``,
+numpy and JavaScript's ``Number()`` read them) and never as bare tokens; binary outputs carry the IEEE
+bits. In requests, a model refuses NaN and ±Infinity by default (``refuse_non_finite``, called by
+the transports per the model's ``serve.inputs.allow_non_finite``); where a model allows them, JSON
+may spell them as those strings (or as the bare tokens Python's json module writes).
+
+The gRPC transport's ``ModelInferRequest`` is read by ``parse_grpc_infer_request`` with the same
+checks and the same messages (``raw_input_contents`` as the binary section, typed ``contents`` as
+JSON's ``data``), so both transports say the same thing about the same mistake.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import struct
 from dataclasses import dataclass
-from typing import Annotated, Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class ProtocolError(ValueError):
@@ -92,6 +105,51 @@ def format_shape(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(int(d)) for d in shape) + "]"
 
 
+INT64_MAX = 2**63 - 1
+MAX_RANK = 32  # numpy's limit was 32 dims before 2.0 (64 since); no served model comes close
+NON_FINITE_TOKENS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def check_shape(shape: Sequence[Any], where: str) -> int:
+    """The element count of a request tensor's ``shape``, after checking it can be one: every dim an
+    integer in 0..2**63-1 (the v2 protocol's int64), at most MAX_RANK dims, and the product of its
+    non-zero dims within int64 (a zero dim makes the count 0, but ``[2**62, 4, 0]`` still cannot be an
+    array). Runs before any arithmetic on the dims; ProtocolError naming ``where.shape``."""
+    if len(shape) > MAX_RANK:
+        raise ProtocolError(f"{where}.shape: at most {MAX_RANK} dims, got {len(shape)}")
+    for axis, d in enumerate(shape):
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= INT64_MAX:
+            raise ProtocolError(f"{where}.shape[{axis}]: dims must be integers in 0..{INT64_MAX}, got {d!r}")
+    nonzero = 1
+    for d in shape:
+        if d:
+            nonzero *= d
+            if nonzero > INT64_MAX:
+                raise ProtocolError(f"{where}.shape: {format_shape(shape)} has more elements than an int64 can "
+                                    f"count (the product of its non-zero dims exceeds {INT64_MAX})")
+    return 0 if 0 in shape else nonzero
+
+
+def refuse_non_finite(tensors: Sequence["Tensor"], why: str = "") -> None:
+    """ProtocolError naming every float input holding NaN or ±Infinity (``inputs[i]``, by request order)."""
+    problems = []
+    for i, t in enumerate(tensors):
+        a = t.array
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            bad = ~np.isfinite(a.reshape(-1))
+            first = int(np.argmax(bad))
+            value = a.reshape(-1)[first]
+            kinds = sorted({"NaN" if np.isnan(v) else "+Infinity" if v > 0 else "-Infinity" for v in a.reshape(-1)[bad][:1000]})
+            problems.append(f"inputs[{i}].data: input {t.name!r} holds {int(bad.sum())} non-finite value(s) "
+                            f"({', '.join(kinds)}; the first, {_token(value)}, at flat index {first})")
+    if problems:
+        raise ProtocolError("; ".join(problems) + f"; this model refuses NaN and Infinity{why}")
+
+
+def _token(v: float) -> str:
+    return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+
+
 # --- request and response schemas (the JSON documents of the v2 REST API) ------------------------
 
 # extra="forbid": a misspelt key ("datatyp") is an error, not silently ignored. strict=True: a
@@ -104,7 +162,7 @@ Parameters = dict[str, Any]
 class RequestInput(BaseModel):
     model_config = _STRICT
     name: str
-    shape: list[Annotated[int, Field(ge=0)]]
+    shape: list[int]  # check_shape: 0..2**63-1, rank and element count (the gRPC transport shares it)
     datatype: str
     parameters: Parameters | None = None  # binary_data_size: the tensor is in the binary section
     data: list[Any] | None = None
@@ -233,7 +291,7 @@ def parse_infer_request(body: bytes | str, header_length: int | None = None) -> 
 def decode_tensor(inp: RequestInput, where: str) -> np.ndarray:
     """``data`` (flat or nested lists, row-major) -> an array of ``datatype`` shaped ``shape``."""
     dt = _datatype(inp.datatype, where)
-    needed = math.prod(inp.shape)
+    needed = check_shape(inp.shape, where)
     try:
         raw = np.asarray(inp.data, dtype=object if dt.name == "BYTES" else None)
     except (ValueError, OverflowError) as e:  # ragged nesting, or an integer beyond 64 bits
@@ -250,25 +308,53 @@ def decode_tensor(inp: RequestInput, where: str) -> np.ndarray:
             if lo < info.min or hi > info.max:
                 raise ProtocolError(f"{where}.data: {dt.name} holds {info.min}..{info.max}, got values in {lo}..{hi}")
             return exact.astype(dt.numpy).reshape(inp.shape)
+    if needed and dt.numpy.kind == "f" and raw.dtype.kind in "UO":
+        raw = _float_tokens(inp.data, dt, where)  # "NaN", "Infinity", "-Infinity" as JSON strings
     if needed:
         _check_values(raw, dt, where)
     return raw.astype(dt.numpy, copy=False).reshape(inp.shape)
 
 
-def decode_binary(chunk: memoryview, datatype: str, shape: Sequence[int], where: str) -> np.ndarray:
-    """One tensor's bytes from the binary section -> an array of ``datatype`` shaped ``shape``."""
+def _float_tokens(data: Any, dt: DataType, where: str) -> np.ndarray:
+    """A float tensor's data with the JSON spellings of NaN and ±Infinity among its numbers, as float64."""
+    exact = np.asarray(data, dtype=object)
+    values = []
+    for v in exact.flat:
+        if isinstance(v, str) and v in NON_FINITE_TOKENS:
+            values.append(NON_FINITE_TOKENS[v])
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            values.append(v)
+        else:
+            found = "strings" if isinstance(v, str) else "nulls, integers beyond 64 bits or mixed values"
+            raise ProtocolError(f"{where}.data: {dt.name} needs numbers (or the strings \"NaN\", \"Infinity\", "
+                                f"\"-Infinity\"), got {found}")
+    try:
+        return np.array(values, dtype=np.float64).reshape(exact.shape)
+    except OverflowError:  # an integer beyond float64
+        raise ProtocolError(f"{where}.data: {dt.name} needs numbers within float64's range") from None
+
+
+def decode_binary(chunk: memoryview, datatype: str, shape: Sequence[int], where: str,
+                  size_field: str | None = None) -> np.ndarray:
+    """One tensor's bytes from the binary section -> an array of ``datatype`` shaped ``shape``.
+    ``size_field`` names where the byte count came from in messages (HTTP: the input's
+    ``parameters.binary_data_size``; gRPC: ``raw_input_contents[i]``)."""
     dt = _datatype(datatype, where)
-    needed = math.prod(shape)
+    needed = check_shape(shape, where)
+    size_field = size_field or f"{where}.parameters.binary_data_size"
     if dt.name == "BYTES":
         items, pos = [], 0
         while pos < len(chunk):
+            if len(items) == needed:
+                raise ProtocolError(f"{size_field}: shape {format_shape(shape)} needs {needed} BYTES elements, "
+                                    f"the binary data holds more")
             if pos + 4 > len(chunk):
                 raise ProtocolError(f"{where}: BYTES element {len(items)} has a truncated 4-byte length prefix")
             (length,) = struct.unpack_from("<I", chunk, pos)
             pos += 4
             if pos + length > len(chunk):
                 raise ProtocolError(f"{where}: BYTES element {len(items)} claims {length} bytes, "
-                                    f"only {len(chunk) - pos} left in binary_data_size")
+                                    f"only {len(chunk) - pos} left in {size_field.rsplit('.', 1)[-1]}")
             try:
                 items.append(bytes(chunk[pos:pos + length]).decode("utf-8"))
             except UnicodeDecodeError:
@@ -276,12 +362,12 @@ def decode_binary(chunk: memoryview, datatype: str, shape: Sequence[int], where:
                                     "(ONNX string tensors hold text)") from None
             pos += length
         if len(items) != needed:
-            raise ProtocolError(f"{where}.parameters.binary_data_size: shape {format_shape(shape)} needs {needed} "
+            raise ProtocolError(f"{size_field}: shape {format_shape(shape)} needs {needed} "
                                 f"BYTES elements, the binary data holds {len(items)}")
         return np.array(items, dtype=object).reshape(shape)
     expected = needed * dt.numpy.itemsize
     if len(chunk) != expected:
-        raise ProtocolError(f"{where}.parameters.binary_data_size: shape {format_shape(shape)} of {dt.name} needs "
+        raise ProtocolError(f"{size_field}: shape {format_shape(shape)} of {dt.name} needs "
                             f"{expected} bytes ({needed} x {dt.numpy.itemsize}), got {len(chunk)}")
     if dt.name == "BOOL":
         raw = np.frombuffer(chunk, dtype=np.uint8)
@@ -296,6 +382,84 @@ def decode_binary(chunk: memoryview, datatype: str, shape: Sequence[int], where:
     return array.reshape(shape)
 
 
+# The gRPC ModelInferRequest's typed contents: which InferTensorContents field carries each datatype
+# (FP16 has none: it travels in raw_input_contents only).
+GRPC_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                 "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                 "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                 "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def parse_grpc_infer_request(request: Any) -> InferRequest:
+    """A gRPC ``inference.ModelInferRequest`` (any object with its fields) -> an InferRequest, with the
+    checks and the messages of ``parse_infer_request``: ``raw_input_contents[i]`` is input i's binary
+    data (one per input, in order, or none at all), else each input's typed ``contents``."""
+    problems: list[str] = []
+    tensors: list[Tensor] = []
+    seen: set[str] = set()
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise ProtocolError(f"raw_input_contents: {len(raw)} given for {len(request.inputs)} inputs; give one per "
+                            "input, in input order, or none (then each input's contents)")
+    if not request.inputs:
+        raise ProtocolError("inputs: Field required (at least one input tensor)")
+    for i, inp in enumerate(request.inputs):
+        where = f"inputs[{i}]"
+        if inp.name in seen:
+            problems.append(f"{where}.name: input {inp.name!r} is given twice")
+        seen.add(inp.name)
+        try:
+            set_fields = [fd.name for fd, _ in inp.contents.ListFields()] if inp.HasField("contents") else []
+            shape = list(inp.shape)
+            if raw:
+                if set_fields:
+                    raise ProtocolError(f"{where}.contents: give either contents or raw_input_contents, not both")
+                tensors.append(Tensor(inp.name, decode_binary(memoryview(raw[i]), inp.datatype, shape, where,
+                                                              size_field=f"raw_input_contents[{i}]")))
+                continue
+            tensors.append(Tensor(inp.name, _decode_contents(inp, shape, set_fields, where)))
+        except ProtocolError as e:
+            problems.append(str(e))
+    outputs = []
+    for j, o in enumerate(request.outputs):
+        if o.name in outputs:
+            problems.append(f"outputs[{j}].name: output {o.name!r} is requested twice")
+        outputs.append(o.name)
+    if problems:
+        raise ProtocolError("; ".join(problems))
+    return InferRequest(inputs=tensors, outputs=outputs or None, id=request.id or None)
+
+
+def _decode_contents(inp: Any, shape: list[int], set_fields: list[str], where: str) -> np.ndarray:
+    dt = _datatype(inp.datatype, where)
+    needed = check_shape(shape, where)
+    field = GRPC_CONTENTS.get(dt.name)
+    if field is None:
+        raise ProtocolError(f"{where}.contents: {dt.name} has no typed contents field; send it in raw_input_contents")
+    wrong = [f for f in set_fields if f != field]
+    if wrong:
+        raise ProtocolError(f"{where}.contents: {dt.name} data goes in {field}, got {', '.join(wrong)}")
+    values = getattr(inp.contents, field)
+    if len(values) != needed:
+        raise ProtocolError(f"{where}.contents.{field}: shape {format_shape(shape)} needs {needed} values, "
+                            f"got {len(values)}")
+    if dt.name == "BYTES":
+        items = []
+        for k, v in enumerate(values):
+            try:
+                items.append(v.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ProtocolError(f"{where}.contents.bytes_contents[{k}]: not UTF-8 text (ONNX string tensors "
+                                    "hold text)") from None
+        return np.array(items, dtype=object).reshape(shape)
+    # The wire types are wider than INT8/16 and UINT8/16 (int32/uint32): check the range before the cast.
+    wire = {"int_contents": np.int32, "uint_contents": np.uint32}.get(field, dt.numpy)
+    array = np.array(values, dtype=wire)
+    if needed and array.dtype != dt.numpy:
+        _check_values(array, dt, where, f"contents.{field}")
+    return array.astype(dt.numpy, copy=False).reshape(shape)
+
+
 def _datatype(name: str, where: str) -> DataType:
     dt = DATATYPES.get(name)
     if dt is None:
@@ -303,8 +467,10 @@ def _datatype(name: str, where: str) -> DataType:
     return dt
 
 
-def _check_values(raw: np.ndarray, dt: DataType, where: str) -> None:
-    """Refuse values the datatype would silently mangle (1.5 as INT64, 300 as UINT8, "a" as FP32)."""
+def _check_values(raw: np.ndarray, dt: DataType, where: str, field: str = "data") -> None:
+    """Refuse values the datatype would silently mangle (1.5 as INT64, 300 as UINT8, "a" as FP32);
+    messages name ``where.field``."""
+    where = f"{where}.{field}"
     kind, target = raw.dtype.kind, dt.numpy.kind
     found = {"b": "booleans", "i": "integers", "u": "integers", "f": "non-integer numbers",
              "U": "strings", "O": "nulls, integers beyond 64 bits or mixed values"}.get(kind, str(raw.dtype))
@@ -316,14 +482,25 @@ def _check_values(raw: np.ndarray, dt: DataType, where: str) -> None:
             info = np.iinfo(dt.numpy)
             lo, hi = raw.min(), raw.max()
             if lo < info.min or hi > info.max:
-                raise ProtocolError(f"{where}.data: {dt.name} holds {info.min}..{info.max}, got values in {lo}..{hi}")
+                raise ProtocolError(f"{where}: {dt.name} holds {info.min}..{info.max}, got values in {lo}..{hi}")
     elif target == "f":
         ok = kind in "iuf"
+        top = np.finfo(dt.numpy).max
+        if ok and top < (np.finfo(raw.dtype).max if kind == "f" else np.iinfo(raw.dtype).max):
+            # FP16 holds +-65504, FP32 +-3.4e38: a finite number beyond would become Infinity in the cast.
+            # Two reductions first (NaN compares false); the exact look only when something is that large.
+            if raw.max() > top or raw.min() < -top:
+                finite = np.abs(raw[np.isfinite(raw)] if kind == "f" else raw.astype(np.float64))
+            else:
+                finite = raw[:0]
+            if finite.size and finite.max() > top:
+                raise ProtocolError(f"{where}: {dt.name} holds finite values up to +-{float(top):g}, "
+                                    f"got {float(finite.max()):g}")
     else:  # BYTES: every element a string
         ok = all(isinstance(v, str) for v in raw.flat)
         found = "non-string values"
     if not ok:
-        raise ProtocolError(f"{where}.data: {dt.name} needs {_wants(dt)}, got {found}")
+        raise ProtocolError(f"{where}: {dt.name} needs {_wants(dt)}, got {found}")
 
 
 def _wants(dt: DataType) -> str:
@@ -355,10 +532,15 @@ def _first_line(e: Exception) -> str:
 # --- encoding --------------------------------------------------------------------------------
 
 def _json_data(array: np.ndarray) -> Any:
-    """What goes in ``data``: a flat numpy array that orjson writes natively, or a list."""
+    """What goes in ``data``: a flat numpy array that orjson writes natively, or a list (BYTES as text,
+    and floats with NaN or Infinity among them, which are written as the strings "NaN", "Infinity" and
+    "-Infinity": JSON has no such numbers, and orjson would write null)."""
     if array.dtype.kind in "OSU":  # BYTES come back from ONNX Runtime as str or bytes objects
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.ravel()]
-    return np.ascontiguousarray(array).ravel()
+    flat = np.ascontiguousarray(array).ravel()
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        return [v if v - v == 0 else _token(v) for v in flat.tolist()]
+    return flat
 
 
 def tensor_bytes(array: np.ndarray) -> bytes:
@@ -397,7 +579,7 @@ def encode_infer_response(model_name: str, model_version: str, outputs: Sequence
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if id is not None:
         doc["id"] = id
-    entries, blobs, finite = [], [], True
+    entries, blobs = [], []
     for t, as_binary in zip(outputs, binary):
         entry = {"name": t.name, "datatype": t.datatype, "shape": list(t.array.shape)}
         if as_binary:
@@ -406,31 +588,28 @@ def encode_infer_response(model_name: str, model_version: str, outputs: Sequence
             blobs.append(blob)
         else:
             entry["data"] = _json_data(t.array)
-            if t.array.dtype.kind == "f" and not np.isfinite(t.array).all():
-                finite = False
         entries.append(entry)
     doc["outputs"] = entries
-    header = dumps(doc) if finite else _dumps_non_finite(doc)
+    header = dumps(doc)
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
 
 
 def dumps(doc: Any) -> bytes:
-    """Compact JSON; numpy arrays are written natively (no Python float per element)."""
-    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    """Compact JSON; numpy arrays are written natively (no Python float per element). Strings that are not
+    valid Unicode (a lone surrogate quoted in an error) are written with U+FFFD in its place."""
+    try:
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(_valid_text(doc), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _dumps_non_finite(doc: Any) -> bytes:
-    # orjson writes NaN/inf as null; a model that emits them should still say so. Python, numpy and
-    # Triton's clients read the NaN/Infinity tokens, although strict JSON parsers refuse them.
-    def plain(v: Any) -> Any:
-        if isinstance(v, np.ndarray):
-            return v.tolist()
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        return v
-
-    return json.dumps(plain(doc), separators=(",", ":"), allow_nan=True).encode("utf-8")
+def _valid_text(v: Any) -> Any:
+    if isinstance(v, str):
+        return v.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(v, dict):
+        return {_valid_text(k): _valid_text(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_valid_text(x) for x in v]
+    return v

@@ -15,11 +15,16 @@ as Triton refuses it. These fields are honoured:
 - ``default_model_filename``: default ``model.onnx``,
 - ``input`` / ``output`` ``name``, ``data_type`` and ``dims``: checked against the ONNX file at load
   (``dims`` without the batch dim when ``max_batch_size`` > 0; -1 matches any size),
-- ``instance_group { kind: KIND_CPU }``: runs that model on the CPU provider.
+- ``instance_group { kind: KIND_CPU }``: runs that model on the CPU provider,
+- ``parameters { key: "allow_non_finite" value { string_value: "true" } }``: this model accepts NaN and
+  ±Infinity in its float inputs (the recipe's ``serve.inputs.allow_non_finite`` otherwise; default: refused).
 
 Every other field that is set (``instance_group.count``, ``optimization``, ``parameters``,
 ``output.label_filename``...) is reported in the log as not honoured, so nothing is ignored silently.
 Without a config.pbtxt a model gets the recipe's ``serve.batching`` settings.
+
+``served_config`` goes the other way: what the server really applies to a loaded model (batching,
+tensors, device, input policy) as a ``ModelConfig``, for ``/v2/models/NAME/config`` and gRPC's ModelConfig.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ HONOURED = {"name", "platform", "backend", "max_batch_size", "default_model_file
             "version_policy.specific", "version_policy.specific.versions",
             "input", "input.name", "input.data_type", "input.dims",
             "output", "output.name", "output.data_type", "output.dims",
-            "instance_group", "instance_group.kind"}
+            "instance_group", "instance_group.kind", "parameters"}
+PARAMETERS = {"allow_non_finite"}  # config.pbtxt parameters keys this server acts on
 # Triton's TYPE_* names for the v2 datatypes (TYPE_STRING is BYTES).
 TRITON_TYPES = {"TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16", "TYPE_UINT32": "UINT32",
                 "TYPE_UINT64": "UINT64", "TYPE_INT8": "INT8", "TYPE_INT16": "INT16", "TYPE_INT32": "INT32",
@@ -76,6 +82,7 @@ class ModelSource:
     device: str | None = None  # None: the server's device
     lineage: dict[str, Any] = field(default_factory=dict)
     io_spec: dict[str, list[TensorConfig]] = field(default_factory=dict)  # "input"/"output" -> declared tensors
+    allow_non_finite: bool | None = None  # None: the server's serve.inputs.allow_non_finite
 
 
 # --- config.pbtxt ----------------------------------------------------------------------------
@@ -89,6 +96,7 @@ def read_model_config(path: Path) -> Any:
     except ValueError as e:
         raise RepositoryError(f"{path}: not a valid Triton model configuration: {e}") from None
     ignored = _not_honoured(triton.set_fields(config))
+    ignored += sorted(f"parameters.{k}" for k in config.parameters if k not in PARAMETERS)
     if ignored:
         log.info("%s: fields not honoured by this server: %s", path, ", ".join(ignored))
     return config
@@ -143,14 +151,28 @@ def _scan_model(model_dir: Path) -> list[ModelSource]:
     io_spec = {kind: [_tensor_config(t, cfg.max_batch_size > 0) for t in getattr(cfg, kind)]
                for kind in ("input", "output")}
     out = []
+    allow_non_finite = _allow_non_finite(cfg, where)
     for vdir in versions:
         path = vdir / filename
         if not path.is_file():
             raise RepositoryError(f"model {name!r} version {vdir.name}: {path} not found "
                                   f"(each version directory holds {filename})")
+        # The repository's directory name, not its absolute path: metadata must not map the server's disk.
         out.append(ModelSource(path=path, name=name, version=vdir.name, batching=batching, device=device,
-                               lineage={"model_repository": str(model_dir.parent.resolve())}, io_spec=io_spec))
+                               lineage={"model_repository": model_dir.parent.resolve().name}, io_spec=io_spec,
+                               allow_non_finite=allow_non_finite))
     return out
+
+
+def _allow_non_finite(cfg: Any, where: str) -> bool | None:
+    params = cfg.parameters
+    if "allow_non_finite" not in params:
+        return None
+    value = params["allow_non_finite"].string_value.strip().lower()
+    if value not in ("true", "false"):
+        raise RepositoryError(f'{where}: parameters "allow_non_finite" must have string_value "true" or "false", '
+                              f"got {params['allow_non_finite'].string_value!r}")
+    return value == "true"
 
 
 def _tensor_config(t: Any, batched: bool) -> TensorConfig:
@@ -239,6 +261,35 @@ def load_sources(sources: list[ModelSource], config: ServeConfig) -> tuple[list,
         runtime = load_model(src.path, src.name, src.version, runtime_settings, lineage=src.lineage,
                              warm_batch_sizes=sizes)
         check_io_spec(src, runtime)
+        runtime.allow_non_finite = src.allow_non_finite
         runtimes.append(runtime)
         batching[(runtime.name, runtime.version)] = settings
     return runtimes, batching
+
+
+def served_config(runtime, batching: BatchSettings, allow_non_finite: bool) -> Any:
+    """What the server applies to a loaded model, as Triton's ``ModelConfig``: its tensors (dims without
+    the batch dim when it merges batches, as Triton writes them), ``max_batch_size`` and ``dynamic_batching``
+    when the batcher merges (else ``max_batch_size: 0`` and full dims, -1 for dynamic), the device the
+    session runs on, and the input policy as a parameter (the same key config.pbtxt takes)."""
+    config = triton.model_config_class()(name=runtime.name, platform="onnxruntime_onnx", backend="onnxruntime",
+                                         default_model_filename=runtime.path.name)
+    merging = batching.enabled and runtime.batchable
+    config.max_batch_size = batching.max_batch_size if merging else 0
+    v2_to_triton = {v: k for k, v in TRITON_TYPES.items()}
+    for kind, specs in (("input", runtime.inputs), ("output", runtime.outputs)):
+        for spec in specs:
+            entry = getattr(config, kind).add(name=spec.name, dims=list(spec.shape[1:] if merging else spec.shape))
+            entry.data_type = triton.enum_value("inference.DataType", v2_to_triton[spec.datatype.name])
+    if merging:
+        config.dynamic_batching.SetInParent()
+        config.dynamic_batching.max_queue_delay_microseconds = round(batching.max_queue_delay_ms * 1000)
+        config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+    gpu = runtime.provider == "CUDAExecutionProvider"
+    group = config.instance_group.add(name=runtime.name, count=1)
+    group.kind = triton.enum_value("inference.ModelInstanceGroup.Kind", "KIND_GPU" if gpu else "KIND_CPU")
+    if gpu:
+        group.gpus.append(0)
+    config.parameters["allow_non_finite"].string_value = "true" if allow_non_finite else "false"
+    config.parameters["execution_provider"].string_value = runtime.provider
+    return config

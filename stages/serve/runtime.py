@@ -100,6 +100,7 @@ class ModelRuntime:
         # What the exporter wrote (labels, layout, normalization, lineage): strings only.
         self.metadata_props = dict(session.get_modelmeta().custom_metadata_map)
         self.lineage = lineage_of(self.metadata_props, dict(lineage or {}), sha256_file(self.path))
+        self.allow_non_finite: bool | None = None  # NaN/Inf inputs; None: the server's serve.inputs setting
         self.warm_batch_sizes: list[int] = []
         self.batch1_seconds = float("inf")  # measured by warm_up
         self.ready = False

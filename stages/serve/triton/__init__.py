@@ -94,6 +94,45 @@ def to_text(message: Any, header: str = "") -> str:
     return comments + text_format.MessageToString(message, as_utf8=True, use_short_repeated_primitives=True)
 
 
+def to_json(message: Any) -> dict:
+    """``message`` as Triton's HTTP endpoints write it: protobuf's JSON mapping with the proto field names
+    and every scalar field (defaults included), but 64-bit integers as JSON numbers, not strings (Triton
+    converts them back too; perf_analyzer reads ``max_batch_size`` and ``dims`` as numbers)."""
+    from google.protobuf import json_format
+
+    try:
+        doc = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=True)
+    except TypeError:  # protobuf < 5.26 names the option differently
+        doc = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                        including_default_value_fields=True)
+    return _numbers(doc, message.DESCRIPTOR)
+
+
+_INT64 = {3, 4, 6, 16, 18}  # FieldDescriptor.TYPE_INT64, UINT64, FIXED64, SFIXED64, SINT64
+
+
+def _numbers(doc: Any, descriptor: Any) -> Any:
+    for fd in descriptor.fields:
+        if fd.name not in doc:
+            continue
+        value = doc[fd.name]
+        if fd.message_type is not None:
+            if fd.message_type.GetOptions().map_entry:
+                value_fd = fd.message_type.fields_by_name["value"]
+                for k, v in value.items():
+                    if value_fd.message_type is not None:
+                        _numbers(v, value_fd.message_type)
+                    elif value_fd.type in _INT64:
+                        value[k] = int(v)
+            else:
+                for item in (value if isinstance(value, list) else [value]):
+                    _numbers(item, fd.message_type)
+        elif fd.type in _INT64:
+            doc[fd.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return doc
+
+
 def enum_name(message: Any, field: str) -> str:
     """The name of an enum field's value (``TYPE_FP32``, ``KIND_CPU``)."""
     return message.DESCRIPTOR.fields_by_name[field].enum_type.values_by_number[getattr(message, field)].name
