@@ -285,7 +285,7 @@ def test_health_and_server_metadata(client):
     assert client.get(f"/v2/models/{MODEL}/ready").status_code == 200
     assert client.get(f"/v2/models/{MODEL}/versions/3/ready").status_code == 200
     meta = client.get("/v2").json()
-    assert meta["name"] == "onnx-pipeline" and meta["extensions"] == ["binary_tensor_data"] and meta["version"]
+    assert meta["name"] == "onnx-pipeline" and meta["extensions"] == ["binary_tensor_data", "model_configuration", "statistics"] and meta["version"]
 
 
 def test_model_metadata(client, onnx_path):

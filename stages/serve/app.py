@@ -42,7 +42,7 @@ from stages.serve.stats import ModelStats, Timing
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "onnx-pipeline"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]  # Triton names; perf_analyzer reads "statistics"
 INLINE_DECODE_BYTES = 256 * 1024  # larger bodies are decoded (and answers encoded) in a worker thread
 _JSON = [(b"content-type", b"application/json")]
 _HEADER_LENGTH = b"inference-header-content-length"
