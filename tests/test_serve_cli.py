@@ -36,15 +36,22 @@ def cli(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repo_server(tmp_path_factory, onnx_path):
+    """A repository of two models plus a runs:/ model (fetched into TMPDIR's onnx-pipeline-serve-*), as
+    `pipeline serve` serves them; yields (base URL, port, process, TMPDIR)."""
     import httpx
+    import mlflow
 
     repo = tmp_path_factory.mktemp("repository")
     for name in ("digits", "slow"):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "1" / "model.onnx").write_bytes(onnx_path.read_bytes())
     (repo / "slow" / "config.pbtxt").write_text(SLOW_PBTXT)
+    with mlflow.start_run() as run:  # the session's temporary store (conftest)
+        mlflow.log_artifact(str(onnx_path))
+    tmp = tmp_path_factory.mktemp("tmpdir")
     port = free_port()
-    proc = subprocess.Popen(cli("--model-repository", str(repo), "--port", str(port)), cwd=ROOT,
+    proc = subprocess.Popen(cli("--model-repository", str(repo), "--model", f"runs:/{run.info.run_id}/model.onnx",
+                                "--port", str(port)), cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -57,7 +64,7 @@ def repo_server(tmp_path_factory, onnx_path):
             pass
         assert time.time() < deadline, "server did not become ready"
         time.sleep(0.2)
-    yield base, port, proc
+    yield base, port, proc, tmp
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -66,13 +73,15 @@ def repo_server(tmp_path_factory, onnx_path):
 def test_cli_serves_a_repository_of_two_models(repo_server, reference):
     import httpx
 
-    base, _, _ = repo_server
+    base, _, _, _ = repo_server
     x = batch(3, seed=5)
     for name in ("digits", "slow"):
         meta = httpx.get(f"{base}/v2/models/{name}").json()
         assert meta["name"] == name and meta["versions"] == ["1"]
         assert meta["parameters"]["execution_provider"] == "CPUExecutionProvider"
-        assert meta["parameters"]["model_repository"]
+        assert meta["parameters"]["model_repository"] == repo_server_dir_name(meta)
+        # No absolute server path anywhere in the metadata (issue 14: it exposed model_path).
+        assert not [v for v in meta["parameters"].values() if isinstance(v, str) and v.startswith("/")], meta
         r = httpx.post(f"{base}/v2/models/{name}/infer", json=request_body(x), timeout=10)
         assert r.status_code == 200, r.text
         out = r.json()["outputs"][0]
@@ -81,7 +90,7 @@ def test_cli_serves_a_repository_of_two_models(repo_server, reference):
 
 @pytest.mark.skipif(not TRITON_PYTHON.exists(), reason="needs .venv-triton with tritonclient[http]: run `make test`")
 def test_tritons_python_client_in_binary_mode(repo_server, reference, tmp_path):
-    _, port, _ = repo_server
+    _, port, _, _ = repo_server
     x = batch(2, seed=9)
     np.save(tmp_path / "x.npy", x)
     p = subprocess.run([str(TRITON_PYTHON), str(ROOT / "tests" / "triton_client.py"), "--url", f"127.0.0.1:{port}",
@@ -97,11 +106,16 @@ def test_tritons_python_client_in_binary_mode(repo_server, reference, tmp_path):
     np.testing.assert_allclose(np.asarray(got["output_unnamed"], np.float32), reference(x), atol=1e-5)
 
 
+def repo_server_dir_name(meta) -> str:
+    return meta["parameters"]["model_repository"].rsplit("/", 1)[-1]
+
+
 def test_sigterm_lets_the_in_flight_request_finish(repo_server, reference):
     # Runs last in this module: it stops the server.
     import httpx
 
-    base, _, proc = repo_server
+    base, _, proc, tmp = repo_server
+    assert list(tmp.glob("onnx-pipeline-serve-*")), "the runs:/ model's download folder exists while serving"
     x = batch(1, seed=11)
     answer = {}
 
@@ -123,6 +137,8 @@ def test_sigterm_lets_the_in_flight_request_finish(repo_server, reference):
     assert proc.wait(timeout=30) == 143
     log = proc.stdout.read()
     assert "Traceback" not in log and "Finished server process" in log, log
+    # The runs:/ (models:/) download folder went with the server (issue 14: it stayed after SIGTERM).
+    assert not list(tmp.glob("onnx-pipeline-serve-*")), log
 
 
 def _cuda_usable() -> bool:
