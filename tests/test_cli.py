@@ -280,7 +280,7 @@ def test_serve_a_file_from_another_directory(exported, tmp_path):
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--model", str(exported.onnx), "--port",
-                             str(port), "--set", "serve.batching.max_batch_size=8"],
+                             str(port), "--grpc-port", str(free_port()), "--set", "serve.batching.max_batch_size=8"],
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

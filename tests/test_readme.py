@@ -11,7 +11,8 @@ shared machine:
 
 - `pipeline run` gets QUICK_SET: a smaller model, one quantized variant and a short benchmark (the
   default recipe takes minutes here), with every other word of the command as written;
-- the server gets a free port instead of 8000 (`--port N`, and `:8000` -> `:N` in URLs);
+- the server gets a free port instead of 8000 (`--port N`, and `:8000` -> `:N` in URLs), and gRPC a
+  free one instead of 8001 (`--grpc-port M`);
 - the installed `.venv` is the checkout's (a symlink), with PYTHONPATH at the copy, and
   MLFLOW_TRACKING_URI unset so the default store `mlruns/` (in the copy) is used.
 """
@@ -56,12 +57,18 @@ def blocks() -> list[tuple[str, str, str]]:
     return [(m["kind"] or "run", (m["arg"] or "").strip(), m["body"]) for m in MARKED.finditer(quick_start())]
 
 
+def grpc_port() -> int:
+    from tests.test_serve import free_port
+
+    return free_port()
+
+
 def adapt(body: str, port: int) -> str:
     """The deviations named in the module docstring, applied to one block."""
     lines = []
     for line in body.splitlines():
         line = re.sub(r"^pipeline run\b", f"pipeline run {QUICK_SET}", line)
-        line = re.sub(r"^pipeline serve\b", f"pipeline serve --port {port}", line)
+        line = re.sub(r"^pipeline serve\b", f"pipeline serve --port {port} --grpc-port {grpc_port()}", line)
         lines.append(line.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
     return "\n".join(lines)
 

@@ -1,18 +1,21 @@
-"""serve: a KServe v2 / Open Inference Protocol REST server over ONNX Runtime, with dynamic batching.
+"""serve: a KServe v2 / Open Inference Protocol server (REST and gRPC) over ONNX Runtime, with dynamic batching.
 
 Transport, runtime and batching live apart, as in MLServer: the routes only translate HTTP, the
 runtime owns the sessions, the batcher wraps the runtime's ``run``. The modules:
 
-- ``config``: the recipe's ``serve:`` section, ``ServeConfig`` with its transport, runtime and
-  batching parts (light: no onnxruntime, torch or numpy),
-- ``protocol``: the v2 JSON schemas and tensor codec, JSON and binary (no HTTP, no sessions),
+- ``config``: the recipe's ``serve:`` section, ``ServeConfig`` with its transport, runtime,
+  batching and inputs parts (light: no onnxruntime, torch or numpy),
+- ``protocol``: the v2 JSON schemas and tensor codec, JSON, binary and the gRPC message's tensors, and
+  every request check that needs no model (no HTTP, no sessions),
 - ``runtime``: a served model's ONNX Runtime session (built by ``stages.sessions``), I/O binding,
   warm-up and the request checks (``load_model`` -> a warm ``ModelRuntime``),
 - ``batcher``: the dynamic batcher wrapping ``ModelRuntime.run`` on its own thread,
 - ``repository``: Triton-layout model repositories and their config.pbtxt,
 - ``triton``: Triton's own protobuf schemas (vendored), for config.pbtxt,
-- ``metrics``: the Prometheus series,
-- ``app``: the HTTP routes (``create_app``, a lean ASGI app) and ``serve``, which runs uvicorn.
+- ``metrics``: the Prometheus series; ``stats``: Triton's statistics extension (both transports and the batcher),
+- ``app``: the HTTP routes (``create_app``, a lean ASGI app), the transport-neutral ``App.infer``, and
+  ``serve``, which runs uvicorn (``http_protocol``: its header/body timeouts and the shutdown cut),
+- ``grpc_server``: the gRPC transport (``inference.GRPCInferenceService``) on the same event loop.
 
     runtime = load_model("runs/x/model.onnx", "digits")
     serve([runtime], ServeConfig(transport=TransportSettings(port=8000)))   # http://127.0.0.1:8000/v2
