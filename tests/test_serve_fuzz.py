@@ -42,7 +42,10 @@ TALLY = {"http_requests": 0, "grpc_requests": 0, "5xx": 0, "hangs": 0, "crashes"
 
 INT64_EDGES = [0, 1, 2, 8, 2**31 - 1, 2**31, 2**32, 2**62, 2**63 - 1, 2**63, 2**64, 2**64 + 1, -1, -(2**63), 10**30]
 dims = st.one_of(st.integers(0, 4), st.sampled_from(INT64_EDGES), st.integers(-(2**70), 2**70))
+# Zero-size tensors whose other dims overflow (issue 14's 500): numpy refuses them past 2**63 bytes.
+OVERFLOWING = [[2**62, 4, 0], [2**61, 0], [2**60, 1, 0], [0, 2**63 - 1], [2**60 - 1, 0], [9223372036854775808, 0]]
 shapes = st.one_of(st.just([1, 1, 8, 8]), st.just([2, 1, 8, 8]), st.just([1, 2]), st.just([3, 2]),
+                   st.sampled_from(OVERFLOWING),
                    st.lists(dims, max_size=6), st.lists(st.integers(0, 2), min_size=30, max_size=70))
 datatypes = st.one_of(st.sampled_from(list(DATATYPES)), st.text(max_size=8), st.sampled_from(["BF16", "fp32", ""]))
 names = st.one_of(st.sampled_from(["input", "in_FP32", "in_INT8", "in_BYTES", "in_BOOL", "in_FP16", "in_UINT64",
@@ -241,7 +244,9 @@ def test_fuzz_grpc_model_infer(server, reference):
 
         @settings(FUZZ, max_examples=GRPC_EXAMPLES)
         @given(model=st.sampled_from(["digits", "types", "nope", ""]), version=st.sampled_from(["", "1", "9"]),
-               tensors=st.lists(st.tuples(names, datatypes, st.lists(dims, max_size=5), st.sampled_from(contents_fields),
+               tensors=st.lists(st.tuples(names, datatypes, st.one_of(st.lists(dims, max_size=5),
+                                                                      st.sampled_from(OVERFLOWING)),
+                                          st.sampled_from(contents_fields),
                                           st.integers(0, 70), st.one_of(st.none(), st.binary(max_size=300))),
                                 max_size=3),
                raw_mode=st.integers(0, 2), junk=st.one_of(st.none(), st.binary(max_size=40)))

@@ -48,7 +48,8 @@ def server(onnx_path, types_path):
 
 EDGES = [([9223372036854775808, 0], "inputs[0].shape[0]: dims must be integers in 0..9223372036854775807, "
                                     "got 9223372036854775808"),
-         ([4611686018427387904, 4, 0], "inputs[0].shape: [4611686018427387904,4,0] has more elements than an int64"),
+         ([4611686018427387904, 4, 0], "inputs[0].shape: [4611686018427387904,4,0] has more elements than a tensor can hold"),
+         ([2**61, 0], "inputs[0].shape: [2305843009213693952,0] has more elements than a tensor can hold"),
          ([-1, 1, 8, 8], "inputs[0].shape[0]: dims must be integers in 0..9223372036854775807, got -1"),
          ([1] * 40, "inputs[0].shape: at most 32 dims, got 40"),
          ([2**64, 1, 8, 8], "inputs[0].shape[0]: dims must be integers")]

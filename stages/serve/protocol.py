@@ -106,6 +106,9 @@ def format_shape(shape: Sequence[int]) -> str:
 
 
 INT64_MAX = 2**63 - 1
+# numpy refuses a shape whose non-zero dims' product times the item size exceeds int64, even for a zero-size
+# array; 8 bytes is the widest item (INT64, FP64, and BYTES' object pointers).
+MAX_ELEMENTS = INT64_MAX // 8
 MAX_RANK = 32  # numpy's limit was 32 dims before 2.0 (64 since); no served model comes close
 NON_FINITE_TOKENS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 
@@ -113,8 +116,9 @@ NON_FINITE_TOKENS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity":
 def check_shape(shape: Sequence[Any], where: str) -> int:
     """The element count of a request tensor's ``shape``, after checking it can be one: every dim an
     integer in 0..2**63-1 (the v2 protocol's int64), at most MAX_RANK dims, and the product of its
-    non-zero dims within int64 (a zero dim makes the count 0, but ``[2**62, 4, 0]`` still cannot be an
-    array). Runs before any arithmetic on the dims; ProtocolError naming ``where.shape``."""
+    non-zero dims at most MAX_ELEMENTS (2**60: int64's bytes at 8 bytes an element; a zero dim makes the
+    count 0, but ``[2**62, 4, 0]`` still cannot be an array). Runs before any arithmetic on the dims;
+    ProtocolError naming ``where.shape``."""
     if len(shape) > MAX_RANK:
         raise ProtocolError(f"{where}.shape: at most {MAX_RANK} dims, got {len(shape)}")
     for axis, d in enumerate(shape):
@@ -124,9 +128,9 @@ def check_shape(shape: Sequence[Any], where: str) -> int:
     for d in shape:
         if d:
             nonzero *= d
-            if nonzero > INT64_MAX:
-                raise ProtocolError(f"{where}.shape: {format_shape(shape)} has more elements than an int64 can "
-                                    f"count (the product of its non-zero dims exceeds {INT64_MAX})")
+            if nonzero > MAX_ELEMENTS:
+                raise ProtocolError(f"{where}.shape: {format_shape(shape)} has more elements than a tensor can "
+                                    f"hold (the product of its non-zero dims exceeds 2**60)")
     return 0 if 0 in shape else nonzero
 
 
