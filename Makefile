@@ -17,6 +17,7 @@ RECIPE   ?= configs/digits-cnn.yaml
 MODEL    ?= models:/digits-cnn@champion
 HOST     ?= 127.0.0.1
 PORT     ?= 8000
+GRPC_PORT ?= 8001
 UI_PORT  ?= 5000
 STORE    ?= sqlite:///mlruns/mlflow.db
 # Triton's Python client, for tests only: it pins protobuf and ml_dtypes versions that onnx and mlflow
@@ -75,8 +76,8 @@ ui: $(STAMP)  ## browse runs and the model registry
 	@echo "MLflow UI: http://$(HOST):$(UI_PORT)  (store: $(STORE))"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow ui --backend-store-uri $(STORE) --host $(HOST) --port $(UI_PORT)
 
-serve: $(STAMP)  ## serve the champion over the KServe v2 protocol
-	$(BIN)/pipeline serve --model $(MODEL) --host $(HOST) --port $(PORT)
+serve: $(STAMP)  ## serve the champion over the KServe v2 protocol (HTTP $(PORT), gRPC $(GRPC_PORT))
+	$(BIN)/pipeline serve --model $(MODEL) --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT)
 
 bench-serve: $(STAMP)  ## load benchmark: our server vs mlflow models serve (about 2 minutes)
 	$(BIN)/python benchmarks/serve_load.py
