@@ -46,12 +46,17 @@ def repo_server(tmp_path_factory, onnx_path):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "1" / "model.onnx").write_bytes(onnx_path.read_bytes())
     (repo / "slow" / "config.pbtxt").write_text(SLOW_PBTXT)
-    with mlflow.start_run() as run:  # the session's temporary store (conftest)
-        mlflow.log_artifact(str(onnx_path))
+    # A run in the store the server will read (MLFLOW_TRACKING_URI: conftest's temporary store, unless a
+    # test set another; mlflow's own current URI may differ, so the client is told).
+    store = os.environ["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    client.log_artifact(run_id, str(onnx_path))
+    client.set_terminated(run_id)
     tmp = tmp_path_factory.mktemp("tmpdir")
     port = free_port()
-    proc = subprocess.Popen(cli("--model-repository", str(repo), "--model", f"runs:/{run.info.run_id}/model.onnx",
-                                "--port", str(port)), cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)},
+    proc = subprocess.Popen(cli("--model-repository", str(repo), "--model", f"runs:/{run_id}/model.onnx",
+                                "--port", str(port)), cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": store, "TMPDIR": str(tmp)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
