@@ -136,7 +136,7 @@ def _errors(stage_error: int) -> Iterator[None]:
     """One line and an exit code instead of a traceback. A recipe problem is always a usage error (2); a
     StageError is ``stage_error``: 2 while the command's inputs are resolved, 1 once the work runs.
     Ctrl-C / SIGTERM end with 130 / 143 (the orchestrator has marked the MLflow runs KILLED)."""
-    from pipeline.config import ConfigError
+    from pipeline.recipe_file import ConfigError  # not pipeline.config: serve must not import torch
     from stages.common import StageError
 
     try:
@@ -520,6 +520,10 @@ def serve(
                                                      help="ONNX Runtime device.")] = None,
     require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Refuse to start (exit 1) unless ONNX Runtime "
                                               "really runs on CUDA (it falls back to CPU silently otherwise).")] = False,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=0, show_default="the recipe's serve.transport.workers, else 0: one per core, at most 8",
+        help="Server processes sharing the port, each with its own ONNX Runtime session(s); threads are divided "
+             "among them.")] = None,
     recipe: OptionalRecipeOpt = None, set_: SetOpt = None,
 ):
     """Serve models over the KServe v2 / Open Inference Protocol with ONNX Runtime and dynamic batching.
@@ -529,11 +533,17 @@ def serve(
     """
     overrides = list(set_ or [])
     overrides += [f"serve.{k}={v}" for k, v in (("transport.host", host), ("transport.port", port),
+                                                 ("transport.workers", workers),
                                                  ("runtime.device", device.value if device else None)) if v is not None]
     if require_gpu:
         overrides.append("serve.runtime.require_gpu=true")
     with _errors(USAGE):
-        settings, cfg = _optional_recipe(recipe, overrides)
+        # The serve section alone (pipeline.recipe_file): the serving path never imports torch.
+        from pipeline.recipe_file import load_serve_recipe
+
+        if recipe is None and DEFAULT_RECIPE.is_file():
+            recipe = DEFAULT_RECIPE
+        settings, cfg = load_serve_recipe(recipe, overrides)
     if name and len(model or []) != 1:
         raise _usage("--name renames a single --model; with a repository or several models, names come from them")
     if not model and model_repository is None and cfg is None:
@@ -541,6 +551,7 @@ def serve(
                      "pass --model PATH.onnx, --model models:/NAME@ALIAS or --model-repository DIR")
     from stages.common import StageError
     from stages.serve import runtime as serve_runtime
+    from stages.serve import workers as serve_workers
     from stages.serve.repository import load_sources, scan_repository
 
     try:
@@ -551,19 +562,39 @@ def serve(
         sources = []
         if model_repository is not None:
             sources += scan_repository(model_repository)
-        uris = list(model or ([] if model_repository else [_champion_uri(cfg)]))
+        uris = list(model or ([] if model_repository else [cfg.champion_uri]))
         sources += [_model_source(uri, name) for uri in uris]
-        runtimes, batching = load_sources(sources, settings)
+        _check_unique(sources)
+        n_workers = serve_workers.resolve_workers(settings)
+        if n_workers > 1:
+            serve_workers.worker_config(settings, n_workers)  # threads divisible: checked before anything starts
+        else:
+            runtimes, batching = load_sources(sources, settings)
     except serve_runtime.GpuRequired as e:
         raise _failed(str(e)) from None
     except (ValueError, StageError) as e:  # a bad path, URI, model file or repository (RepositoryError)
         raise _usage(str(e)) from None
+    if n_workers > 1:
+        # Several processes on the port (stages/serve/workers.py): this one supervises, the workers load.
+        try:
+            code = serve_workers.serve_workers(sources, settings, n_workers)
+        except serve_workers.WorkerStartError as e:
+            raise _error(str(e), e.code) from None
+        except KeyboardInterrupt:
+            code = 0
+        raise typer.Exit(code)
     from stages.serve.app import serve as run_server
 
-    try:
-        run_server(runtimes, settings, batching)
-    except ValueError as e:  # two sources with the same name and version
-        raise _usage(str(e)) from None
+    run_server(runtimes, settings, batching)
+
+
+def _check_unique(sources) -> None:
+    """Two sources with the same name and version cannot both be served (ValueError naming them)."""
+    seen = set()
+    for s in sources:
+        if (s.name, s.version) in seen:
+            raise ValueError(f"model {s.name!r} version {s.version!r} is given twice")
+        seen.add((s.name, s.version))
 
 
 def _model_source(uri: str, name: Optional[str]):

@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 from urllib.parse import unquote
 
 from stages.common import PRODUCT_VERSION
 from stages.serve import protocol
-from stages.serve.batcher import Batcher
+from stages.serve.batcher import Batcher, QueueFull
 from stages.serve.config import BatchSettings, ServeConfig
 from stages.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from stages.serve.metrics import ServerMetrics
@@ -101,6 +101,9 @@ class App:
             settings = (batching or {}).get((m.name, m.version), default)
             self.served[id(m)] = _Served(m, Batcher(m, settings, mm), mm)
         self._started = False
+        # Set by a worker process (stages.serve.workers): whether every worker of the server is
+        # ready, so that /v2/health/ready answers for the whole server whichever worker it reaches.
+        self.peers_ready: Callable[[], bool] | None = None
         self._static = {"/v2": protocol.dumps({"name": SERVER_NAME, "version": PRODUCT_VERSION,
                                                "extensions": EXTENSIONS}),
                         "/v2/health/live": b'{"live":true}'}
@@ -119,7 +122,7 @@ class App:
 
     @property
     def ready(self) -> bool:
-        return all(s.runtime.ready for s in self.served.values())
+        return all(s.runtime.ready for s in self.served.values()) and (self.peers_ready is None or self.peers_ready())
 
     def batcher(self, name: str, version: str | None = None) -> Batcher:
         return self.served[id(self.repo.get(name, version))].batcher
@@ -212,6 +215,10 @@ class App:
         except HttpError as e:
             served.metrics.failure.inc()
             return await _send(send, e.status, protocol.dumps({"error": str(e)}))
+        except QueueFull as e:  # admission control (serve.batching.max_queue_size): come back later
+            served.metrics.rejected.inc()
+            return await _send(send, 503, protocol.dumps({"error": str(e)}),
+                               [*_JSON, (b"retry-after", str(QueueFull.retry_after_s).encode())])
         except protocol.ProtocolError as e:
             served.metrics.failure.inc()
             return await _send(send, 400, protocol.dumps({"error": str(e)}))
@@ -317,13 +324,35 @@ def uvicorn_config(app: App, config: ServeConfig, log_level: str = "info"):
 
 
 def serve(models: Sequence[ModelRuntime], config: ServeConfig,
-          batching: dict[tuple[str, str], BatchSettings] | None = None) -> None:
-    """Run the v2 server until SIGTERM / Ctrl-C; in-flight requests finish first (up to graceful_shutdown_s)."""
+          batching: dict[tuple[str, str], BatchSettings] | None = None, *, sockets: list | None = None,
+          on_started: Callable[[App], None] | None = None, peers_ready: Callable[[], bool] | None = None) -> None:
+    """Run the v2 server until SIGTERM / Ctrl-C; in-flight requests finish first (up to graceful_shutdown_s).
+
+    A worker process of ``stages.serve.workers`` passes the ``sockets`` it bound (SO_REUSEPORT),
+    ``on_started`` (called once the server accepts connections: it tells the supervisor) and
+    ``peers_ready`` (readiness of the other workers)."""
+    import gc
+
     import uvicorn
 
     app = create_app(models, config, batching)
-    transport = config.transport
-    host = f"[{transport.host}]" if ":" in transport.host else transport.host
-    log.info("KServe v2 server at http://%s:%d/v2 serving %s", host, transport.port,
-             ", ".join(f"{m.name} v{m.version} on {m.provider}" for m in models))
-    uvicorn.Server(uvicorn_config(app, config)).run()
+    app.peers_ready = peers_ready
+    if sockets is None:
+        transport = config.transport
+        host = f"[{transport.host}]" if ":" in transport.host else transport.host
+        log.info("KServe v2 server at http://%s:%d/v2 serving %s", host, transport.port,
+                 ", ".join(f"{m.name} v{m.version} on {m.provider}" for m in models))
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if on_started is not None and not self.should_exit:
+                on_started(app)
+
+    # Everything loaded so far (modules, sessions, warm-up buffers) lives as long as the server: move it
+    # out of the garbage collector's view. Otherwise a full collection walks those ~200k objects while
+    # every request waits: 100-270 ms pauses, measured with gc.callbacks, were the whole p99 at
+    # concurrency 128 (p99 10x p50; after the freeze, full collections take ~10 ms).
+    gc.collect()
+    gc.freeze()
+    Server(uvicorn_config(app, config)).run(sockets=sockets)

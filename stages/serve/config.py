@@ -1,9 +1,9 @@
 """The server's settings: the recipe's ``serve:`` section, in three nested parts.
 
     serve:
-      transport: {host: 127.0.0.1, port: 8000, max_request_mb: 32, graceful_shutdown_s: 30}
+      transport: {host: 127.0.0.1, port: 8000, workers: 0, max_request_mb: 32, graceful_shutdown_s: 30}
       runtime:   {device: auto, require_gpu: false, intra_op_threads: 0, inter_op_threads: 1, allow_spinning: auto}
-      batching:  {enabled: true, max_batch_size: 64, max_queue_delay_ms: 0, preferred_batch_sizes: []}
+      batching:  {enabled: true, max_batch_size: 64, max_queue_delay_ms: 0, preferred_batch_sizes: [], max_queue_size: 0}
 
 ``transport`` is how clients reach the server (``app``), ``runtime`` how its ONNX Runtime sessions are
 built (``RuntimeSettings.session_settings()`` is the one conversion to the session factory's record;
@@ -60,6 +60,9 @@ class TransportSettings:
 
     host: str = "127.0.0.1"  # loopback unless told otherwise: the server has no authentication
     port: int = 8000
+    # Server processes sharing the port (SO_REUSEPORT), each with its own sessions; 0: one per core,
+    # at most 8 (stages.serve.workers.default_workers says why).
+    workers: int = 0
     max_request_mb: float = 32.0  # request bodies above this are refused with 413
     graceful_shutdown_s: float = 30.0  # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
 
@@ -67,6 +70,7 @@ class TransportSettings:
         if not isinstance(self.host, str) or not self.host.strip():
             raise ValueError(f"`host` must be a non-empty host name or IP address, got {self.host!r}")
         _check_int("port", self.port, 1, 65535)
+        _check_int("workers", self.workers, 0, 256)
         object.__setattr__(self, "max_request_mb", _number("max_request_mb", self.max_request_mb, positive=True))
         object.__setattr__(self, "graceful_shutdown_s",
                            _number("graceful_shutdown_s", self.graceful_shutdown_s, positive=False))
@@ -107,6 +111,9 @@ class BatchSettings:
     max_batch_size: int = 64  # rows merged into one session run at most
     max_queue_delay_ms: float = 0.0  # extra wait for more rows; 0: merge what queued while the last batch ran
     preferred_batch_sizes: tuple[int, ...] = ()  # only warmed up; the merge rule is max size / delay
+    # Admission control: requests waiting for the batcher (not yet started) at most; one more is
+    # answered 503 with Retry-After and counted. 0: unbounded (as Triton's default queue policy).
+    max_queue_size: int = 0
 
     def __post_init__(self) -> None:
         _check_bool("enabled", self.enabled)
@@ -119,6 +126,7 @@ class BatchSettings:
             raise ValueError(f"`preferred_batch_sizes` must be a list of integers within 1..max_batch_size "
                              f"({self.max_batch_size}), got {sizes!r}")
         object.__setattr__(self, "preferred_batch_sizes", tuple(sizes))
+        _check_int("max_queue_size", self.max_queue_size, 0)
 
 
 @dataclass(frozen=True)
