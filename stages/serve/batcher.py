@@ -200,6 +200,8 @@ class Batcher:
     def _next_batch(self) -> list[tuple[_Item, int, int]] | None:
         """The next batch as (request, first row, end row) pieces, in row order; None to stop."""
         s, backlog = self.settings, self._backlog
+        while self._take(False):  # newcomers join behind a large request's next piece, not after all of it
+            pass
         while True:
             while not backlog:
                 if self._inbox.empty():
