@@ -10,6 +10,8 @@ STAMP    := $(VENV)/.installed
 # gets the packages the tests last passed with, not the newest of the day (Typer's help output once
 # changed under us that way). pyproject.toml says what the project needs; these files say which build.
 CONSTRAINTS := constraints.txt
+# The project's extras (pyproject.toml): `serve` (a slim server, no torch), `full` (the whole pipeline,
+# serve included). `make install` installs full.
 # The team tracking server's extra (psycopg2, MLflow's PostgreSQL driver): `make tracking-server` and
 # `make test` (which runs one) install it; `make install` does not need it.
 TEAM_STAMP  := $(VENV)/.installed-team
@@ -38,11 +40,11 @@ install: $(STAMP)  ## create .venv and install the project (idempotent)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || { echo "Creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@echo "Installing onnx-pipeline into $(VENV) (the first time takes a few minutes)"
-	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[test]'
+	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[full,test]'
 	@touch $@
 
 $(TEAM_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[test,team]'
+	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[full,test,team]'
 	@touch $@
 
 run: all
