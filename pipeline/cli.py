@@ -641,6 +641,8 @@ def package(
     version: Annotated[int, typer.Option(help="Triton version directory.")] = 1,
     storage_uri: Annotated[Optional[str], typer.Option("--storage-uri", help="kserve: where model.onnx will be "
                                                        "uploaded, e.g. s3://bucket/models/digits-cnn.")] = None,
+    image: Annotated[Optional[str], typer.Option("--image", help="kserve: serve with this project's slim server "
+                                                 "image (built from the Dockerfile) instead of KServe's ONNX runtime.")] = None,
     samples: Annotated[str, typer.Option(help="Test samples to carry in samples.json (bundle): a count, or 'all'; "
                                               "they come from the run directory's test split.")] = "16",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it is not "
@@ -670,7 +672,7 @@ def package(
         try:
             config = pkg.Config(format=format_.value, name=name or "", version=version, overwrite=overwrite,
                                 samples=-1 if samples == "all" else int(samples), storage_uri=storage_uri or "",
-                                allow_contrib_ops=allow_contrib_ops, batching=settings.batching)
+                                image=image or "", allow_contrib_ops=allow_contrib_ops, batching=settings.batching)
         except ValueError as e:
             raise _usage(str(e).replace("`", "")) from None
         if workdir is not None:

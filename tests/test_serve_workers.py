@@ -317,3 +317,47 @@ def test_serving_imports_no_torch_nor_the_training_stack(dense_path, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.is_file(), r.stderr
     assert json.loads(out.read_text()) == [], r.stderr
+
+
+# --- the container image -----------------------------------------------------------------------------
+
+def _pip_installs(text: str) -> list[str]:
+    """Every `pip install` command of a Dockerfile (RUN lines joined) or of a README's bash blocks,
+    with --no-cache-dir dropped (an image-size detail) and whitespace normalized."""
+    joined = text.replace("\\\n", " ")
+    out = []
+    for line in joined.splitlines():
+        for part in line.split("&&"):
+            if "pip install" in part:
+                cmd = part.split("RUN", 1)[-1].split("#", 1)[0].replace("--no-cache-dir", "")
+                out.append(" ".join(cmd.split()))
+    return out
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfiles_install_the_readmes_slim_server(dockerfile):
+    """No Docker engine here: nothing is built, but each image installs exactly what the README tells a
+    user to install for a slim server (the serve extra, pinned by constraints.txt), and starts `pipeline serve`."""
+    text = (ROOT / dockerfile).read_text()
+    readme = (ROOT / "README.md").read_text()
+    guide = readme[readme.index("### Serving at scale"):]
+    guide = guide[:guide.index("\n### ", 5)]
+    installs = _pip_installs(text)
+    assert installs == ["python -m pip install -c constraints.txt '.[serve]'"], installs
+    assert installs[0] in _pip_installs(guide)
+    assert 'ENTRYPOINT ["pipeline", "serve", "--host", "0.0.0.0"' in text
+    copied = " ".join(ln for ln in text.splitlines() if ln.startswith("COPY "))
+    for path in ("pyproject.toml", "constraints.txt", "pipeline", "stages", "models"):
+        assert f" {path}" in copied, path
+
+
+def test_kserve_manifest_can_run_the_slim_server_image():
+    from stages.package import kserve_manifest
+
+    doc = {"lineage": {"source": "models:/digits-cnn@champion"}, "model": {"sha256": "abc"}}
+    manifest = kserve_manifest("digits-cnn", "s3://bucket/m", doc, image="registry.example.com/onnx-pipeline-serve:0.1.0")
+    container = manifest["spec"]["predictor"]["containers"][0]
+    assert container["image"] == "registry.example.com/onnx-pipeline-serve:0.1.0"
+    assert container["args"][:2] == ["--model", "/mnt/models/model.onnx"] and "--port" in container["args"]
+    assert {"name": "STORAGE_URI", "value": "s3://bucket/m"} in container["env"]
+    assert "model" not in manifest["spec"]["predictor"]  # a custom predictor, not KServe's ONNX runtime
