@@ -337,6 +337,8 @@ def serve(models: Sequence[ModelRuntime], config: ServeConfig,
 
     app = create_app(models, config, batching)
     app.peers_ready = peers_ready
+    # Workers share the gRPC port too (SO_REUSEPORT), once the gRPC transport serves beside HTTP.
+    app.grpc_reuse_port = sockets is not None
     if sockets is None:
         transport = config.transport
         host = f"[{transport.host}]" if ":" in transport.host else transport.host

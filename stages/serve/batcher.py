@@ -62,11 +62,13 @@ class _Item:
     """One request. ``scheduled``: rows handed to a batch so far (the worker's cursor); ``parts``:
     outputs of the pieces already run, by first row, for a request served in pieces."""
 
-    __slots__ = ("feeds", "rows", "key", "future", "loop", "enqueued", "scheduled", "finished", "parts", "closed")
+    __slots__ = ("feeds", "rows", "key", "future", "loop", "enqueued", "scheduled", "finished", "parts", "closed",
+                 "timing")
 
-    def __init__(self, feeds, rows, key, future, loop):
+    def __init__(self, feeds, rows, key, future, loop, timing=None):
         self.feeds, self.rows, self.key, self.future, self.loop = feeds, rows, key, future, loop
         self.enqueued = time.perf_counter()
+        self.timing = timing  # optional: gets this request's queue and compute seconds (queue_s, compute_s)
         self.scheduled = self.finished = 0
         self.parts: list | None = None
         self.closed = False  # answered (or failed): its remaining pieces, if any, are dropped
@@ -86,10 +88,11 @@ def _resolve(results: list) -> None:
 class Batcher:
     """Queue + worker thread wrapping ``runtime.run`` for one model."""
 
-    def __init__(self, runtime, settings: BatchSettings, metrics=None):
+    def __init__(self, runtime, settings: BatchSettings, metrics=None, stats=None):
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics
+        self.stats = stats  # optional: ``executed(rows, seconds)`` per session run
         self.merging = settings.enabled and runtime.batchable and settings.max_batch_size > 1
         self._delay_s = settings.max_queue_delay_ms / 1000.0
         # Hand-over to the worker: a C-implemented SimpleQueue of *lists* of requests. The event loop
@@ -134,9 +137,10 @@ class Batcher:
         """Requests admitted and not yet started (approximate while both threads move)."""
         return self._admitted - self._started - self._inline_started
 
-    async def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(self, feeds: Mapping[str, np.ndarray], timing=None) -> dict[str, np.ndarray]:
         """Every model output for these (checked) feeds, rows of this request only. Raises QueueFull
-        when ``max_queue_size`` requests already wait."""
+        when ``max_queue_size`` requests already wait. ``timing``, when given, gets this request's queue
+        seconds (to its first piece) and compute seconds (of every batch it was part of)."""
         if self._stopping:
             raise RuntimeError("the server is shutting down")
         limit = self.settings.max_queue_size
@@ -150,7 +154,7 @@ class Batcher:
         key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
         if not self._pending:
             loop.call_soon(self._flush)  # after the other requests of this loop iteration joined
-        self._pending.append(_Item(feeds, rows, key, future, loop))
+        self._pending.append(_Item(feeds, rows, key, future, loop, timing))
         self._admitted += 1
         return await future
 
@@ -300,9 +304,18 @@ class Batcher:
                         done = _collect(it, a, b, part)
                         if done is not None:
                             results.append((it, done, None))
+        compute_s = time.perf_counter() - start
         if m is not None:
-            m.compute_seconds.observe(time.perf_counter() - start)
+            m.compute_seconds.observe(compute_s)
             m.batch_size.observe(rows)
+        if self.stats is not None:
+            self.stats.executed(rows, compute_s)
+        for it, a, _ in batch:
+            if it.timing is not None:
+                if a == 0:
+                    it.timing.queue_s, it.timing.compute_s = start - it.enqueued, compute_s
+                else:  # a later piece of a large request
+                    it.timing.compute_s += compute_s
         if hand_back:
             self._hand_back(results)
         else:  # already on the event loop

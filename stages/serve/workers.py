@@ -149,6 +149,8 @@ class Supervisor:
         """Start every worker and wait until all are ready; WorkerStartError (everything stopped) if one fails."""
         t = self.config.transport
         _check_port_free(t.host, t.port)
+        if getattr(t, "grpc_port", 0):  # the gRPC transport's port, where there is one
+            _check_port_free(t.host, t.grpc_port)
         for i in range(self.workers):
             self._start(i)
         deadline = time.monotonic() + START_TIMEOUT_S
