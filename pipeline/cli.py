@@ -508,7 +508,7 @@ def compare(run_a: Annotated[str, typer.Argument(metavar="RUN_A", help="MLflow r
 def serve(
     model: Annotated[Optional[list[str]], typer.Option(
         "--model", "-m", show_default="models:/<recipe's model name>@champion, unless --model-repository",
-        help="A .onnx path or models:/NAME@ALIAS (repeatable).")] = None,
+        help="A .onnx path, a bundle directory (pipeline package) or models:/NAME@ALIAS (repeatable).")] = None,
     model_repository: Annotated[Optional[Path], typer.Option(
         "--model-repository", help="A Triton-layout directory: `<repo>/<model>/<version>/model.onnx` (+ config.pbtxt).")] = None,
     name: Annotated[Optional[str], typer.Option(show_default="registered name or file stem",
@@ -612,8 +612,11 @@ def _model_source(uri: str, name: Optional[str]):
                    "run_id": fetched.run_id or "", **fetched.tags}
         return ModelSource(path=fetched.path, name=name or fetched.name, version=fetched.version or "1", lineage=lineage)
     path = Path(uri)
+    if path.is_dir() and (path / "model.onnx").is_file():  # a bundle (`pipeline package`): its model.onnx
+        return ModelSource(path=path / "model.onnx", name=name or path.name, version="1",
+                           lineage={"model_path": str((path / "model.onnx").resolve())})
     if not path.is_file():
-        raise ValueError(f"model file {uri!r} not found; pass a .onnx path or models:/NAME@ALIAS")
+        raise ValueError(f"model file {uri!r} not found; pass a .onnx path, a bundle directory or models:/NAME@ALIAS")
     return ModelSource(path=path, name=name or path.stem.split(".")[0], version="1",
                        lineage={"model_path": str(path.resolve())})
 

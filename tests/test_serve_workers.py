@@ -361,3 +361,16 @@ def test_kserve_manifest_can_run_the_slim_server_image():
     assert container["args"][:2] == ["--model", "/mnt/models/model.onnx"] and "--port" in container["args"]
     assert {"name": "STORAGE_URI", "value": "s3://bucket/m"} in container["env"]
     assert "model" not in manifest["spec"]["predictor"]  # a custom predictor, not KServe's ONNX runtime
+
+
+def test_serve_takes_a_bundle_directory(tmp_path, dense_path):
+    """`pipeline serve --model dist/NAME` serves the bundle's model.onnx under the bundle's name."""
+    import shutil
+
+    from pipeline.cli import _model_source
+
+    bundle = tmp_path / "dense-bundle"
+    bundle.mkdir()
+    shutil.copy(dense_path, bundle / "model.onnx")
+    source = _model_source(str(bundle), None)
+    assert source.path == bundle / "model.onnx" and source.name == "dense-bundle"
