@@ -25,9 +25,11 @@ is merged, so a lone client pays no delay and a crowd is served in large batches
 with the load, which is what a closed-loop load at concurrency 32 shows). The worker concatenates,
 runs the session once, checks that every output has one row per input row, slices each request its
 rows (in queue order) and resolves all the futures of the batch with a single hand-over to the event
-loop. One fast path: a lone small request that finds the worker idle (and no delay configured) runs
-right on the event loop when the model's warm batch-1 run takes under a millisecond, since two
-thread wake-ups would cost more than the inference (this is what concurrency 1 sees). A model without
+loop. The fast path: while the worker is idle (and no delay is configured), the requests of one
+event-loop iteration are batched and run right on the event loop as long as each batch takes at most
+``INLINE_MAX_COMPUTE_S`` warm (measured at warm-up per batch size), since two thread wake-ups and the
+GIL passed between threads cost more than a small model's inference (concurrency 1 runs only this way;
+a small model under load mostly so; a large request, or a slow model, always goes to the worker). A model without
 a free batch dim, or whose outputs turn out not to be row-wise, is never merged nor cut: each request
 runs alone. An exception fails only the requests of its batch; the worker never dies.
 """
@@ -48,8 +50,7 @@ from stages.serve.config import BatchSettings
 
 log = logging.getLogger(__name__)
 
-INLINE_MAX_COMPUTE_S = 0.001  # run a lone request on the event loop only if batch 1 takes <= 1 ms warm
-INLINE_MAX_ROWS = 4
+INLINE_MAX_COMPUTE_S = 0.002  # a batch runs on the event loop only if it takes <= 2 ms warm (see _run_inline)
 
 
 class QueueFull(RuntimeError):
@@ -111,7 +112,7 @@ class Batcher:
         # Inline fast path (see _flush): only for models whose batch-1 run is short enough not to
         # hold up the event loop. _idle is written by the worker, read by the loop: a stale read only
         # means one request takes the other path (ONNX Runtime sessions may run concurrently).
-        self._inline_ok = getattr(runtime, "batch1_seconds", float("inf")) <= INLINE_MAX_COMPUTE_S \
+        self._inline_ok = bool(getattr(runtime, "batch_seconds", None)) \
             and settings.max_queue_delay_ms == 0  # a configured delay means: wait for company
         self._idle = True
         self._thread = threading.Thread(target=self._work, name=f"batcher-{runtime.name}-{runtime.version}",
@@ -160,21 +161,50 @@ class Batcher:
 
     def _flush(self) -> None:
         items, self._pending = self._pending, []
-        if len(items) == 1 and self._idle and self._inline_ok and items[0].rows <= INLINE_MAX_ROWS:
-            # A lone small request and an idle worker: nothing to merge with, so run it here on the
-            # event loop (tens of microseconds for a small model) instead of paying two thread
-            # wake-ups, which cost more than the inference itself at concurrency 1.
-            item = items[0]
-            item.scheduled = item.rows
-            self._inline_started += 1
-            try:
-                self._execute([(item, 0, item.rows)], hand_back=False)
-            except Exception as e:
-                log.exception("inline inference of %r failed", self.runtime.name)
-                _resolve([(item.future, None, e)])
-            return
+        if self._idle and self._inline_ok:
+            items = self._run_inline(items)
+            if not items:
+                return
         self._idle = False
         self._inbox.put(items)
+
+    def _inline_seconds(self, rows: int) -> float:
+        """Warm compute time of a batch of ``rows`` (at the next warmed size up), inf when unknown."""
+        known = self.runtime.batch_seconds
+        return min((t for n, t in known.items() if n >= rows), default=float("inf"))
+
+    def _run_inline(self, items: list[_Item]) -> list[_Item]:
+        """Run the cheap batches of this loop iteration right here on the event loop, in queue order,
+        while each takes at most INLINE_MAX_COMPUTE_S warm; -> the requests left for the worker thread.
+
+        Why: on a small model the hand-over to the worker thread and back (a wake-up each way and the
+        GIL passed between the threads) cost more than the inference; py-spy showed 15-20% of a
+        worker process's CPU there at concurrency 32. Only while the worker is idle (nothing of it
+        to overtake) and never for a request larger than a batch (its pieces interleave on the worker)."""
+        i, n = 0, len(items)
+        limit = self.settings.max_batch_size
+        while i < n:
+            first = items[i]
+            if first.rows > limit and self.merging:
+                break
+            j, rows = i + 1, first.rows
+            if self.merging:
+                while j < n and items[j].key == first.key and rows + items[j].rows <= limit:
+                    rows += items[j].rows
+                    j += 1
+            if self._inline_seconds(rows) > INLINE_MAX_COMPUTE_S:
+                break
+            batch = items[i:j]
+            for it in batch:
+                it.scheduled = it.rows
+            self._inline_started += len(batch)
+            try:
+                self._execute([(it, 0, it.rows) for it in batch], hand_back=False)
+            except Exception as e:
+                log.exception("inline inference of %r failed", self.runtime.name)
+                _resolve([(it.future, None, e) for it in batch])
+            i = j
+        return items[i:]
 
     # --- the worker thread -----------------------------------------------------------------------
 
