@@ -78,7 +78,10 @@ ui: $(STAMP)  ## browse runs and the model registry
 serve: $(STAMP)  ## serve the champion over the KServe v2 protocol
 	$(BIN)/pipeline serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-bench-serve: $(STAMP)  ## load benchmark: our server vs mlflow models serve (about 2 minutes)
+# The serving benchmark drives the servers with wrk and h2load (Debian: apt-get install wrk nghttp2-client)
+# and compares with a real Triton when TRITON_SERVER_VENV names a venv holding nvidia-pytriton and
+# onnxruntime (see benchmarks/serve_load.py); without them it says what it skipped.
+bench-serve: $(STAMP)  ## load benchmark: our server (1 and N workers) vs Triton and mlflow models serve (~8 minutes)
 	$(BIN)/python benchmarks/serve_load.py
 
 tracking-server: $(TEAM_STAMP)  ## team MLflow server on PostgreSQL (.tracking/), http://127.0.0.1:5000
