@@ -249,19 +249,20 @@ def test_a_small_request_is_not_starved_by_a_large_one(dense_runtime):
 
 
 def test_bounded_queue_refuses_with_503_retry_after_and_counts_it(dense_runtime):
+    """Batching off and a 32k-row request running: the small requests behind it wait, not started; past
+    max_queue_size (2) they are answered 503 with Retry-After at once, and counted as rejected."""
     import httpx
 
     from tests.test_serve import running_server
 
-    config = ServeConfig(transport=TransportSettings(port=free_port()),
-                         batching=BatchSettings(max_batch_size=64, max_queue_size=2))
-    big = np.zeros((8192, WIDTH), np.float32)
+    config = ServeConfig(transport=TransportSettings(port=free_port(), max_request_mb=64),
+                         batching=BatchSettings(enabled=False, max_queue_size=2))
+    big = np.zeros((32768, WIDTH), np.float32)
     small = np.zeros((1, WIDTH), np.float32)
 
     async def flood(base: str):
-        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-            from stages.serve.protocol import encode_infer_response  # noqa: F401 (warm import)
-
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
             def post(x):
                 raw = x.tobytes()
                 doc = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
@@ -269,20 +270,31 @@ def test_bounded_queue_refuses_with_503_retry_after_and_counts_it(dense_runtime)
                 return client.post("/v2/models/dense/infer", content=doc + raw,
                                    headers={"inference-header-content-length": str(len(doc))})
 
-            big_task = asyncio.ensure_future(post(big))  # keeps the batcher busy for a while
-            await asyncio.sleep(0.3)
+            await asyncio.gather(*(client.get("/v2/health/live") for _ in range(14)))  # connections open
+            big_task = asyncio.ensure_future(post(big))  # runs whole (batching off): the queue fills behind it
+            while "onnx_pipeline_queue_duration_seconds_count" not in (text := (await client.get("/metrics")).text) \
+                    or _metric(text, "onnx_pipeline_queue_duration_seconds_count") < 1:  # until it has started
+                assert not big_task.done(), big_task.result().text
+                await asyncio.sleep(0.01)
             answers = await asyncio.gather(*(post(small) for _ in range(12)))
-            await big_task
-            return answers, (await client.get("/metrics")).text
+            big_running = not big_task.done()
+            assert (await big_task).status_code == 200
+            return answers, big_running, (await client.get("/metrics")).text
 
     with running_server([dense_runtime], config) as base:
-        answers, metrics = asyncio.run(flood(base))
+        answers, big_running, metrics = asyncio.run(flood(base))
     refused = [r for r in answers if r.status_code == 503]
-    assert refused and len(refused) < len(answers), [r.status_code for r in answers]
-    assert all(r.status_code in (200, 503) for r in answers)
+    assert all(r.status_code in (200, 503) for r in answers), [r.status_code for r in answers]
+    if big_running:  # the large request outlasted the small ones: at most 2 of them could wait
+        assert len(refused) >= len(answers) - 2, [r.status_code for r in answers]
+    assert refused, [r.status_code for r in answers]
     assert refused[0].headers["retry-after"] == "1" and "max_queue_size" in refused[0].json()["error"]
     line = next(ln for ln in metrics.splitlines() if 'outcome="rejected"' in ln and not ln.startswith("#"))
     assert float(line.rsplit(" ", 1)[1]) == len(refused)
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name + "{"))
 
 
 # --- slim serving -------------------------------------------------------------------------------------
