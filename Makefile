@@ -10,6 +10,8 @@ STAMP    := $(VENV)/.installed
 # gets the packages the tests last passed with, not the newest of the day (Typer's help output once
 # changed under us that way). pyproject.toml says what the project needs; these files say which build.
 CONSTRAINTS := constraints.txt
+# The project's extras (pyproject.toml): `serve` (a slim server, no torch), `full` (the whole pipeline,
+# serve included). `make install` installs full.
 # The team tracking server's extra (psycopg2, MLflow's PostgreSQL driver): `make tracking-server` and
 # `make test` (which runs one) install it; `make install` does not need it.
 TEAM_STAMP  := $(VENV)/.installed-team
@@ -41,11 +43,11 @@ install: $(STAMP)  ## create .venv and install the project (idempotent)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || { echo "Creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@echo "Installing onnx-pipeline into $(VENV) (the first time takes a few minutes)"
-	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[test]'
+	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[full,test]'
 	@touch $@
 
 $(TEAM_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[test,team]'
+	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[full,test,team]'
 	@touch $@
 
 run: all
@@ -79,7 +81,10 @@ ui: $(STAMP)  ## browse runs and the model registry
 serve: $(STAMP)  ## serve the champion over the KServe v2 protocol (HTTP $(PORT), gRPC $(GRPC_PORT))
 	$(BIN)/pipeline serve --model $(MODEL) --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT)
 
-bench-serve: $(STAMP)  ## load benchmark: our server vs mlflow models serve (about 2 minutes)
+# The serving benchmark drives the servers with wrk and h2load (Debian: apt-get install wrk nghttp2-client)
+# and compares with a real Triton when TRITON_SERVER_VENV names a venv holding nvidia-pytriton and
+# onnxruntime (see benchmarks/serve_load.py); without them it says what it skipped.
+bench-serve: $(STAMP)  ## load benchmark: our server (1 and N workers) vs Triton and mlflow models serve (~8 minutes)
 	$(BIN)/python benchmarks/serve_load.py
 
 tracking-server: $(TEAM_STAMP)  ## team MLflow server on PostgreSQL (.tracking/), http://127.0.0.1:5000

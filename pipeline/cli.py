@@ -137,7 +137,7 @@ def _errors(stage_error: int) -> Iterator[None]:
     """One line and an exit code instead of a traceback. A recipe problem is always a usage error (2); a
     StageError is ``stage_error``: 2 while the command's inputs are resolved, 1 once the work runs.
     Ctrl-C / SIGTERM end with 130 / 143 (the orchestrator has marked the MLflow runs KILLED)."""
-    from pipeline.config import ConfigError
+    from pipeline.recipe_file import ConfigError  # not pipeline.config: serve must not import torch
     from stages.common import StageError
 
     try:
@@ -509,7 +509,7 @@ def compare(run_a: Annotated[str, typer.Argument(metavar="RUN_A", help="MLflow r
 def serve(
     model: Annotated[Optional[list[str]], typer.Option(
         "--model", "-m", show_default="models:/<recipe's model name>@champion, unless --model-repository",
-        help="A .onnx path or models:/NAME@ALIAS (repeatable).")] = None,
+        help="A .onnx path, a bundle directory (pipeline package) or models:/NAME@ALIAS (repeatable).")] = None,
     model_repository: Annotated[Optional[Path], typer.Option(
         "--model-repository", help="A Triton-layout directory: `<repo>/<model>/<version>/model.onnx` (+ config.pbtxt).")] = None,
     name: Annotated[Optional[str], typer.Option(show_default="registered name or file stem",
@@ -524,6 +524,10 @@ def serve(
                                                      help="ONNX Runtime device.")] = None,
     require_gpu: Annotated[bool, typer.Option("--require-gpu", help="Refuse to start (exit 1) unless ONNX Runtime "
                                               "really runs on CUDA (it falls back to CPU silently otherwise).")] = False,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=0, show_default="the recipe's serve.transport.workers, else 0: one per core, at most 8",
+        help="Server processes sharing the port, each with its own ONNX Runtime session(s); threads are divided "
+             "among them.")] = None,
     recipe: OptionalRecipeOpt = None, set_: SetOpt = None,
 ):
     """Serve models over the KServe v2 / Open Inference Protocol with ONNX Runtime and dynamic batching.
@@ -534,11 +538,17 @@ def serve(
     overrides = list(set_ or [])
     overrides += [f"serve.{k}={v}" for k, v in (("transport.host", host), ("transport.port", port),
                                                  ("transport.grpc_port", grpc_port),
+                                                 ("transport.workers", workers),
                                                  ("runtime.device", device.value if device else None)) if v is not None]
     if require_gpu:
         overrides.append("serve.runtime.require_gpu=true")
     with _errors(USAGE):
-        settings, cfg = _optional_recipe(recipe, overrides)
+        # The serve section alone (pipeline.recipe_file): the serving path never imports torch.
+        from pipeline.recipe_file import load_serve_recipe
+
+        if recipe is None and DEFAULT_RECIPE.is_file():
+            recipe = DEFAULT_RECIPE
+        settings, cfg = load_serve_recipe(recipe, overrides)
     if name and len(model or []) != 1:
         raise _usage("--name renames a single --model; with a repository or several models, names come from them")
     if not model and model_repository is None and cfg is None:
@@ -546,6 +556,7 @@ def serve(
                      "pass --model PATH.onnx, --model models:/NAME@ALIAS or --model-repository DIR")
     from stages.common import StageError
     from stages.serve import runtime as serve_runtime
+    from stages.serve import workers as serve_workers
     from stages.serve.repository import load_sources, scan_repository
 
     try:
@@ -556,13 +567,29 @@ def serve(
         sources = []
         if model_repository is not None:
             sources += scan_repository(model_repository)
-        uris = list(model or ([] if model_repository else [_champion_uri(cfg)]))
+        uris = list(model or ([] if model_repository else [cfg.champion_uri]))
         sources += [_model_source(uri, name) for uri in uris]
-        runtimes, batching = load_sources(sources, settings)
+        _check_unique(sources)
+        n_workers = serve_workers.resolve_workers(settings)
+        if n_workers > 1:
+            serve_workers.worker_config(settings, n_workers)  # threads divisible: checked before anything starts
+        else:
+            runtimes, batching = load_sources(sources, settings)
     except serve_runtime.GpuRequired as e:
         raise _failed(str(e)) from None
     except (ValueError, StageError) as e:  # a bad path, URI, model file or repository (RepositoryError)
         raise _usage(str(e)) from None
+    if n_workers > 1:
+        # Several processes on the port (stages/serve/workers.py): this one supervises, the workers load.
+        try:
+            code = serve_workers.serve_workers(sources, settings, n_workers)
+        except serve_workers.WorkerStartError as e:
+            raise _error(str(e), e.code) from None
+        except KeyboardInterrupt:
+            code = 0
+        finally:
+            _remove_downloads()
+        raise typer.Exit(code)
     from stages.serve.app import StartupError
     from stages.serve.app import serve as run_server
 
@@ -575,6 +602,15 @@ def serve(
         raise _usage(str(e)) from None
     finally:
         _remove_downloads()
+
+
+def _check_unique(sources) -> None:
+    """Two sources with the same name and version cannot both be served (ValueError naming them)."""
+    seen = set()
+    for s in sources:
+        if (s.name, s.version) in seen:
+            raise ValueError(f"model {s.name!r} version {s.version!r} is given twice")
+        seen.add((s.name, s.version))
 
 
 # models:/ and runs:/ files fetched for serve: removed when it stops, however it stops (SIGTERM included).
@@ -618,8 +654,11 @@ def _model_source(uri: str, name: Optional[str]):
                    "run_id": fetched.run_id or "", **fetched.tags}
         return ModelSource(path=fetched.path, name=name or fetched.name, version=fetched.version or "1", lineage=lineage)
     path = Path(uri)
+    if path.is_dir() and (path / "model.onnx").is_file():  # a bundle (`pipeline package`): its model.onnx
+        return ModelSource(path=path / "model.onnx", name=name or path.name, version="1",
+                           lineage={"model_file": f"{path.name}/model.onnx"})
     if not path.is_file():
-        raise ValueError(f"model file {uri!r} not found; pass a .onnx path or models:/NAME@ALIAS")
+        raise ValueError(f"model file {uri!r} not found; pass a .onnx path, a bundle directory or models:/NAME@ALIAS")
     # The file's name, not its absolute path: model metadata must not map the server's disk.
     return ModelSource(path=path, name=name or path.stem.split(".")[0], version="1",
                        lineage={"model_file": path.name})
@@ -648,6 +687,8 @@ def package(
     version: Annotated[int, typer.Option(help="Triton version directory.")] = 1,
     storage_uri: Annotated[Optional[str], typer.Option("--storage-uri", help="kserve: where model.onnx will be "
                                                        "uploaded, e.g. s3://bucket/models/digits-cnn.")] = None,
+    image: Annotated[Optional[str], typer.Option("--image", help="kserve: serve with this project's slim server "
+                                                 "image (built from the Dockerfile) instead of KServe's ONNX runtime.")] = None,
     samples: Annotated[str, typer.Option(help="Test samples to carry in samples.json (bundle): a count, or 'all'; "
                                               "they come from the run directory's test split.")] = "16",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it is not "
@@ -677,7 +718,7 @@ def package(
         try:
             config = pkg.Config(format=format_.value, name=name or "", version=version, overwrite=overwrite,
                                 samples=-1 if samples == "all" else int(samples), storage_uri=storage_uri or "",
-                                allow_contrib_ops=allow_contrib_ops, batching=settings.batching)
+                                image=image or "", allow_contrib_ops=allow_contrib_ops, batching=settings.batching)
         except ValueError as e:
             raise _usage(str(e).replace("`", "")) from None
         if workdir is not None:

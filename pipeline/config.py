@@ -17,15 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-import yaml
-
 import models
+from pipeline.recipe_file import ConfigError, apply_override, check_name, read_recipe  # noqa: F401 (re-exported)
 from stages import benchmark, evaluate, export, prepare, quantize, register, train
 from stages.serve.config import ServeConfig
-
-
-class ConfigError(ValueError):
-    """A recipe problem a user can fix; the message says what and how."""
 
 
 @dataclass(frozen=True)
@@ -72,48 +67,16 @@ def _plain(obj: Any) -> Any:
 # ---------------------------------------------------------------- loading
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read a recipe file, apply ``key.path=value`` overrides, validate. Raises ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe file {str(path)!r} not found; pass --recipe with a path such as configs/digits-cnn.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
-    data.setdefault("name", path.stem)
-    for item in overrides:
-        apply_override(data, item)
-    return recipe_from_dict(data)
-
-
-def apply_override(data: dict, item: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (so 3, 0.1, [1, 2], true)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
-    parts = key.strip().split(".")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: `{'.'.join(parts[:i + 1])}` is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+    """Read a recipe file, apply ``key.path=value`` overrides, validate. Raises ConfigError.
+    (Reading and overrides: ``pipeline.recipe_file``, which a server uses alone, without torch.)"""
+    return recipe_from_dict(read_recipe(path, overrides))
 
 
 def recipe_from_dict(data: dict) -> Recipe:
     data = dict(data)
     known = {f.name for f in dataclasses.fields(Recipe)}
     _reject_unknown(data, known, "")
-    name = data.get("name")
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"`name` must be a short identifier such as digits-cnn, got {name!r}")
+    name = check_name(data.get("name"))
     model_data = data.get("model")
     if not isinstance(model_data, dict) or "family" not in model_data:
         raise ConfigError(f"`model.family` is required; choose one of {sorted(models.FAMILIES)}")

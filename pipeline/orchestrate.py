@@ -110,7 +110,8 @@ RUNNERS: dict[str, Callable[[Context, Any], Any]] = {
     "benchmark": lambda c, t: benchmark.run(c.recipe.benchmark, c.rundir, t),
     "register": lambda c, t: register.run(c.recipe.register, c.rundir, t, recipe_name=c.recipe.name,
                                           pipeline_run_id=c.pipeline_run_id,
-                                          serving=c.recipe.serve.runtime.session_settings()),
+                                          serving=c.recipe.serve.runtime.session_settings(),
+                                          max_batch_size=c.recipe.serve.batching.max_batch_size),
 }
 STAGES: tuple[str, ...] = tuple(RUNNERS)
 
@@ -151,7 +152,7 @@ IO: dict[str, StageIO] = {
                         dataset_context="calibration-and-evaluation"),
     "benchmark": StageIO(("benchmark",), ("variants", "onnx", "quantized_variants", "checkpoint", "data", "dataset"),
                          ("benchmark_json", "benchmark_md"), ("stages.benchmark",), dataset_context="benchmark"),
-    "register": StageIO(("register", "name", "serve.runtime"), ("variants", "benchmark_json", "onnx", "quantized_variants", "data",
+    "register": StageIO(("register", "name", "serve.runtime", "serve.batching.max_batch_size"), ("variants", "benchmark_json", "onnx", "quantized_variants", "data",
                                                "dataset", "checkpoint_json", "export_report"),
                         ("registration",), ("stages.register",), registers=True),
 }

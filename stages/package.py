@@ -69,6 +69,9 @@ class Config:
     version: int = 1  # Triton version directory
     samples: int = 16  # test samples carried in samples.json; -1: the whole test split
     storage_uri: str = ""  # kserve: where model.onnx will be uploaded (s3://..., gs://..., pvc://...)
+    # kserve: a container image of this project's slim server (the repository's Dockerfile) to serve
+    # with instead of KServe's own ONNX runtime; empty: KServe picks its runtime for modelFormat onnx.
+    image: str = ""
     allow_contrib_ops: bool = False
     overwrite: bool = False  # replace a non-empty output directory
     # Triton's batching (max_batch_size, a dynamic_batching block and its delay): the serve section's
@@ -89,6 +92,9 @@ class Config:
             if not re.match(r"^[a-z][a-z0-9+.-]*://\S+$", self.storage_uri):
                 raise ValueError(f"`--storage-uri` must be a URI such as s3://bucket/path, gs://bucket/path or "
                                  f"pvc://claim/path, got {self.storage_uri!r}")
+            if self.image and (any(c.isspace() for c in self.image) or self.image.startswith("-")):
+                raise ValueError(f"`--image` must be a container image reference such as "
+                                 f"registry.example.com/onnx-pipeline-serve:0.1.0, got {self.image!r}")
             if self.name and not K8S_NAME.match(self.name):
                 raise ValueError(f"`--name` {self.name!r} is not a valid Kubernetes name for --format kserve: use "
                                  "lowercase letters, digits and '-', starting with a letter, at most 63 characters")
@@ -442,9 +448,28 @@ def triton_config(doc: dict, info: ModelInfo, name: str, batching: BatchSettings
                                          f"and metadata ({doc['task']} model).")
 
 
-def kserve_manifest(name: str, storage_uri: str, doc: dict) -> dict:
+SERVE_PORT_IN_KSERVE = 8080  # the port KServe routes to in a custom predictor container
+
+
+def kserve_manifest(name: str, storage_uri: str, doc: dict, image: str = "") -> dict:
+    """The InferenceService: KServe's own ONNX runtime, or with ``image`` this project's slim server
+    (Dockerfile) as a custom predictor container; KServe's storage initializer puts the files of
+    ``storage_uri`` in /mnt/models either way (STORAGE_URI for a custom container)."""
     annotations = {"onnx-pipeline/source": doc["lineage"].get("source", ""),
                    "onnx-pipeline/onnx-sha256": doc["model"]["sha256"]}
+    if image:
+        container = {
+            "name": "kserve-container",
+            "image": image,
+            "args": ["--model", "/mnt/models/model.onnx", "--name", name, "--port", str(SERVE_PORT_IN_KSERVE)],
+            "env": [{"name": "STORAGE_URI", "value": storage_uri}],
+            "ports": [{"containerPort": SERVE_PORT_IN_KSERVE, "protocol": "TCP"}],
+            "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": SERVE_PORT_IN_KSERVE}},
+            "resources": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+        }
+        return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+                "metadata": {"name": name, "annotations": annotations},
+                "spec": {"predictor": {"containers": [container]}}}
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
@@ -552,7 +577,7 @@ def run(config: Config, source: Source, output: Path, split: TestSplit | None = 
             (tmp / "inference-service.yaml").write_text(
                 f"# KServe InferenceService for {name}, written by onnx-pipeline {PRODUCT_VERSION}.\n"
                 f"# Upload model.onnx to {config.storage_uri}/model.onnx, then: kubectl apply -f inference-service.yaml\n"
-                + yaml.safe_dump(kserve_manifest(name, config.storage_uri, doc), sort_keys=False))
+                + yaml.safe_dump(kserve_manifest(name, config.storage_uri, doc, config.image), sort_keys=False))
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         _install(tmp, output)
     finally:

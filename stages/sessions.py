@@ -5,7 +5,7 @@ benchmark, register) and the server. So "measured with the settings the server u
 same providers, provider options, threads and spinning, not a second copy that differs a little.
 
 Importing this module is cheap (no onnxruntime, no torch, no numpy): the slim serve path imports it.
-onnxruntime is imported when a session is made; torch only by ``cuda_available`` (see there).
+onnxruntime is imported when a session is made; torch never (a GPU is found through the CUDA driver).
 
 Providers: CUDA (with CPU behind it) when asked for or, with ``device: auto``, when a GPU is usable;
 CPU otherwise. ONNX Runtime falls back to CPU silently when the CUDA libraries are missing, so
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
@@ -39,17 +40,32 @@ CUDA_PROVIDER_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 SMALL_MACHINE_CORES = 4  # at or below this many cores: leave one free, and do not spin-wait
 
 
-def cuda_available() -> bool:
-    """True when a CUDA GPU is usable. Importing torch first also loads the CUDA/cuDNN libraries
-    that onnxruntime-gpu needs (they ship inside torch's CUDA wheels); torch is imported here, on
-    call, never when this module is imported, so a torch-free install still imports it (and answers
-    False)."""
-    try:
-        import torch
+def cuda_devices() -> int:
+    """CUDA GPUs the driver shows this process (CUDA_VISIBLE_DEVICES applies), asked through the
+    driver library itself (libcuda, with ctypes): no torch, so a slim serving install can tell too.
+    0 when there is no driver or no device."""
+    import ctypes
+    import ctypes.util
 
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
+    for name in ("libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda"), "nvcuda.dll"):
+        if not name:
+            continue
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def cuda_available() -> bool:
+    """True when a CUDA GPU is usable: the driver shows one (``cuda_devices``). Never imports torch
+    (the serving path must not), so onnxruntime-gpu's CUDA/cuDNN libraries are preloaded by
+    ``create_session`` instead (``onnxruntime.preload_dlls``: from torch's or the nvidia-* wheels)."""
+    return cuda_devices() > 0
 
 
 def cuda_problem() -> str | None:
@@ -60,8 +76,8 @@ def cuda_problem() -> str | None:
         return (f"this onnxruntime build ({ort.__version__}) has no CUDA execution provider; "
                 "install onnxruntime-gpu (never beside onnxruntime)")
     if not cuda_available():
-        return ("no CUDA GPU is visible (torch.cuda.is_available() is False: no GPU, no driver, "
-                "CUDA_VISIBLE_DEVICES hides it, or torch is not installed)")
+        return ("no CUDA GPU is visible (the CUDA driver, libcuda, shows none: no GPU, no driver, or "
+                "CUDA_VISIBLE_DEVICES hides it)")
     return None
 
 
@@ -82,17 +98,26 @@ def provider_options(providers: Sequence[str]) -> list[dict]:
     return [dict(CUDA_PROVIDER_OPTIONS) if p == CUDA_EP else {} for p in providers]
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on: its CPU affinity where the OS tells it (a container or
+    ``taskset`` limits it), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS has no sched_getaffinity
+        return os.cpu_count() or 1
+
+
 def default_intra_op_threads(cores: int | None = None) -> int:
     """cores - 1 on small machines (a core stays free for the event loop or the harness), at most 8
     elsewhere (a small model gains nothing from more)."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or cpu_cores()
     return max(1, cores - 1) if cores <= SMALL_MACHINE_CORES else min(cores - 1, 8)
 
 
 def default_allow_spinning(cores: int | None = None) -> bool:
     """Spin-waiting intra-op workers take the core the event loop needs on small machines: off there,
     ONNX Runtime's default (on) elsewhere."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or cpu_cores()
     return cores > SMALL_MACHINE_CORES
 
 
@@ -131,6 +156,23 @@ class SessionSettings:
             inter_op_threads=self.inter_op_threads,
             allow_spinning=default_allow_spinning() if self.allow_spinning == AUTO else self.allow_spinning)
 
+    def divided(self, workers: int, cores: int | None = None) -> "SessionSettings":
+        """The settings of one of ``workers`` server processes sharing this machine's cores: the
+        automatic choices made for its share (cores // workers, at least one), so that
+        workers x intra-op threads <= cores. An explicit thread count that breaks that is refused
+        (ValueError naming the fix), never quietly lowered."""
+        cores = cores or cpu_cores()
+        share = max(1, cores // max(1, workers))
+        if self.intra_op_threads and workers * self.intra_op_threads > cores:
+            raise ValueError(f"`intra_op_threads` is {self.intra_op_threads} per worker: {workers} workers x "
+                             f"{self.intra_op_threads} threads exceed the {cores} cores; set it to at most "
+                             f"{max(1, cores // workers)} or 0 (chosen per worker), or run fewer workers")
+        return SessionSettings(
+            device=self.device,
+            intra_op_threads=self.intra_op_threads or default_intra_op_threads(share),
+            inter_op_threads=self.inter_op_threads,
+            allow_spinning=default_allow_spinning(share) if self.allow_spinning == AUTO else self.allow_spinning)
+
     def describe(self) -> dict[str, Any]:
         """What a report writes beside its numbers: the resolved values."""
         return asdict(self.resolved())
@@ -163,6 +205,13 @@ def create_session(path: Path | str, settings: SessionSettings = SessionSettings
 
     path = Path(path)
     providers = settings.providers()
+    if CUDA_EP in providers and "torch" not in sys.modules and hasattr(ort, "preload_dlls"):
+        # Without torch imported first (the slim serving path), load CUDA/cuDNN from the nvidia-* wheels
+        # or the system, as importing torch used to; a missing library shows as the fallback warned about below.
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # pragma: no cover - depends on the CUDA install
+            log.debug("onnxruntime.preload_dlls failed: %s", e)
     session = ort.InferenceSession(str(path), settings.session_options(), providers=providers,
                                    provider_options=provider_options(providers))
     if CUDA_EP in providers and CUDA_EP not in session.get_providers():

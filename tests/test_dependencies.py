@@ -34,6 +34,8 @@ def test_every_declared_requirement_is_pinned_in_constraints_txt():
         for req in map(Requirement, requirements):
             if req.marker and not req.marker.evaluate({"extra": extra}):
                 continue  # another platform's requirement
+            if canonicalize_name(req.name) == canonicalize_name(project["name"]):
+                continue  # an extra that includes another (full = serve + the training stack)
             pin = pins.get(canonicalize_name(req.name))
             if pin is None:
                 problems.append(f"{req.name} is not pinned")
@@ -46,3 +48,15 @@ def test_the_triton_clients_venv_is_pinned_too():
     pins = _pins(ROOT / "constraints-triton.txt")
     assert pins[canonicalize_name("tritonclient")] == Version("2.46.0")  # its wheel carries perf_analyzer
     assert canonicalize_name("numpy") in pins
+
+
+def test_the_serve_extra_is_slim_and_full_includes_it():
+    """`pip install onnx-pipeline[serve]` serves without the training stack; `full` (what `make install`
+    installs) is serve plus it."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = lambda reqs: {canonicalize_name(Requirement(r).name) for r in reqs}  # noqa: E731
+    slim = names(project["dependencies"]) | names(project["optional-dependencies"]["serve"])
+    assert not slim & {"torch", "onnx", "onnxscript", "mlflow", "scikit-learn", "matplotlib", "mnist1d"}
+    assert "onnx-pipeline[serve]" in project["optional-dependencies"]["full"]
+    assert "'.[full,test]'" in (ROOT / "Makefile").read_text()

@@ -197,6 +197,28 @@ def test_register_refuses_a_forced_variant_outside_the_budget():
         register.choose(variants, _rows(fp32=1.0), register.Config(target_batch_size=64))
 
 
+def _rows_at(times: dict[str, dict[int, float]]):
+    return [{"variant": v, "engine": "onnxruntime", "provider": "CPUExecutionProvider", "batch_size": b,
+             "median_ms": t, "p90_ms": t * 1.1, "samples_per_s": b * 1e3 / t}
+            for v, by in times.items() for b, t in by.items()]
+
+
+def test_register_objective_serving_scores_the_batches_the_server_forms():
+    """int8 wins only at batch 256, which a server batching up to 64 rows never runs: the serving
+    objective (geometric mean of samples/s over batches 1..max_batch_size) picks fp32, throughput@256 int8."""
+    variants = {"fp32": {"ok": True, "within_budget": True}, "int8-dynamic": {"ok": True, "within_budget": True}}
+    rows = _rows_at({"fp32": {1: 0.05, 8: 0.2, 64: 1.0, 256: 6.0}, "int8-dynamic": {1: 0.08, 8: 0.3, 64: 1.4, 256: 1.0}})
+    name, why = register.choose(variants, rows, register.Config(), max_batch_size=64)
+    assert name == "fp32" and "geometric mean of samples/s over batches 1, 8, 64" in why
+    assert register.choose(variants, rows, register.Config(objective="throughput@256"))[0] == "int8-dynamic"
+    assert register.choose(variants, rows, register.Config(objective="batch-1-latency"))[0] == "fp32"
+    # A larger max batch lets 256 count: int8's 6x there outweighs its losses at 1, 8 and 64.
+    assert register.choose(variants, rows, register.Config(), max_batch_size=256)[0] == "int8-dynamic"
+    assert register.Config(target_batch_size=8).objective == "throughput@8"  # the old spelling
+    with pytest.raises(ValueError, match="`objective` must be serving, batch-1-latency or throughput@N"):
+        register.Config(objective="fastest")
+
+
 # ---------------------------------------------------------------- providers
 
 def _session_options(session) -> dict:

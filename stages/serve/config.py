@@ -1,10 +1,10 @@
 """The server's settings: the recipe's ``serve:`` section, in three nested parts.
 
     serve:
-      transport: {host: 127.0.0.1, port: 8000, grpc_port: 8001, max_request_mb: 32, graceful_shutdown_s: 30,
-                  header_timeout_s: 10, body_timeout_s: 60, keep_alive_s: 5}
+      transport: {host: 127.0.0.1, port: 8000, grpc_port: 8001, workers: 0, max_request_mb: 32,
+                  graceful_shutdown_s: 30, header_timeout_s: 10, body_timeout_s: 60, keep_alive_s: 5}
       runtime:   {device: auto, require_gpu: false, intra_op_threads: 0, inter_op_threads: 1, allow_spinning: auto}
-      batching:  {enabled: true, max_batch_size: 64, max_queue_delay_ms: 0, preferred_batch_sizes: []}
+      batching:  {enabled: true, max_batch_size: 64, max_queue_delay_ms: 0, preferred_batch_sizes: [], max_queue_size: 0}
       inputs:    {allow_non_finite: false}
 
 ``transport`` is how clients reach the server (``app`` over HTTP, ``grpc_server`` over gRPC), ``runtime`` how its ONNX Runtime sessions are
@@ -64,6 +64,9 @@ class TransportSettings:
     host: str = "127.0.0.1"  # loopback unless told otherwise: the server has no authentication
     port: int = 8000
     grpc_port: int = 8001  # KServe v2 gRPC (Triton's default port); 0: no gRPC
+    # Server processes sharing the port(s) (SO_REUSEPORT), each with its own sessions; 0: one per core,
+    # at most 8 (stages.serve.workers.default_workers says why).
+    workers: int = 0
     max_request_mb: float = 32.0  # request bodies (and gRPC messages) above this are refused with 413
     graceful_shutdown_s: float = 30.0  # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
     # Slow or idle HTTP clients (seconds): a connection must finish its request headers this long after it
@@ -80,6 +83,7 @@ class TransportSettings:
         _check_int("grpc_port", self.grpc_port, 0, 65535)
         if self.grpc_port == self.port:
             raise ValueError(f"`grpc_port` must differ from port ({self.port}); 0 turns gRPC off")
+        _check_int("workers", self.workers, 0, 256)
         object.__setattr__(self, "max_request_mb", _number("max_request_mb", self.max_request_mb, positive=True))
         for key in ("graceful_shutdown_s",):
             object.__setattr__(self, key, _number(key, getattr(self, key), positive=False))
@@ -122,6 +126,9 @@ class BatchSettings:
     max_batch_size: int = 64  # rows merged into one session run at most
     max_queue_delay_ms: float = 0.0  # extra wait for more rows; 0: merge what queued while the last batch ran
     preferred_batch_sizes: tuple[int, ...] = ()  # only warmed up; the merge rule is max size / delay
+    # Admission control: requests waiting for the batcher (not yet started) at most; one more is
+    # answered 503 with Retry-After and counted. 0: unbounded (as Triton's default queue policy).
+    max_queue_size: int = 0
 
     def __post_init__(self) -> None:
         _check_bool("enabled", self.enabled)
@@ -134,6 +141,7 @@ class BatchSettings:
             raise ValueError(f"`preferred_batch_sizes` must be a list of integers within 1..max_batch_size "
                              f"({self.max_batch_size}), got {sizes!r}")
         object.__setattr__(self, "preferred_batch_sizes", tuple(sizes))
+        _check_int("max_queue_size", self.max_queue_size, 0)
 
 
 @dataclass(frozen=True)
