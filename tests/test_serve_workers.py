@@ -66,6 +66,25 @@ def body(x: np.ndarray) -> dict:
     return {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
 
 
+def grpc_infer(port: int, x: np.ndarray) -> np.ndarray:
+    """ModelInfer on model "dense" over a new gRPC channel, raw contents both ways."""
+    import grpc
+
+    from stages.serve import triton
+    from stages.serve.protocol import decode_binary, tensor_bytes
+
+    request = triton.message_class("inference.ModelInferRequest")(model_name="dense")
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(tensor_bytes(x))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        rpc = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                  request_serializer=lambda m: m.SerializeToString(),
+                                  response_deserializer=triton.message_class("inference.ModelInferResponse").FromString)
+        response = rpc(request, timeout=10)
+    out = response.outputs[0]
+    return decode_binary(memoryview(response.raw_output_contents[0]), out.datatype, list(out.shape), "y")
+
+
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 90) -> None:
     import httpx
 
@@ -125,11 +144,11 @@ def test_two_workers_share_the_port_sum_metrics_restart_and_stop(dense_path, tmp
     import httpx
     import psutil
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--model", str(dense_path), "--name", "dense",
-                             "--port", str(port), "--workers", "2"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port), "--grpc-port", str(grpc_port), "--workers", "2"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_ready(base, proc)
         workers = psutil.Process(proc.pid).children()
@@ -140,6 +159,10 @@ def test_two_workers_share_the_port_sum_metrics_restart_and_stop(dense_path, tmp
             r = httpx.post(f"{base}/v2/models/dense/infer", json=body(x), timeout=10)
             assert r.status_code == 200, r.text
             sent += 1
+        for _ in range(4):  # the workers share the gRPC port too, with the same counters
+            y = grpc_infer(grpc_port, x)
+            np.testing.assert_allclose(y, grpc_infer(grpc_port, x))
+            sent += 2
         # Every worker answers /metrics with the sum over all of them.
         assert {success_count(base) for _ in range(6)} == {sent}
         # Neither the supervisor nor a worker imported torch (the serving path is slim).
@@ -187,7 +210,7 @@ def test_a_worker_that_cannot_load_fails_the_start_with_its_message(tmp_path):
 def test_threads_that_do_not_fit_the_cores_are_refused(dense_path, tmp_path):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", "--model", str(dense_path), "--workers", "2",
-                        "--set", f"serve.runtime.intra_op_threads={cores}"], cwd=tmp_path, capture_output=True,
+                        "--grpc-port", "0", "--set", f"serve.runtime.intra_op_threads={cores}"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2
     assert "`serve.runtime.intra_op_threads` is" in r.stderr and "exceed the" in r.stderr
@@ -301,7 +324,7 @@ def _metric(text: str, name: str) -> float:
 
 SERVE_AND_REPORT = """
 import json, os, signal, sys, threading, time, urllib.request
-port, out = sys.argv[1], sys.argv[2]
+port, out, grpc_port = sys.argv[1], sys.argv[2], sys.argv[4]
 def watch():
     while True:
         try:
@@ -315,7 +338,7 @@ def watch():
         json.dump(heavy, f)
     os.kill(os.getpid(), signal.SIGTERM)
 threading.Thread(target=watch, daemon=True).start()
-sys.argv = ["pipeline", "serve", "--model", sys.argv[3], "--port", port, "--workers", "1"]
+sys.argv = ["pipeline", "serve", "--model", sys.argv[3], "--port", port, "--grpc-port", grpc_port, "--workers", "1"]
 from pipeline.cli import main
 main()
 """
@@ -325,7 +348,8 @@ def test_serving_imports_no_torch_nor_the_training_stack(dense_path, tmp_path):
     """`pipeline serve` run from the repository root (so it reads the default recipe's serve section)
     until ready: torch, the recipe's stage configs and the model families are never imported."""
     out = tmp_path / "modules.json"
-    r = subprocess.run([sys.executable, "-c", SERVE_AND_REPORT, str(free_port()), str(out), str(dense_path)],
+    r = subprocess.run([sys.executable, "-c", SERVE_AND_REPORT, str(free_port()), str(out), str(dense_path),
+                        str(free_port())],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.is_file(), r.stderr
     assert json.loads(out.read_text()) == [], r.stderr
