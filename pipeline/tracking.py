@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Mapping, Protocol, Sequence
 
-from stages.common import InputError, StageError, git_state, library_versions, one_line
+from stages.common import InputError, StageError, git_state, kill_point, library_versions, one_line
 from stages.contract import NullTracker, Tracker  # noqa: F401 - the conductor hands these to stages
 
 log = logging.getLogger(__name__)
@@ -391,18 +391,6 @@ def _collect_environment_tags() -> dict[str, str]:
 # A registered version gets this tag last, once its aliases are set: a version without it was left by
 # a register that was interrupted, and recover_registrations deletes it.
 COMPLETE_TAG, COMPLETE = "registration", "complete"
-# Test-only: a named point where the process SIGKILLs itself (tests/test_chaos.py, tests/test_hardening.py
-# place kills exactly between two registry writes, where a random moment would rarely land).
-KILL_AT_ENV = "ONNX_PIPELINE_TEST_KILL_AT"
-
-
-def _test_kill_point(name: str) -> None:
-    if os.environ.get(KILL_AT_ENV) == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _ensure_registered_model(client, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -479,6 +467,9 @@ class MlflowTracker:
             onnx_execution_providers=providers,
             save_as_external_data=False,  # one self-contained .onnx file, like the run directory's
             metadata=dict(tags),
+            # What an ONNX model needs, said outright: left to infer them, MLflow runs a Python subprocess that
+            # imports the model (12 of register's 14 s on a busy 2-core machine; a kill orphans that process).
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         )
         # The version's LoggedModel carries its quality metrics, so the registry shows them beside it.
         metrics = {}
@@ -488,7 +479,7 @@ class MlflowTracker:
                     metrics[k] = float(v)
         if metrics and getattr(info, "model_id", None):
             mlflow.log_metrics(metrics, model_id=info.model_id)
-        _test_kill_point("register.logged")
+        kill_point("register.logged")
         client = _client()
         _ensure_registered_model(client, registered_name)
         version_tags = {**{k: str(v) for k, v in tags.items()},
@@ -497,10 +488,10 @@ class MlflowTracker:
                                          description=description, model_id=getattr(info, "model_id", None))
         version = str(mv.version)
         try:
-            _test_kill_point("register.created")
+            kill_point("register.created")
             for alias in aliases:
                 client.set_registered_model_alias(registered_name, alias, version)
-            _test_kill_point("register.aliased")
+            kill_point("register.aliased")
             client.set_model_version_tag(registered_name, version, COMPLETE_TAG, COMPLETE)
         except BaseException:  # half-registered: no version stays without its completion
             with contextlib.suppress(Exception):
@@ -696,7 +687,8 @@ class MlflowRecorder:
         quoted = str(self.rundir.root.resolve()).replace("'", "\\'")
         runs = client.search_runs(exp_ids, max_results=1000, filter_string=(
             f"tags.`pipeline.stage` = 'register' and tags.`pipeline.rundir` = '{quoted}' and "
-            f"tags.host = '{socket.gethostname()}' and attributes.status IN ('KILLED', 'FAILED')"))
+            f"tags.host = '{socket.gethostname()}' and attributes.status != 'FINISHED'"))
+        runs = [r for r in runs if r.info.status in ("KILLED", "FAILED")]  # not RUNNING: marked KILLED first if stale
         deleted = []
         for i in range(0, len(runs), 50):  # a filter with a bounded IN list
             ids = ", ".join(f"'{r.info.run_id}'" for r in runs[i:i + 50])

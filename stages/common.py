@@ -65,6 +65,20 @@ def one_line(text: str, limit: int = 2000) -> str:
     return flat if len(flat) <= limit else flat[:limit - 1] + "…"
 
 
+# Test-only: the name of a point at which the process SIGKILLs itself (kill_point). The chaos tests place
+# kills where a random moment would rarely land: between two registry writes, between writing a
+# temporary file and renaming it.
+KILL_AT_ENV = "ONNX_PIPELINE_TEST_KILL_AT"
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process here when ONNX_PIPELINE_TEST_KILL_AT names this point (tests only)."""
+    if os.environ.get(KILL_AT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 TMP_SUFFIX = ".tmp"
 # .<name>.<pid>.<mkstemp's 8 characters>.tmp; before writers put their pid in: .<name>.<8 characters>.tmp
 _TEMPORARY = re.compile(r"^\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.(?P<rand>[a-z0-9_]{8})\.tmp$")
@@ -145,6 +159,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        kill_point(f"write:{final.name}")
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
