@@ -57,6 +57,7 @@ DB_NAME = "mlflow"
 LEGACY_BOOTSTRAP = "mlflow_bootstrap_legacy"  # what a converted earlier cluster's superuser `mlflow` is renamed to
 SECRET_FILE_MODE = 0o600
 CONNECT_TIMEOUT_S = 10
+GRACEFUL_SHUTDOWN_S = 5  # seconds the MLflow server lets requests in flight finish when stopped
 HBA = """# Written by pipeline/tracking_server.py: every connection must give a password (scram-sha-256),
 # over the Unix socket and TCP alike; PostgreSQL listens on 127.0.0.1 only.
 # TYPE  DATABASE  USER  ADDRESS       METHOD
@@ -398,7 +399,9 @@ def start_mlflow(backend_uri: str, artifacts: Path, port: int, host: str = "127.
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--backend-store-uri", backend_uri,
            "--serve-artifacts", "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port),
-           "--workers", "1"]
+           "--workers", "1",
+           # Ctrl-C stops it within seconds: uvicorn otherwise waits for every idle keep-alive client to hang up.
+           "--uvicorn-opts", f"--timeout-graceful-shutdown {GRACEFUL_SHUTDOWN_S}"]
     full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None)
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL

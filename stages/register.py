@@ -208,6 +208,8 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     if config.variant == "auto" and len(ranked) >= 2 and config.remeasure_rounds > 0 \
             and ranked[1]["samples_per_s"] >= ranked[0]["samples_per_s"] * (1 - config.remeasure_margin):
         top = [ranked[0]["variant"], ranked[1]["variant"]]
+        for n in top:
+            _check_unchanged(paths[n], variants[n])
         log.info("%s and %s are within %.0f%% at batch %d: measuring both again, interleaved", *top,
                  config.remeasure_margin * 100, config.target_batch_size)
         remeasured = remeasure(top, paths, x_raw, config, serving)
