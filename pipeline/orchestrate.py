@@ -25,7 +25,11 @@ the same directory is refused with a message naming the holder. ``pipeline.json`
 running pipeline (recipe, stages, MLflow run ids). SIGTERM and Ctrl-C end the MLflow runs as KILLED.
 After a SIGKILL nothing can run, so the next pipeline on the directory detects it: the lock is free
 (the kernel drops an flock when its holder dies) yet ``pipeline.json`` still says "running"; the
-runs it names, and any other RUNNING run tagged with this directory and host, are marked KILLED.
+runs it names, and any other RUNNING run tagged with this directory and host, are marked KILLED, and
+a registered version a killed register left unfinished is deleted (``MlflowRecorder.recover``). Any
+pipeline or stage command holding the lock also removes the temporary files killed writers left
+(``remove_stale_temporaries``). A file a stage cannot use (``BadFile``: truncated, corrupt) is one
+error naming the stage that rewrites it.
 ``--resume`` reruns the recorded recipe; finished stages are reused through their stamps, so it
 continues at the first unfinished stage, in a new parent run tagged ``pipeline.resumes``.
 """
@@ -517,8 +521,8 @@ def _writer_fix(error: BadFile, rundir: RunDir) -> BadFile:
     writer = next((s for s in STAGES if rel in _declared_outputs(rundir, s)), None)
     if writer is None:
         return error
-    return error.with_fix(f"rerun `pipeline {writer}` to rewrite it (`pipeline run` reruns {writer} by itself once "
-                          "the file no longer has the hash its stamp recorded)")
+    return error.with_fix(f"rerun `pipeline {writer}` to rewrite it (`pipeline run` does, seeing the file is not the "
+                          f"one {writer} recorded)")
 
 
 def _supersede_stamp(rundir: RunDir, stage: str) -> None:

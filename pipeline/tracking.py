@@ -8,6 +8,13 @@ off) and never import MLflow themselves. The orchestrator records through a ``Re
 registered version and its .onnx file for lineage, promote, serve and package; what cannot be
 resolved is a StageError naming the URI, the store (password redacted) and the fix.
 
+The store is checked before anything uses it (``check_store``: a short probe, no retries), so one
+that cannot be reached or used is one StoreUnavailable line, not minutes of retries. A password in
+its URI is redacted wherever it could show (``redact``/``redact_text``, and a filter on the log
+handlers). A registered version is created with every tag at once and tagged ``registration:
+complete`` once its aliases are set; one a killed register left without that tag is deleted by the
+next pipeline in its run directory (``MlflowRecorder.recover_registrations``).
+
 The default store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts/``;
 ``MLFLOW_TRACKING_URI`` overrides it (tests point it at a temporary directory).
 """
@@ -81,7 +88,8 @@ def redact_text(text: str) -> str:
 
 def _store_secrets() -> list[str]:
     """The passwords in MLFLOW_TRACKING_URI (as written and URL-decoded) and MLflow's password variables,
-    longest first; short ones are left alone (replacing "a" everywhere would say nothing useful)."""
+    longest first. Short ones are left alone outside URIs: replacing a password such as "mlflow" in every
+    path and word would leave the logs unreadable and say which word it is."""
     from urllib.parse import unquote, urlsplit
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
@@ -90,7 +98,7 @@ def _store_secrets() -> list[str]:
         found.add(urlsplit(uri).password or "")
     found |= {unquote(f) for f in found}
     found |= {os.environ.get(v, "") for v in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")}
-    return sorted((f for f in found if len(f) >= 4), key=len, reverse=True)
+    return sorted((f for f in found if len(f) >= 8), key=len, reverse=True)
 
 
 def shown_uri() -> str:
@@ -111,10 +119,12 @@ class _RedactingFilter(logging.Filter):
 
 
 def redact_logs() -> None:
-    """Install the redacting filter on every handler of the root logger (once per handler)."""
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _RedactingFilter) for f in handler.filters):
-            handler.addFilter(_RedactingFilter())
+    """Install the redacting filter on every handler of the root logger and of MLflow's own (which does
+    not propagate), once per handler."""
+    for logger in (logging.getLogger(), logging.getLogger("mlflow")):
+        for handler in logger.handlers:
+            if not any(isinstance(f, _RedactingFilter) for f in handler.filters):
+                handler.addFilter(_RedactingFilter())
 
 
 def _sqlite_dir(uri: str) -> Path | None:
@@ -168,14 +178,15 @@ def check_store(uri: str | None = None) -> None:
     not installed, that refuses the connection or the password; a sqlite file that cannot be created.
     Once per store and process; raises StoreUnavailable."""
     uri = uri or tracking_uri()
-    if uri in _CHECKED:
-        return
     shown = redact(uri)
     scheme = uri.partition("://")[0].lower() if "://" in uri else ""
+    if scheme == "sqlite":  # every time: its folder may have gone since (it is made again, as MLflow would not)
+        _probe_sqlite(uri, shown)
+        return
+    if uri in _CHECKED:
+        return
     if scheme in ("http", "https"):
         _probe_http(uri, shown)
-    elif scheme == "sqlite":
-        _probe_sqlite(uri, shown)
     elif scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql"):
         _probe_database(uri, shown)
     _CHECKED.add(uri)

@@ -69,8 +69,8 @@ def test_a_truncated_fp32_file_given_to_quantize_is_one_line_naming_it_and_the_s
     line = one_error_line(err)
     assert code == 2, err
     assert f"{rd.onnx} is not a valid ONNX model" in line and "truncated, corrupt or not ONNX" in line
-    assert line.endswith("rerun `pipeline export` to rewrite it (`pipeline run` reruns export by itself once the file "
-                         "no longer has the hash its stamp recorded)"), line
+    assert line.endswith("rerun `pipeline export` to rewrite it (`pipeline run` does, seeing the file is not the one "
+                         "export recorded)"), line
 
 
 def test_a_corrupt_variant_given_to_benchmark_is_one_line(benchmarked, copy_of, tiny_yaml, restore_mlflow_uri):
