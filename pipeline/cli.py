@@ -8,8 +8,9 @@ Exit codes (one table, also in `pipeline --help` and the README):
     1    the work failed: a stage failed, a promotion was refused, the run directory is busy,
          --require-gpu found no usable GPU
     2    the command or its input must change: an unknown option or stage name, a bad recipe key or value,
-         a model, file or registry URI that does not exist or cannot be read, a model that serve or package
-         refuses, an output directory in the way
+         a model, file or registry URI that does not exist or cannot be read (a truncated or corrupt .onnx,
+         checkpoint or dataset, also in the run directory), a model that serve or package refuses, an output
+         directory in the way, an MLflow store that cannot be reached or used (MLFLOW_TRACKING_URI)
     130  interrupted by Ctrl-C (SIGINT); 143: stopped by SIGTERM. MLflow runs end KILLED.
 
 Errors are one line on stderr (`error: ...`), never a traceback. Results go to stdout (tables, or JSON
@@ -134,20 +135,43 @@ def _warn(message: str) -> None:
 
 @contextlib.contextmanager
 def _errors(stage_error: int) -> Iterator[None]:
-    """One line and an exit code instead of a traceback. A recipe problem is always a usage error (2); a
-    StageError is ``stage_error``: 2 while the command's inputs are resolved, 1 once the work runs.
+    """One line and an exit code instead of a traceback. A recipe problem is always a usage error (2), and
+    so is an InputError (a file that cannot be used, a store that cannot be reached); another StageError is
+    ``stage_error``: 2 while the command's inputs are resolved, 1 once the work runs. The MLflow store
+    failing mid-way is one line too (1).
     Ctrl-C / SIGTERM end with 130 / 143 (the orchestrator has marked the MLflow runs KILLED)."""
     from pipeline.recipe_file import ConfigError  # not pipeline.config: serve must not import torch
     from stages.common import StageError
+
+    from stages.common import InputError
 
     try:
         yield
     except ConfigError as e:
         raise _usage(str(e)) from None
+    except InputError as e:  # a file that cannot be used, a store that cannot be reached: always the user's to fix
+        raise _usage(str(e)) from None
     except StageError as e:
         raise _error(str(e), stage_error) from None
     except KeyboardInterrupt as e:
         raise _interrupted(e) from None
+    except Exception as e:
+        store_failure = _store_failure(e)
+        if store_failure is None:
+            raise
+        raise _failed(store_failure) from None
+
+
+def _store_failure(error: BaseException) -> str | None:
+    """An error of the MLflow store in mid-run (it went away, or refused a write), in one line with its
+    password redacted; None for any other error."""
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    if mlflow_exceptions is None or not isinstance(error, mlflow_exceptions.MlflowException):
+        return None
+    from pipeline import tracking
+    from stages.common import one_line
+
+    return tracking.redact_text(f"the MLflow store {tracking.shown_uri()} failed ({one_line(error.message, 400)})")
 
 
 def _interrupted(e: KeyboardInterrupt) -> typer.Exit:
@@ -436,6 +460,10 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
 
             if isinstance(failed.error, StageError):
                 raise _failed(f"stage {failed.outcomes[-1].stage} failed: {failed.error}; fix it, then "
+                              "`pipeline run --resume` continues from there") from None
+            store_failure = _store_failure(failed.error)
+            if store_failure:
+                raise _failed(f"stage {failed.outcomes[-1].stage} failed: {store_failure}; once the store works, "
                               "`pipeline run --resume` continues from there") from None
             raise failed.error
     _report(rundir, outcomes, json_, "done")

@@ -25,19 +25,25 @@ the same directory is refused with a message naming the holder. ``pipeline.json`
 running pipeline (recipe, stages, MLflow run ids). SIGTERM and Ctrl-C end the MLflow runs as KILLED.
 After a SIGKILL nothing can run, so the next pipeline on the directory detects it: the lock is free
 (the kernel drops an flock when its holder dies) yet ``pipeline.json`` still says "running"; the
-runs it names, and any other RUNNING run tagged with this directory and host, are marked KILLED.
+runs it names, and any other RUNNING run tagged with this directory and host, are marked KILLED, and
+a registered version a killed register left unfinished is deleted (``MlflowRecorder.recover``). Any
+pipeline or stage command holding the lock also removes the temporary files killed writers left
+(``remove_stale_temporaries``). A file a stage cannot use (``BadFile``: truncated, corrupt) is one
+error naming the stage that rewrites it.
 ``--resume`` reruns the recorded recipe; finished stages are reused through their stamps, so it
 continues at the first unfinished stage, in a new parent run tagged ``pipeline.resumes``.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -54,7 +60,8 @@ from pipeline.config import Recipe, recipe_from_dict
 from pipeline.tracking import Recorder
 from stages.contract import RunDir
 from stages import benchmark, distributed, evaluate, export, prepare, quantize, register, train
-from stages.common import StageError, sha256_file, write_json, write_text
+from stages.common import (BadFile, StageError, scratch_dir, sha256_file, stale_scratch_dirs,
+                           stale_temporaries, write_json, write_text)
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +76,25 @@ class Context:
     init_from: str | None = None  # train --init-from: a checkpoint path or an MLflow run id
 
 
-def resolve_checkpoint(ref: str, option: str, *, recipe_names: bool = False) -> Path:
+def resolve_checkpoint(ref: str, option: str, *, recipe_names: bool = False,
+                       scratch: contextlib.ExitStack | None = None) -> Path:
     """A checkpoint reference as a local file: a path, an MLflow run id (downloaded from the store),
-    or (``recipe_names``) a recipe name whose run directory holds it (runs/<name>/checkpoint.pt)."""
-    import tempfile
+    or (``recipe_names``) a recipe name whose run directory holds it (runs/<name>/checkpoint.pt).
 
+    A download goes to a scratch folder (``onnx-pipeline-ckpt-<pid>-*``) removed when ``scratch``
+    closes, or when the process exits if there is none; one a killed process left behind is removed by
+    the next pipeline (``remove_stale_temporaries``)."""
     path = Path(ref)
     if path.is_file():
         return path
     if tracking.looks_like_run_id(ref):
+        folder = scratch_dir("ckpt")
+        if scratch is not None:
+            scratch.callback(shutil.rmtree, folder, ignore_errors=True)
+        else:
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
         try:
-            return tracking.download_checkpoint(ref, Path(tempfile.mkdtemp(prefix="onnx-pipeline-ckpt-")))
+            return tracking.download_checkpoint(ref, folder)
         except StageError as e:  # the same error, saying which option named the run
             raise StageError(f"{option}: {e}") from None
     if recipe_names and "/" not in ref and not ref.endswith(".pt"):
@@ -95,10 +110,12 @@ def resolve_checkpoint(ref: str, option: str, *, recipe_names: bool = False) -> 
 
 def _train(c: Context, t) -> train.Result:
     teacher = c.recipe.train.distill.teacher
-    return train.run(c.recipe.train, c.rundir, t, family=c.recipe.model.family, model_config=c.recipe.model.config,
-                     recipe=c.recipe.to_dict(), device=c.device, resume=c.resume,
-                     init_from=resolve_checkpoint(c.init_from, "--init-from") if c.init_from else None,
-                     teacher=resolve_checkpoint(teacher, "train.distill.teacher", recipe_names=True) if teacher else None)
+    with contextlib.ExitStack() as scratch:  # downloaded checkpoints go when the stage ends
+        return train.run(c.recipe.train, c.rundir, t, family=c.recipe.model.family, model_config=c.recipe.model.config,
+                         recipe=c.recipe.to_dict(), device=c.device, resume=c.resume,
+                         init_from=resolve_checkpoint(c.init_from, "--init-from", scratch=scratch) if c.init_from else None,
+                         teacher=resolve_checkpoint(teacher, "train.distill.teacher", recipe_names=True,
+                                                    scratch=scratch) if teacher else None)
 
 
 RUNNERS: dict[str, Callable[[Context, Any], Any]] = {
@@ -388,11 +405,34 @@ def read_state(rundir: RunDir) -> dict | None:
         return None
 
 
+def remove_stale_temporaries(rundir: RunDir) -> list[Path]:
+    """Call with the lock held. Remove what killed writers left: the run directory's atomic-write
+    temporaries (``.<file>.<pid>.<random>.tmp``) and this program's scratch folders in the temporary
+    directory (``onnx-pipeline-<kind>-<pid>-*``: checkpoint downloads, quantize's work), each only when
+    the process named in it is dead. Returns what was removed."""
+    removed = []
+    for path in stale_temporaries(rundir.root):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    for folder in stale_scratch_dirs():
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+    if removed:
+        log.warning("removed %d temporary file(s) left by killed runs: %s", len(removed),
+                    ", ".join(p.name for p in removed[:5]) + (", ..." if len(removed) > 5 else ""))
+    return removed
+
+
 def recover_stale(rundir: RunDir, recorder: Recorder) -> list[str]:
     """Call with the lock held. A state still "running" means its process died without cleaning up
-    (SIGKILL, power loss): mark it killed, and its RUNNING MLflow runs KILLED. Returns the run ids marked."""
+    (SIGKILL, power loss): mark it killed, and its RUNNING MLflow runs KILLED; the recorder also removes
+    what a killed register left half-done in the registry. Temporaries of killed writers are removed.
+    Returns the run ids marked."""
     if secondary_rank():
         return []
+    remove_stale_temporaries(rundir)
     state = read_state(rundir)
     stale = state if state is not None and state.get("status") == "running" else None
     if stale is not None:
@@ -451,7 +491,10 @@ def _execute(stage: str, ctx: Context, tracker, decision: Decision, recorder: Re
     _supersede_stamp(ctx.rundir, stage)  # a stage killed mid-way leaves no stamp to reuse
     before = _snapshot(ctx.rundir)
     t0 = time.perf_counter()
-    result = RUNNERS[stage](ctx, tracker)
+    try:
+        result = RUNNERS[stage](ctx, tracker)
+    except BadFile as e:
+        raise _writer_fix(e, ctx.rundir) from None
     seconds = time.perf_counter() - t0
     if not distributed.is_main():  # under torchrun only rank 0 records and writes files
         return Outcome(stage, "done", seconds, result.summary(), None)
@@ -461,12 +504,26 @@ def _execute(stage: str, ctx: Context, tracker, decision: Decision, recorder: Re
              "summary": result.summary(), "finished": _now(), "experiment": ctx.recipe.name,
              "tracking_uri": recorder.store, "outputs": outputs, "fingerprint": decision.fingerprint.digest,
              "components": decision.fingerprint.components}
-    stamp["models"] = recorder.finished(stage, tracker, IO[stage], stamp, _upstream_models(ctx.rundir, stage))
+    stamp["models"] = recorder.finished(stage, tracker, IO[stage], stamp,
+                                        _upstream_models(ctx.rundir, stage, recorder.store))
     if not secondary_rank():
         write_json(ctx.rundir.result(stage), stamp)
     outcome = Outcome(stage, "done", seconds, stamp["summary"], tracker.run_id, "; ".join(decision.reasons))
     log.info("✔ %s (%.1f s): %s", stage, seconds, outcome.summary)
     return outcome
+
+
+def _writer_fix(error: BadFile, rundir: RunDir) -> BadFile:
+    """A run directory's file that cannot be used is rewritten by the stage that writes it: say which."""
+    try:
+        rel = Path(error.path).resolve().relative_to(rundir.root.resolve()).as_posix()
+    except ValueError:  # not a run-directory file (a dataset, a checkpoint given by path)
+        return error
+    writer = next((s for s in STAGES if rel in _declared_outputs(rundir, s)), None)
+    if writer is None:
+        return error
+    return error.with_fix(f"rerun `pipeline {writer}` to rewrite it (`pipeline run` does, seeing the file is not the "
+                          f"one {writer} recorded)")
 
 
 def _supersede_stamp(rundir: RunDir, stage: str) -> None:
@@ -501,11 +558,14 @@ def _record_outputs(stage: str, rundir: RunDir, before: dict[str, tuple[int, int
     return {rel: sha256_file(rundir.root / rel) for rel in sorted((declared & set(after)) | changed)}
 
 
-def _upstream_models(rundir: RunDir, stage: str) -> dict[str, str]:
-    """file -> LoggedModel id, from the stamps of the stages before ``stage``."""
+def _upstream_models(rundir: RunDir, stage: str, store: str | None) -> dict[str, str]:
+    """file -> LoggedModel id, from the stamps of the stages before ``stage`` recorded in ``store`` (a
+    model id of another store names nothing here: linking metrics to it fails the stage)."""
     found: dict[str, str] = {}
     for s in STAGES[:STAGES.index(stage)]:
-        found.update((read_stamp(rundir, s) or {}).get("models", {}) or {})
+        stamp = read_stamp(rundir, s) or {}
+        if stamp.get("tracking_uri") == store:
+            found.update(stamp.get("models", {}) or {})
     return found
 
 
@@ -610,6 +670,7 @@ def run_stage(stage: str, recipe: Recipe, rundir: RunDir | None = None, track: b
     rundir = (rundir or default_rundir(recipe)).ensure()
     with locked(rundir), _signals_as_interrupts():
         recorder = _recorder(track, rundir, recipe.name)
+        recover_stale(rundir, recorder)
         ctx = Context(recipe, rundir, device, resume=resume, init_from=init_from)
         decision = Decision(stage, True, [f"`pipeline {stage}` always runs"], compute_fingerprint(stage, ctx, recorder.store))
         with recorder.stage(stage, decision.reasons, system_metrics=IO[stage].system_metrics) as tracker:

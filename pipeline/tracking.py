@@ -8,6 +8,13 @@ off) and never import MLflow themselves. The orchestrator records through a ``Re
 registered version and its .onnx file for lineage, promote, serve and package; what cannot be
 resolved is a StageError naming the URI, the store (password redacted) and the fix.
 
+The store is checked before anything uses it (``check_store``: a short probe, no retries), so one
+that cannot be reached or used is one StoreUnavailable line, not minutes of retries. A password in
+its URI is redacted wherever it could show (``redact``/``redact_text``, and a filter on the log
+handlers). A registered version is created with every tag at once and tagged ``registration:
+complete`` once its aliases are set; one a killed register left without that tag is deleted by the
+next pipeline in its run directory (``MlflowRecorder.recover_registrations``).
+
 The default store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts/``;
 ``MLFLOW_TRACKING_URI`` overrides it (tests point it at a temporary directory).
 """
@@ -20,13 +27,14 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Mapping, Protocol, Sequence
 
-from stages.common import StageError, git_state, library_versions
+from stages.common import InputError, StageError, git_state, kill_point, library_versions, one_line
 from stages.contract import NullTracker, Tracker  # noqa: F401 - the conductor hands these to stages
 
 log = logging.getLogger(__name__)
@@ -54,19 +62,69 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+# user:password@ in a URI (the password may hold ':' and '@': the host part is what follows the last '@'
+# before the path), and password=... in its query string (libpq's form).
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)(?P<secret>[^\s/]*)@(?=[^\s@/]*(?:[/?#\s'\"]|$))")
+_QUERY_SECRET = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token|secret|access_token)=)(?P<secret>[^&\s#'\"]+)",
+                           re.IGNORECASE)
+REDACTED = "***"
+
+
 def redact(uri: str) -> str:
-    """``uri`` with the password of a ``user:password@`` part replaced by ``***``: safe to print and record."""
-    scheme, sep, rest = uri.partition("://")
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, host = netloc.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return uri
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+    """``uri`` with the password of a ``user:password@`` part (and a ``password=`` query value)
+    replaced by ``***``: safe to print and record."""
+    return redact_text(uri)
+
+
+def redact_text(text: str) -> str:
+    """Free text (a log line, a library's error message) with every URI password in it replaced by
+    ``***``, and the configured store's password wherever else it appears."""
+    text = _USERINFO.sub(lambda m: f"{m['head']}{REDACTED}@", str(text))
+    text = _QUERY_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
+    for secret in _store_secrets():
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _store_secrets() -> list[str]:
+    """The passwords in MLFLOW_TRACKING_URI (as written and URL-decoded) and MLflow's password variables,
+    longest first. Short ones are left alone outside URIs: replacing a password such as "mlflow" in every
+    path and word would leave the logs unreadable and say which word it is."""
+    from urllib.parse import unquote, urlsplit
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
+    found = {m["secret"] for m in _USERINFO.finditer(uri)} | {m["secret"] for m in _QUERY_SECRET.finditer(uri)}
+    with contextlib.suppress(ValueError):
+        found.add(urlsplit(uri).password or "")
+    found |= {unquote(f) for f in found}
+    found |= {os.environ.get(v, "") for v in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")}
+    return sorted((f for f in found if len(f) >= 8), key=len, reverse=True)
 
 
 def shown_uri() -> str:
     """The store's URI as messages, logs and records show it: its password redacted."""
     return redact(tracking_uri())
+
+
+class _RedactingFilter(logging.Filter):
+    """Every log record's text with the store's passwords redacted (MLflow's and urllib3's messages
+    name URLs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def redact_logs() -> None:
+    """Install the redacting filter on every handler of the root logger and of MLflow's own (which does
+    not propagate), once per handler."""
+    for logger in (logging.getLogger(), logging.getLogger("mlflow")):
+        for handler in logger.handlers:
+            if not any(isinstance(f, _RedactingFilter) for f in handler.filters):
+                handler.addFilter(_RedactingFilter())
 
 
 def _sqlite_dir(uri: str) -> Path | None:
@@ -77,20 +135,174 @@ def _sqlite_dir(uri: str) -> Path | None:
 
 
 def configure() -> str:
-    """Point MLflow at the store, creating the folder of a sqlite store. Returns the URI."""
+    """Point MLflow at the store, creating the folder of a sqlite store. Returns the URI.
+
+    The store is checked first (``check_store``): one that cannot be reached or used is a
+    StoreUnavailable in one line, before any stage runs."""
     import mlflow
 
     for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.models.model"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # "no GPU" is not news on a CPU box
+    # MLflow prints each run's link, store URI and its password included, on stdout (where --json goes);
+    # the MlflowRecorder logs the pipeline run's link itself, redacted.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    redact_logs()
     uri = tracking_uri()
-    db_dir = _sqlite_dir(uri)
-    if db_dir is not None:
-        db_dir.mkdir(parents=True, exist_ok=True)
-        _prepare_sqlite(uri)
+    check_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+# ---------------------------------------------------------------- is the store there?
+
+STORE_PROBE_TIMEOUT_S = 5  # seconds the store has to answer at start (MLflow's own retries take 107 s)
+_CHECKED: set[str] = set()
+START_SERVER = ("start it (`make tracking-server` runs the team server) or point MLFLOW_TRACKING_URI at a store "
+                "that runs (unset, it is sqlite:///mlruns/mlflow.db)")
+
+
+class StoreUnavailable(InputError):
+    """The MLflow store cannot be reached or used: one line naming it (password redacted), what failed
+    and what to do. The CLI answers exit 2: MLFLOW_TRACKING_URI, the server or the driver must change."""
+
+
+def _unavailable(shown: str, what: str, fix: str) -> StoreUnavailable:
+    return StoreUnavailable(redact_text(f"the MLflow store {shown} {what}; {fix}"))
+
+
+def check_store(uri: str | None = None) -> None:
+    """Fail fast when the store cannot be used, before any work: an http(s) server that does not answer
+    within STORE_PROBE_TIMEOUT_S, refuses the credentials or is not MLflow; a database whose driver is
+    not installed, that refuses the connection or the password; a sqlite file that cannot be created.
+    Once per store and process; raises StoreUnavailable."""
+    uri = uri or tracking_uri()
+    shown = redact(uri)
+    scheme = uri.partition("://")[0].lower() if "://" in uri else ""
+    if scheme == "sqlite":  # every time: its folder may have gone since (it is made again, as MLflow would not)
+        _probe_sqlite(uri, shown)
+        return
+    if uri in _CHECKED:
+        return
+    if scheme in ("http", "https"):
+        _probe_http(uri, shown)
+    elif scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql"):
+        _probe_database(uri, shown)
+    _CHECKED.add(uri)
+
+
+def _probe_sqlite(uri: str, shown: str) -> None:
+    db_dir = _sqlite_dir(uri)
+    try:
+        db_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_sqlite(uri)
+    except Exception as e:  # OSError, sqlite3 / SQLAlchemy / MLflow errors opening or migrating the file
+        raise _unavailable(shown, f"cannot be opened or created ({type(e).__name__}: {one_line(e, 300)})",
+                           f"check that {db_dir} is a writable folder, or set MLFLOW_TRACKING_URI") from None
+
+
+def _probe_http(uri: str, shown: str) -> None:
+    """One plain request, no retries, to MLflow's REST API with the credentials MLflow would send."""
+    import requests
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
+    headers, auth = {}, None
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    verify: bool | str = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or \
+        os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true"
+    try:
+        r = requests.get(url, params={"max_results": 1}, headers=headers, auth=auth, verify=verify,
+                         timeout=STORE_PROBE_TIMEOUT_S)
+    except requests.exceptions.Timeout:
+        raise _unavailable(shown, f"did not answer within {STORE_PROBE_TIMEOUT_S} s",
+                           "check that the server is up and not overloaded, and that the address is right") from None
+    except requests.exceptions.SSLError as e:
+        raise _unavailable(shown, f"failed the TLS handshake ({_root_cause(e)})",
+                           "check its certificate (MLFLOW_TRACKING_SERVER_CERT_PATH names a CA bundle)") from None
+    except requests.exceptions.RequestException as e:
+        raise _unavailable(shown, f"cannot be reached ({_root_cause(e)})", START_SERVER) from None
+    if r.status_code in (401, 403):
+        raise _unavailable(shown, f"refused the credentials (HTTP {r.status_code})",
+                           "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an "
+                           "account of that server")
+    if r.status_code == 404:
+        raise _unavailable(shown, "answered HTTP 404 on MLflow's REST API: it is not an MLflow tracking server, or the "
+                           "URI lacks the server's path prefix", "check the address and port")
+    if r.status_code >= 400:
+        raise _unavailable(shown, f"answered HTTP {r.status_code} ({one_line(r.text, 200)})",
+                           "the server is up but failing: see its log (a team server's database may be down)")
+
+
+def _root_cause(e: BaseException) -> str:
+    """What a connection failure comes down to, in words (requests nests urllib3's reason deep inside)."""
+    text = str(e)
+    for needle, words in (("Connection refused", "connection refused: nothing listens on that port"),
+                          ("Name or service not known", "the host name does not resolve"),
+                          ("nodename nor servname", "the host name does not resolve"),
+                          ("Temporary failure in name resolution", "the host name does not resolve"),
+                          ("No route to host", "no route to the host"),
+                          ("Network is unreachable", "the network is unreachable"),
+                          ("Connection reset", "the connection was reset"),
+                          ("RemoteDisconnected", "the server closed the connection without answering")):
+        if needle in text:
+            return words
+    return one_line(text, 200)
+
+
+# PostgreSQL's SQLAlchemy dialects -> the module each needs; the team extra installs psycopg2.
+TEAM_EXTRA = "pip install -e '.[team]'"
+
+
+def _probe_database(uri: str, shown: str) -> None:
+    """A database store: its driver importable, then one connection (timeout STORE_PROBE_TIMEOUT_S)."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    try:
+        url = make_url(uri)
+        dialect = url.get_dialect()
+    except Exception as e:  # ArgumentError (malformed), NoSuchModuleError (unknown dialect or driver name)
+        raise _unavailable(shown, f"is not a database URI SQLAlchemy can read ({one_line(e, 200)})",
+                           "write it as postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DATABASE") from None
+    backend = url.get_backend_name()
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        module = e.name or url.get_driver_name()
+        if backend == "postgresql":
+            import importlib.util
+
+            if url.get_driver_name() != "psycopg2" and importlib.util.find_spec("psycopg2") is not None:
+                fix = (f"write the URI as postgresql+psycopg2://... (psycopg2, the team extra's driver, is installed; "
+                       f"SQLAlchemy reads {url.drivername}:// with {module})")
+            else:
+                fix = (f"{TEAM_EXTRA} installs psycopg2, MLflow's PostgreSQL driver; then write the URI as "
+                       "postgresql+psycopg2://...")
+        else:
+            fix = f"install the database driver that provides the Python module `{module}`"
+        raise _unavailable(shown, f"needs the Python module `{module}` (its database driver), which is not installed",
+                           fix) from None
+    connect_args = {"connect_timeout": STORE_PROBE_TIMEOUT_S} if backend in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:  # OperationalError: refused, timed out, bad password, no such database
+        why = one_line(getattr(e, "orig", None) or e, 300)
+        if "password authentication failed" in why or "Access denied" in why or "no password supplied" in why:
+            fix = "check the user and password in the URI"
+        elif "does not exist" in why:
+            fix = "create the database, or fix its name in the URI"
+        else:
+            fix = START_SERVER
+        raise _unavailable(shown, f"cannot be connected to ({why})", fix) from None
+    finally:
+        engine.dispose()
 
 
 _PREPARED: set[str] = set()
@@ -187,6 +399,19 @@ def _collect_environment_tags() -> dict[str, str]:
 
 # ---------------------------------------------------------------- runs
 
+# A registered version gets this tag last, once its aliases are set: a version without it was left by
+# a register that was interrupted, and recover_registrations deletes it.
+COMPLETE_TAG, COMPLETE = "registration", "complete"
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
 @dataclass
 class MlflowTracker:
     """A Tracker bound to one MLflow run (the fluent active run while the stage runs)."""
@@ -229,30 +454,34 @@ class MlflowTracker:
         dataset = mlflow.data.from_numpy(features, targets=targets, source=source, name=name, digest=digest[:36])
         mlflow.log_input(dataset, context=context)
 
-    def register_onnx(self, *, onnx_path, registered_name, input_example, output_example, providers, description, tags):
+    def register_onnx(self, *, onnx_path, registered_name, input_example, output_example, providers, description, tags,
+                      aliases=()):
+        """Log the model, then create its registered version with every tag and the description at once,
+        point ``aliases`` at it and tag it ``registration: complete`` last. A version never exists without
+        its tags; one whose registering was interrupted before the completion tag is deleted here (an
+        exception, Ctrl-C, SIGTERM) or, after a SIGKILL, by the next pipeline in the run directory
+        (``recover_registrations``)."""
         import mlflow
         import mlflow.onnx
         import onnx
         from mlflow.models import infer_signature
-        from mlflow.tracking import MlflowClient
 
         model = onnx.load(str(onnx_path))
         signature = infer_signature(input_example, output_example)
+        # Logged without registered_model_name: MLflow would create the version first and leave the tags
+        # to later calls, which a kill in between skips (a READY version with no tags).
         info = mlflow.onnx.log_model(
             onnx_model=model,
             name="model",
             signature=signature,
             input_example=input_example,
-            registered_model_name=registered_name,
             onnx_execution_providers=providers,
             save_as_external_data=False,  # one self-contained .onnx file, like the run directory's
             metadata=dict(tags),
+            # What an ONNX model needs, said outright: left to infer them, MLflow runs a Python subprocess that
+            # imports the model (12 of register's 14 s on a busy 2-core machine; a kill orphans that process).
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         )
-        version = str(info.registered_model_version)
-        client = MlflowClient()
-        client.update_model_version(registered_name, version, description=description)
-        for k, v in tags.items():
-            client.set_model_version_tag(registered_name, version, k, str(v))
         # The version's LoggedModel carries its quality metrics, so the registry shows them beside it.
         metrics = {}
         for k, v in tags.items():
@@ -261,7 +490,26 @@ class MlflowTracker:
                     metrics[k] = float(v)
         if metrics and getattr(info, "model_id", None):
             mlflow.log_metrics(metrics, model_id=info.model_id)
-            client.set_model_version_tag(registered_name, version, "logged_model_id", info.model_id)
+        kill_point("register.logged")
+        client = _client()
+        _ensure_registered_model(client, registered_name)
+        version_tags = {**{k: str(v) for k, v in tags.items()},
+                        **({"logged_model_id": info.model_id} if getattr(info, "model_id", None) else {})}
+        mv = client.create_model_version(registered_name, source=info.model_uri, run_id=self.run_id, tags=version_tags,
+                                         description=description, model_id=getattr(info, "model_id", None))
+        version = str(mv.version)
+        try:
+            kill_point("register.created")
+            for alias in aliases:
+                client.set_registered_model_alias(registered_name, alias, version)
+            kill_point("register.aliased")
+            client.set_model_version_tag(registered_name, version, COMPLETE_TAG, COMPLETE)
+        except BaseException:  # half-registered: no version stays without its completion
+            with contextlib.suppress(Exception):
+                client.delete_model_version(registered_name, version)
+                log.warning("deleted %s v%s: its registering was interrupted", registered_name, version)
+            raise
+        log.info("registered %s v%s%s", registered_name, version, f" @{','.join(aliases)}" if aliases else "")
         return {"name": registered_name, "version": version, "model_uri": info.model_uri,
                 "registered_uri": f"models:/{registered_name}/{version}"}
 
@@ -433,7 +681,41 @@ class MlflowRecorder:
             ids = [stale.get("parent_run_id"), *stale.get("stage_runs", {}).values()]
             marked += _mark_killed([i for i in ids if i], f"pid {stale.get('pid')} died (found by pid {os.getpid()})")
         marked += self._mark_killed_by_rundir(reason=f"lock of {self.rundir.root} free while the run said RUNNING")
+        self.recover_registrations()
         return marked
+
+    def recover_registrations(self) -> list[str]:
+        """Delete the registered versions that a register run of this run directory (on this host) left
+        without their completion tag when it was killed or failed: a SIGKILL between creating a version
+        and finishing it (aliases, then the ``registration: complete`` tag). Call only while holding the
+        directory's lock, after stale runs are marked KILLED. Returns "name vN" of each version deleted."""
+        from mlflow.exceptions import MlflowException
+
+        client = _client()
+        exp_ids = [e.experiment_id for e in client.search_experiments()]
+        if not exp_ids:
+            return []
+        quoted = str(self.rundir.root.resolve()).replace("'", "\\'")
+        runs = client.search_runs(exp_ids, max_results=1000, filter_string=(
+            f"tags.`pipeline.stage` = 'register' and tags.`pipeline.rundir` = '{quoted}' and "
+            f"tags.host = '{socket.gethostname()}' and attributes.status != 'FINISHED'"))
+        runs = [r for r in runs if r.info.status in ("KILLED", "FAILED")]  # not RUNNING: marked KILLED first if stale
+        deleted = []
+        for i in range(0, len(runs), 50):  # a filter with a bounded IN list
+            ids = ", ".join(f"'{r.info.run_id}'" for r in runs[i:i + 50])
+            for mv in client.search_model_versions(f"run_id IN ({ids})"):
+                if mv.tags.get(COMPLETE_TAG) == COMPLETE:
+                    continue
+                try:
+                    client.delete_model_version(mv.name, mv.version)
+                except MlflowException as e:
+                    log.warning("could not delete the half-registered %s v%s: %s", mv.name, mv.version, e.message)
+                    continue
+                deleted.append(f"{mv.name} v{mv.version}")
+                log.warning("deleted %s v%s: registered by run %s of %s, which was %s before it finished registering",
+                            mv.name, mv.version, mv.run_id, self.rundir.root,
+                            next(r.info.status for r in runs if r.info.run_id == mv.run_id).lower())
+        return deleted
 
     def _mark_killed_by_rundir(self, reason: str) -> list[str]:
         """Mark KILLED every RUNNING run that used this run directory on this host: call only while

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 import models
-from stages.common import StageError, atomic_path, require, write_json
+from stages.common import BadFile, StageError, atomic_path, one_line, require, write_json
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,32 @@ def save(path: Path, model, meta: dict[str, Any], json_path: Path | None = None)
 
 
 def _read(path: Path, fmt: str, what: str, fix: str) -> dict:
+    import warnings
+
     import torch
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns (on stderr) about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise StageError(f"{path} is corrupt or not {what} ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+        raise BadFile(path, f"is corrupt or not {what} ({_load_error(e)})", fix) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        raise StageError(f"{path} is not {what} (format {fmt} expected); {fix}")
+        raise BadFile(path, f"is not {what} (format {fmt} expected)", fix)
     return ckpt
+
+
+def _load_error(e: Exception) -> str:
+    """torch.load's error, whole but on one line. A weights-only refusal keeps torch's advice about
+    ``weights_only=False`` (a file that holds pickled code runs it when loaded so), and says this project
+    never loads that way; a truncated file says so instead of torch's bare errno."""
+    text = one_line(e, 1500)
+    if "weights_only" in text or "WeightsUnpickler" in text:
+        return (f"{type(e).__name__}: {text} (onnx-pipeline loads checkpoints with weights_only=True only: "
+                "a file holding pickled Python objects is refused, never executed)")
+    if isinstance(e, (OSError, EOFError, RuntimeError)) and ("zip" in text.lower() or "Errno" in text or not text):
+        return f"{type(e).__name__}: {text or 'no detail'}: truncated, or not a PyTorch zip archive"
+    return f"{type(e).__name__}: {text}"
 
 
 def read(path: Path) -> dict:

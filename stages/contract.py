@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,10 @@ class Tracker(Protocol):
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_dataset(self, *, name: str, digest: str, source: str, features: Any, targets: Any, context: str) -> None: ...
     def register_onnx(self, *, onnx_path: Path, registered_name: str, input_example: Any, output_example: Any,
-                      providers: list[str], description: str, tags: Mapping[str, str]) -> dict | None: ...
+                      providers: list[str], description: str, tags: Mapping[str, str],
+                      aliases: Sequence[str] = ()) -> dict | None:
+        """Register the file as a new version, created with ``tags`` and pointed to by ``aliases`` (all or
+        nothing); None when nothing is recorded."""
     def set_alias(self, registered_name: str, alias: str, version: str) -> None: ...
 
 

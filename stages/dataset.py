@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import StageError, read_json, require
+from stages.common import BadFile, StageError, read_json, require
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def load(data_path: Path, info_path: Path) -> Data:
         with np.load(data_path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise StageError(f"{data_path} is corrupt ({e}); rerun `pipeline prepare`") from None
+        raise BadFile(data_path, f"is corrupt ({e})", "rerun `pipeline prepare`") from None
     for s in ("train", "val", "test"):
         if f"x_{s}" not in arrays or f"y_{s}" not in arrays:
             raise StageError(f"{data_path} lacks the {s} split; rerun `pipeline prepare`")

@@ -9,6 +9,7 @@ reconstructions (reconstructions.png). metrics.json always holds ``task`` and ``
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +22,7 @@ from stages.metrics import plot_confusion, plot_reconstructions, plot_regression
 from stages.predictors import TorchPredictor
 from stages.contract import RunDir, Tracker
 
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,13 @@ class Result:
     value: float
     accuracy: float | None = None  # classification only
     macro_f1: float | None = None
+    unfinished_training: str = ""  # set when the checkpoint is the best-so-far of a training that did not finish
 
     def summary(self) -> str:
+        note = f" ({self.unfinished_training})" if self.unfinished_training else ""
         if self.task == "classification":
-            return f"test_acc {self.accuracy:.4f}, macro F1 {self.macro_f1:.4f}"
-        return f"test {self.metric} {self.value:.4f} ({self.task})"
+            return f"test_acc {self.accuracy:.4f}, macro F1 {self.macro_f1:.4f}{note}"
+        return f"test {self.metric} {self.value:.4f} ({self.task}){note}"
 
 
 def run_task(meta: dict, data: "dataset.Data") -> str:
@@ -57,6 +61,26 @@ def run_task(meta: dict, data: "dataset.Data") -> str:
         raise StageError(str(e)) from None
 
 
+def unfinished_training(rundir: "RunDir", meta: dict) -> dict | None:
+    """When checkpoint.pt is the best-so-far of a training that did not finish (killed or interrupted
+    mid-way; train_state.pt, saved every ``train.checkpoint_every`` epochs, says so and belongs to the
+    same training): its best epoch, the epochs run and the epochs planned. None when it finished or
+    nothing says otherwise."""
+    if not rundir.train_state.is_file():
+        return None
+    try:
+        state = checkpoint.load_state(rundir.train_state)
+    except StageError:
+        return None
+    if state.get("finished"):
+        return None
+    same = state.get("run_id") == meta.get("run_id") or (state.get("best") or {}).get("epoch") == meta.get("epoch")
+    if not same:
+        return None
+    epochs = ((meta.get("recipe") or {}).get("train") or {}).get("epochs")
+    return {"best_epoch": meta.get("epoch"), "epochs_run": state.get("epoch"), "epochs": epochs}
+
+
 def outputs_batched(predictor: TorchPredictor, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, ...]:
     chunks = [predictor.outputs(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     return tuple(np.concatenate(parts) for parts in zip(*chunks))
@@ -67,6 +91,12 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     data = dataset.load(rundir.data, rundir.dataset)
     model, meta = checkpoint.load(rundir.checkpoint)
     task = run_task(meta, data)
+    unfinished = unfinished_training(rundir, meta)
+    note = ""
+    if unfinished:
+        note = (f"best-so-far checkpoint of an unfinished training: epoch {unfinished['best_epoch']}, "
+                f"training stopped after epoch {unfinished['epochs_run']} of {unfinished['epochs'] or '?'}")
+        log.warning("scoring the %s; `pipeline train --resume` (or `pipeline run --resume`) finishes the training", note)
     x, y = data.split("test")
     outputs = outputs_batched(TorchPredictor(model, config.device), x, config.batch_size)
 
@@ -85,6 +115,9 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
         plot_confusion(metrics["confusion_matrix"], data.labels, plot,
                        f"test split, accuracy {metrics['accuracy']:.4f}")
     metrics["checkpoint_epoch"] = meta["epoch"]
+    if unfinished:
+        metrics["unfinished_training"] = unfinished
+        tracker.set_tags({"evaluate.unfinished_training": note})
     write_json(rundir.metrics, metrics)
 
     primary = metrics["primary"]
@@ -100,4 +133,4 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     tracker.log_artifact(rundir.metrics)
     tracker.log_artifact(plot)
     return Result(task=task, metric=primary["name"], value=primary["value"], accuracy=metrics.get("accuracy"),
-                  macro_f1=metrics.get("macro_f1"))
+                  macro_f1=metrics.get("macro_f1"), unfinished_training=note)

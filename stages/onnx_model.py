@@ -39,7 +39,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from stages.common import StageError
+from stages.common import BadFile, StageError, one_line
 from stages.dataset import normalize
 from stages.predictors import Device, OrtPredictor
 
@@ -302,7 +302,8 @@ class ModelMeta:
         except FileNotFoundError:
             raise StageError(f"{path} not found") from None
         except Exception as e:
-            raise StageError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0][:200]}); {REEXPORT}") from None
+            raise BadFile(path, f"is not a readable ONNX model ({one_line(e, 200)}): it is truncated, corrupt or not "
+                          "ONNX", REEXPORT) from None
         return cls.from_proto(proto, path.name)
 
     # -------------------------------------------------------------- feeding and judging

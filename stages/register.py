@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stages import dataset, timing
-from stages.common import StageError, read_json, write_json
+from stages.common import BadFile, StageError, read_json, sha256_file, write_json
 from stages.onnx_model import OnnxModel
 from stages.predictors import OrtPredictor
 from stages.sessions import CPU_EP, CUDA_EP, SessionSettings, cuda_available
@@ -238,6 +238,21 @@ def remeasure(names: list[str], paths: dict, x_raw: np.ndarray, config: Config, 
     return {"rounds": config.remeasure_rounds, "batches": batches, "session": settings.describe(), "results": results}
 
 
+def _check_unchanged(path, variant: dict) -> None:
+    """The file to register must be the one quantize checked and measured (its sha256 in variants.json):
+    a file changed since (truncated, corrupted, replaced) is never registered."""
+    recorded = variant.get("sha256")
+    if not recorded:
+        return
+    try:
+        actual = sha256_file(path)
+    except FileNotFoundError:
+        raise StageError(f"{path} not found; rerun `pipeline quantize` (or `pipeline run`)") from None
+    if actual != recorded:
+        raise BadFile(path, f"changed since quantize checked and measured it (sha256 {actual[:12]}, variants.json says "
+                      f"{recorded[:12]}), so it is not registered", "rerun `pipeline quantize` (or `pipeline run`)")
+
+
 def goal_check(name: str, rows: list[dict], provider: str, batch: int) -> dict:
     """The chosen variant against ONNX Runtime fp32 at the target batch and against PyTorch eager at batch 1."""
     def sps(variant, engine, bs, prov):
@@ -279,6 +294,8 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     if config.variant == "auto" and len(ranked) >= 2 and config.remeasure_rounds > 0 \
             and ranked[1]["samples_per_s"] >= ranked[0]["samples_per_s"] * (1 - config.remeasure_margin):
         top = [ranked[0]["variant"], ranked[1]["variant"]]
+        for n in top:
+            _check_unchanged(paths[n], variants[n])
         log.info("%s and %s are within %.0f%% (%s): measuring both again, interleaved", *top,
                  config.remeasure_margin * 100, config.objective)
         remeasured = remeasure(top, paths, x_raw, config, serving, batches)
@@ -290,6 +307,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     log.info("chose %s: %s", name, why)
 
     path = paths[name]
+    _check_unchanged(path, chosen)
     predictor = OrtPredictor(path, settings=serving)
     meta = OnnxModel(predictor).meta
     feeds = meta.feed(x_raw[:2])  # what the file takes (raw when its graph normalizes)
@@ -322,18 +340,15 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     }
     description = (f"{name} variant of the {recipe_name} recipe's model; test accuracy "
                    f"{accuracy if accuracy is not None else 'n/a'} (fp32 {fp32_acc}, budget {budget} points). Chosen as {why}.")
+    aliases = ["candidate", *(["champion"] if config.promote and gate else [])]
+    # One call: the version is created with its tags and aliases and marked complete, or not at all.
     registered = tracker.register_onnx(onnx_path=path, registered_name=registered_name, input_example=x_example,
                                        output_example=y_example, providers=predictor.requested_providers,
-                                       description=description, tags=tags)
-    aliases = []
-    if registered:
-        tracker.set_alias(registered_name, "candidate", registered["version"])
-        aliases.append("candidate")
-        if config.promote and gate:
-            tracker.set_alias(registered_name, "champion", registered["version"])
-            aliases.append("champion")
-        elif config.promote:
-            log.warning("not promoted to champion: %s is outside the accuracy budget (%s)", name, budget)
+                                       description=description, tags=tags, aliases=aliases)
+    if not registered:
+        aliases = []
+    elif config.promote and not gate:
+        log.warning("not promoted to champion: %s is outside the accuracy budget (%s)", name, budget)
     result = Result(variant=name, reason=why, accuracy=accuracy, name=registered_name,
                     version=registered["version"] if registered else None, aliases=aliases, candidates=table)
     write_json(rundir.registration, {**result.__dict__, "provider": provider, "objective": config.objective,

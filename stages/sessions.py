@@ -198,12 +198,17 @@ def create_session(path: Path | str, settings: SessionSettings = SessionSettings
     """An ``onnxruntime.InferenceSession`` over ``path`` built with ``settings``.
 
     ``session.get_providers()`` says which providers it really runs on; when CUDA was asked for and
-    ONNX Runtime fell back to CPU (CUDA/cuDNN libraries not found), a warning says so. Errors loading
-    the file are ONNX Runtime's own (callers turn them into their users' messages).
+    ONNX Runtime fell back to CPU (CUDA/cuDNN libraries not found), a warning says so. A file ONNX
+    Runtime cannot load (truncated, corrupt, not ONNX, an invalid graph) is one ``stages.common.BadFile``
+    naming it, so every command that opens a model answers it in one line (a missing one, a StageError).
     """
     import onnxruntime as ort
 
+    from stages.common import BadFile, StageError, one_line  # imported here: importing this module stays cheap
+
     path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} not found")
     providers = settings.providers()
     if CUDA_EP in providers and "torch" not in sys.modules and hasattr(ort, "preload_dlls"):
         # Without torch imported first (the slim serving path), load CUDA/cuDNN from the nvidia-* wheels
@@ -212,8 +217,17 @@ def create_session(path: Path | str, settings: SessionSettings = SessionSettings
             ort.preload_dlls()
         except Exception as e:  # pragma: no cover - depends on the CUDA install
             log.debug("onnxruntime.preload_dlls failed: %s", e)
-    session = ort.InferenceSession(str(path), settings.session_options(), providers=providers,
-                                   provider_options=provider_options(providers))
+    try:
+        session = ort.InferenceSession(str(path), settings.session_options(), providers=providers,
+                                       provider_options=provider_options(providers))
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if type(e).__name__ == "EPFail":  # a provider that would not start: not the file's fault
+            raise
+        why = one_line(str(e), 300).replace(f"Load model from {path} failed:", "")
+        raise BadFile(path, f"is not a valid ONNX model that ONNX Runtime can load ({type(e).__name__}: {why}): it "
+                      "is truncated, corrupt or not ONNX", "replace it with a complete copy (re-export it)") from None
     if CUDA_EP in providers and CUDA_EP not in session.get_providers():
         log.warning("CUDA was requested for %s but ONNX Runtime runs it on %s (%s); what it measures or serves "
                     "is CPU work", path.name, session.get_providers()[0],

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import StageError
+from stages.common import BadFile, StageError
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +247,31 @@ def _targets(path: Path, label: str, values: np.ndarray, task: str) -> tuple[np.
     return y.astype(np.int64), task, [str(c) for c in classes]
 
 
+def _check_npz_magic(p: Path) -> None:
+    """An .npz is a zip archive: anything else (a CSV, a single .npy array) is named for what it is, not
+    left to numpy, which reads an unknown file as a pickle and says "This file contains pickled (object) data"."""
+    with open(p, "rb") as f:
+        head = f.read(6)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):  # a zip (an empty one ends at once)
+        return
+    if head.startswith(b"\x93NUMPY"):
+        raise BadFile(p, "is a single .npy array, not an .npz archive", "save features and labels together with "
+                      "numpy.savez(path, x=features, y=labels)")
+    text = p.suffix.lower() in (".csv", ".tsv", ".txt") or bool(head) and all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    raise BadFile(p, f"is not an .npz archive (it starts with {head!r}, not a zip archive's PK header)",
+                  "it looks like text: for a CSV file set prepare.dataset: csv, or save the arrays with numpy.savez"
+                  if text else "save the arrays with numpy.savez")
+
+
 def npz(path: str, features: tuple[str, ...], label: str, task: str, layout: str) -> Source:
     """Features from one array key (N, ...) or several 1-D/2-D keys stacked as columns; one label key."""
     p = _require_file(path, ".npz")
+    _check_npz_magic(p)
     try:
         with np.load(p, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise StageError(f"{p}: not a readable .npz archive ({e}); save it with numpy.savez") from None
+        raise BadFile(p, f"is not a readable .npz archive ({e})", "save it with numpy.savez") from None
     for key in (*features, label):
         if key not in arrays:
             raise StageError(f"{p}: no array named {key!r}; the archive holds {sorted(arrays)}")

@@ -1,6 +1,6 @@
 """MLflow as the system of record: stage reuse (hit and miss per kind of change), --explain, --force,
-resume after SIGKILL, lineage, compare, promotion, concurrent runs, and a PostgreSQL-backed tracking
-server. Real pipelines on a small recipe, against temporary stores."""
+resume after SIGKILL, lineage, compare, promotion, concurrent runs. Real pipelines on a small recipe,
+against temporary stores. (The PostgreSQL-backed team server: tests/test_tracking_server.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -442,39 +441,3 @@ def test_concurrent_runs_share_a_store_but_not_a_run_directory(small_yaml, tmp_p
         from stages.common import sha256_file
 
         assert all(sha256_file(tmp_path / name / f) == h for st in stamps for f, h in st["outputs"].items())
-
-
-# ---------------------------------------------------------------- the team server
-
-def _postgres_or_skip() -> None:
-    from pipeline.tracking_server import PostgresMissing, pg_bin
-
-    try:
-        pg_bin("initdb")
-    except PostgresMissing as e:
-        pytest.skip(f"PostgreSQL is not installed here ({e}); .ci/run installs it with apt-get")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running as root without `runuser`: PostgreSQL refuses to run as root")
-
-
-def test_a_tiny_pipeline_against_a_postgres_backed_tracking_server(small_yaml, tmp_path):
-    _postgres_or_skip()
-    from pipeline.tracking_server import free_port, tracking_server
-
-    root = Path(tempfile.mkdtemp(prefix="onnx-pipeline-tracking-"))  # the postgres user must be able to enter it
-    root.chmod(0o755)
-    try:
-        with tracking_server(root, free_port(), free_port()) as uri:
-            p = pipeline("run", "-r", str(small_yaml), "-w", str(tmp_path / "run"), "--set", "train.epochs=1", store=uri)
-            assert set(statuses(p.stdout).values()) == {"done"}
-            client = client_for(uri)
-            parent = parent_runs(client)[0]
-            assert parent.info.status == "FINISHED"
-            assert len(children(client, parent.info.run_id)) == len(STAGES)
-            mv = client.get_model_version_by_alias("small", "champion")
-            # artifacts went over HTTP into the server's artifact root, not into the client's directories
-            assert any((root / "artifacts").rglob("*.onnx"))
-            lineage = pipeline("lineage", "models:/small@champion", store=uri).stdout
-            assert f"registered model small version {mv.version}" in lineage and "dataset sha256" in lineage
-    finally:
-        shutil.rmtree(root, ignore_errors=True)

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from stages.common import write_json, write_text
+from stages.common import scratch, write_json, write_text
 
 if TYPE_CHECKING:
     from stages.quantize.variants import Context
@@ -59,7 +58,7 @@ def table(float_model: Path, qdq_model: Path, feeds: dict[str, np.ndarray]) -> l
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import compute_activation_error, create_activation_matching
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("quantize") as tmp:
         fl = _activations(float_model, feeds, Path(tmp), "float")
         qd = _activations(qdq_model, feeds, Path(tmp), "qdq")
     matching = create_activation_matching({k: [v] for k, v in qd.items()}, {k: [v] for k, v in fl.items()})

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
+
+from stages.common import scratch
 
 if TYPE_CHECKING:
     import onnx
@@ -73,7 +74,7 @@ def preprocessed(src: Path) -> Iterator[Path]:
     shape differ")."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("quantize") as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(src), str(pre))
         yield pre
