@@ -613,8 +613,8 @@ def serve(
             code = serve_workers.serve_workers(sources, settings, n_workers)
         except serve_workers.WorkerStartError as e:
             raise _error(str(e), e.code) from None
-        except KeyboardInterrupt:
-            code = 0
+        except KeyboardInterrupt:  # Ctrl-C while the workers were starting
+            code = INTERRUPTED
         finally:
             _remove_downloads()
         raise typer.Exit(code)

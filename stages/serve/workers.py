@@ -176,9 +176,13 @@ class Supervisor:
             raise
 
     def watch(self) -> int:
-        """Serve until SIGTERM / SIGINT (-> 0 once every worker has stopped) or until workers keep dying (-> 1)."""
+        """Serve until SIGTERM / SIGINT (-> 143 / 130, the CLI's codes for them, once every worker has
+        stopped) or until workers keep dying (-> 1)."""
+        stopped_by = []
+
         def ask_stop(signum, frame):
             self.stopping = True
+            stopped_by.append(signum)
 
         previous = {s: signal.signal(s, ask_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -198,7 +202,7 @@ class Supervisor:
                     log.warning("worker %d (pid %d) exited with code %s; starting it again", i, proc.pid,
                                 proc.returncode)
                     self._start(i)
-            return 0
+            return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 143
         finally:
             self.stop()
             for s, handler in previous.items():
