@@ -331,11 +331,13 @@ def scan(root: Path) -> tuple[str, dict[str, dict[str, list[Path]]], list[str]]:
         found[split] = classes
     if ignored:
         notes.append(f"{ignored} files without an image extension ({', '.join(EXTENSIONS)}) were not read")
+    for split, classes in found.items():
+        if not classes:
+            where = split_dirs[split]
+            raise StageError(f"{where}: no class folders with images; expected {where}/<class name>/*.png "
+                             f"(extensions {', '.join(EXTENSIONS)})" + ("" if split == "train" else
+                                                                        f", or remove {where.name}/"))
     train = found["train"]
-    if not train:
-        where = split_dirs["train"]
-        raise StageError(f"{where}: no class folders with images; expected {where}/<class name>/*.png "
-                         f"(extensions {', '.join(EXTENSIONS)})")
     if len(train) == 1:
         only = next(iter(train))
         raise StageError(f"{split_dirs['train']}: a single class folder ({only}/); classification needs at least two: "

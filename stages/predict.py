@@ -137,6 +137,8 @@ def read(sources: Sequence[str | Path], meta: ModelMeta, *, key: str | None = No
     first source that does not fit, naming it and what the model expects."""
     if not sources:
         raise StageError(f"nothing to predict: pass {KINDS}")
+    if key is not None and not any(str(s).lower().endswith(".npz") for s in sources):
+        raise StageError(f"--key {key!r} names an array of an .npz archive, and no source is one")
     form = InputForm.of(meta)
     out = Inputs([])
     image_files: list[tuple[str, Path]] = []  # (shown name, path), read together: one decode pool
