@@ -204,12 +204,16 @@ def _read_images(files: list[tuple[str, Path]], form: InputForm, meta: ModelMeta
     elif form.raw_range != (0.0, 255.0):
         notes.append(f"image pixels 0..255 are mapped to the model's raw range "
                      f"{_num(form.raw_range[0])}..{_num(form.raw_range[1])}")
-    # Same-sized images run together; a model with free height/width takes each size as its own batch.
-    groups: dict[tuple, list[int]] = {}
+    # Consecutive same-sized images run together (a fixed-size model: all of them); a model with free
+    # height/width takes each run of one size as its own batch, so the rows keep the order of the files.
+    runs: list[list[int]] = []
     for i, a in enumerate(pixels):
-        groups.setdefault(a.shape, []).append(i)
+        if runs and pixels[runs[-1][0]].shape == a.shape:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
     batches = []
-    for rows in groups.values():
+    for rows in runs:
         x = _pixels_to_raw(np.stack([pixels[i] for i in rows]), form)
         batches.append(Batch(source=files[rows[0]][0] if len(rows) == 1 else f"{len(rows)} image files",
                              names=[files[i][0] for i in rows], x=x))

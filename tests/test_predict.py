@@ -191,6 +191,16 @@ def test_foreign_files_with_unknown_task_labels_and_preprocessing_work_on_number
     assert "a.png: an image, but foreign.onnx takes samples shaped [4] (float32) and its metadata does not say its " \
            "input is an image (input.layout is unknown)" in refused.stderr
 
+    # an image model of any height and width (metadata says NCHW): each file at its own size, in order
+    mean = _onnx(tmp_path / "mean.onnx", [helper.make_node("ReduceMean", ["image"], ["m"], keepdims=0, axes=[2, 3])],
+                 [("image", TensorProto.FLOAT, ["n", 1, "h", "w"])], [("m", TensorProto.FLOAT, ["n", 1])],
+                 {"preprocessing": AS_IS, "input.layout": "NCHW"})
+    for name, side, value in (("p.png", 4, 10), ("q.png", 6, 20), ("r.png", 4, 30)):
+        Image.fromarray(np.full((side, side), value, np.uint8)).save(tmp_path / name)
+    r = invoke(*(tmp_path / n for n in ("p.png", "q.png", "r.png")), "--model", mean, "--json")
+    assert [list(p["values"].values()) for p in json.loads(r.stdout)["predictions"]] == [[10.0], [20.0], [30.0]]
+    assert "gives no raw value range: image pixels are fed as they are, 0..255, as float32" in r.stderr
+
     # several inputs: an .npz with one array per input name
     multi = _onnx(tmp_path / "multi.onnx", [helper.make_node("Add", ["a", "b"], ["sum"])],
                   [("a", TensorProto.FLOAT, ["n", 2]), ("b", TensorProto.FLOAT, ["n", 2])],
