@@ -35,7 +35,7 @@ import numpy as np
 
 from stages import images
 from stages.common import StageError, atomic_path
-from stages.onnx_model import ModelMeta, OnnxModel
+from stages.onnx_model import UNKNOWN, ModelMeta, OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class InputForm:
         raw_dtype = pre.raw_dtype if pre.raw_dtype and pre.kind != "none" else (spec.dtype or "float32")
         return cls(name=spec.name, dtype=spec.dtype or "float32", raw_dtype=raw_dtype,
                    sample_shape=tuple(spec.shape[1:]) if spec.shape is not None else None,
-                   layout=(spec.layout or "").upper() or None,
+                   layout=spec.layout.upper() if spec.layout and spec.layout.lower() != UNKNOWN else None,
                    raw_range=(float(raw_range[0]), float(raw_range[1])) if raw_range else None,
                    preprocessing=pre.kind)
 
