@@ -1,5 +1,5 @@
-"""The `pipeline` command: one thin command per stage, `run` for all of them, `serve`, `package`, and the
-questions asked of the record (`lineage`, `compare`, `promote`).
+"""The `pipeline` command: one thin command per stage, `run` for all of them, `serve`, `package`, `predict`,
+and the questions asked of the record (`lineage`, `compare`, `promote`).
 
 Heavy libraries (torch, onnxruntime, mlflow) are imported inside the commands so `--help` is instant.
 Exit codes (one table, also in `pipeline --help` and the README):
@@ -10,7 +10,8 @@ Exit codes (one table, also in `pipeline --help` and the README):
     2    the command or its input must change: an unknown option or stage name, a bad recipe key or value,
          a model, file or registry URI that does not exist or cannot be read (a truncated or corrupt .onnx,
          checkpoint or dataset, also in the run directory), a model that serve or package refuses, an output
-         directory in the way, an MLflow store that cannot be reached or used (MLFLOW_TRACKING_URI)
+         directory in the way, predict's inputs that do not fit the model, an MLflow store that cannot be
+         reached or used (MLFLOW_TRACKING_URI)
     130  interrupted by Ctrl-C (SIGINT); 143: stopped by SIGTERM. MLflow runs end KILLED.
 
 Errors are one line on stderr (`error: ...`), never a traceback. Results go to stdout (tables, or JSON
@@ -529,6 +530,112 @@ def compare(run_a: Annotated[str, typer.Argument(metavar="RUN_A", help="MLflow r
         _emit_json(record)
     else:
         typer.echo(format_compare(record))
+
+
+# ---------------------------------------------------------------- predict
+
+class PredictDevice(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@contextlib.contextmanager
+def _slim_errors(stage_error: int) -> Iterator[None]:
+    """``_errors`` for commands that read no recipe: pipeline.config imports every model family, and
+    with them torch (1.8 s), which predict must never load."""
+    from stages.common import StageError
+
+    try:
+        yield
+    except StageError as e:
+        raise _error(str(e), stage_error) from None
+    except KeyboardInterrupt as e:
+        raise _interrupted(e) from None
+
+
+@app.command()
+def predict(
+    sources: Annotated[list[str], typer.Argument(
+        metavar="SOURCE", help="Image files (png, jpg, jpeg, bmp, webp), folders of them, .npy, .npz or .csv files.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A .onnx path, models:/NAME@ALIAS or "
+                                                             "runs:/RUN_ID/PATH.")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes per sample (classification).")] = 3,
+    key: Annotated[Optional[str], typer.Option(
+        "--key", show_default="the model's input name, or the archive's only array",
+        help="The .npz array to read.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Directory for predictions.csv, and a VAE's reconstructions as PNG.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per ONNX Runtime call.")] = 64,
+    device: Annotated[PredictDevice, typer.Option(help="ONNX Runtime device.")] = PredictDevice.cpu,
+    json_: JsonOpt = False,
+):
+    """Run a model on files: top-k labels with probabilities, regression values, or VAE reconstructions.
+
+    Everything about the input (shape, channels, dtype, value range, normalization, labels) comes from the
+    ONNX file's own metadata, so it works from any directory without a recipe. Image files are decoded
+    and resized exactly as `prepare` decodes a folder of images. Never imports torch.
+    """
+    with contextlib.ExitStack() as stack:
+        with _slim_errors(USAGE):
+            from stages import predict as predict_stage
+
+            path, shown = Path(model), model
+            if model.startswith(("models:/", "runs:/")):
+                from pipeline import tracking
+
+                _require_store(model)
+                download = stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-pipeline-predict-"))
+                path = tracking.fetch_model(model, Path(download)).path
+            onnx_model = predict_stage.open_model(path, device.value)
+            inputs = predict_stage.read(sources, onnx_model.meta, key=key)
+        with _slim_errors(FAILED):
+            result = predict_stage.run(onnx_model, inputs, top_k=top_k, output_dir=output, batch_size=batch_size)
+        result.model = shown
+    for note in result.notes:
+        typer.secho(f"note: {note}", err=True)
+    if json_:
+        _emit_json(result.to_json())
+    else:
+        _print_predictions(result)
+    for f in result.files:
+        typer.echo(f"wrote {f}", err=True)
+
+
+def _print_predictions(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.model} ({result.task}, output {result.output})")
+    table.add_column("input", overflow="fold")
+    if result.kind == "top-k":
+        what = "probability" if result.task == "classification" else "score"
+        k = max(len(r["top_k"]) for r in result.rows)
+        table.add_column("label")
+        table.add_column(what, justify="right")
+        if k > 1:
+            table.add_column(f"next {k - 1}")
+        for r in result.rows:
+            best, rest = r["top_k"][0], r["top_k"][1:]
+            cells = [r["input"], best["label"], f"{best[what]:.4f}"]
+            if k > 1:
+                cells.append(", ".join(f"{t['label']} {t[what]:.4f}" for t in rest))
+            table.add_row(*cells)
+    elif result.kind == "values":
+        shown = result.labels[:8]
+        for name in shown:
+            table.add_column(name, justify="right")
+        if len(result.labels) > len(shown):
+            table.add_column(f"+{len(result.labels) - len(shown)} more (--json)")
+        for r in result.rows:
+            values = list(r["values"].values())
+            table.add_row(r["input"], *(f"{v:.6g}" for v in values[:len(shown)]),
+                          *(["…"] if len(values) > len(shown) else []))
+    else:
+        table.add_column("mse (normalized)", justify="right")
+        table.add_column("reconstruction", overflow="fold")
+        for r in result.rows:
+            table.add_row(r["input"], f"{r['mse']:.5f}", r.get("reconstruction", ""))
+    Console().print(table)
 
 
 # ---------------------------------------------------------------- serve

@@ -1,20 +1,22 @@
 """prepare: a dataset source -> seeded train/val/test split -> data.npz + dataset.json.
 
 Sources (stages/sources.py): bundled digits, MNIST-1D (generated offline), diabetes, and user files
-(IDX directory, .npz, .csv). Raw inputs are stored as they come (digits 0..16 float32, IDX uint8
-pixels, ...) with normalization statistics computed on the training split only: one mean/std for
+(IDX directory, .npz, .csv, a folder of images). Raw inputs are stored as they come (digits 0..16
+float32, IDX and image-folder uint8 pixels, ...) with normalization statistics computed on the training split only: one mean/std for
 single-channel images and signals, one per channel otherwise, one per feature for feature vectors.
 Every consumer normalizes with those statistics (``stages.dataset.Data.normalize``), and the
 exported model's metadata repeats them so apps do the same. Classification splits are stratified.
-Sources with a test split of their own (MNIST-1D, IDX with t10k-* files) keep it as it is and carve
-validation from their training split.
+Sources with a test split of their own (MNIST-1D, IDX with t10k-* files, an image folder with test/)
+keep it as it is and carve validation from their training split unless they have one too (an image
+folder with val/).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -27,13 +29,33 @@ from stages.contract import RunDir, Tracker
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-FILE_DATASETS = ("idx", "npz", "csv")  # read from prepare.path; the others ship with the install
+FILE_DATASETS = ("idx", "npz", "csv", "images")  # read from prepare.path; the others ship with the install
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    """prepare.images: how a folder of images (``dataset: images``) is decoded (``stages.images``)."""
+
+    size: tuple[int, ...] = ()  # [height, width] every image is resized to; empty: their own (one) size
+    channels: Literal[1, 3] = 3  # 1: grayscale (a color image is an error); 3: RGB (grayscale is replicated)
+    # Decoding processes. 0: automatic: this process unless decoding would take over 10 s here and two
+    # or more cores are idle (stages.images.auto_workers); 1: this process; N: a pool of N.
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        from stages.images import MAX_SIDE
+
+        if len(self.size) not in (0, 2) or any(not 1 <= s <= MAX_SIDE for s in self.size):
+            raise ValueError(f"`size` must be [height, width] with each side 1..{MAX_SIDE} pixels (or [] for the "
+                             f"images' own size), got {list(self.size)}")
+        if self.workers < 0:
+            raise ValueError(f"`workers` must be 0 (automatic) or a count of processes, got {self.workers}")
 
 
 @dataclass(frozen=True)
 class Config:
-    dataset: Literal["digits", "mnist1d", "diabetes", "idx", "npz", "csv"] = "digits"
-    path: str = ""  # idx: a directory of IDX files; npz, csv: the file
+    dataset: Literal["digits", "mnist1d", "diabetes", "idx", "npz", "csv", "images"] = "digits"
+    path: str = ""  # idx: a directory of IDX files; npz, csv: the file; images: the folder of class folders
     features: tuple[str, ...] = ()  # npz: array key(s); csv: column names (empty: every column but the label)
     label: str = ""  # npz: array key; csv: column name
     task: Literal["auto", "classification", "regression"] = "auto"  # npz/csv; auto: integer labels are classes
@@ -42,6 +64,7 @@ class Config:
     test_fraction: float = 0.2  # unused where the source has its own test split
     seed: int = 0
     max_samples: int = 0  # 0: the whole dataset; a (stratified) subsample otherwise (tiny test recipes)
+    images: ImagesConfig = field(default_factory=ImagesConfig)  # dataset images: size, channels, workers
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -51,10 +74,14 @@ class Config:
         if self.max_samples < 0 or 0 < self.max_samples < 100:
             raise ValueError(f"`max_samples` must be 0 (all) or at least 100, got {self.max_samples}")
         if self.dataset in FILE_DATASETS and not self.path:
-            what = "a directory holding train-images-idx3-ubyte[.gz]" if self.dataset == "idx" else f"a .{self.dataset} file"
+            what = {"idx": "a directory holding train-images-idx3-ubyte[.gz]",
+                    "images": "a folder holding one subfolder of images per class"}.get(self.dataset, f"a .{self.dataset} file")
             raise ValueError(f"`path` is required for dataset {self.dataset}: set it to {what}")
         if self.dataset not in FILE_DATASETS and self.path:
-            raise ValueError(f"`path` applies to the idx, npz and csv datasets only; {self.dataset} ships with the install")
+            raise ValueError(f"`path` applies to the idx, npz, csv and images datasets only; {self.dataset} ships with "
+                             "the install")
+        if self.dataset != "images" and self.images != ImagesConfig():
+            raise ValueError(f"`images` applies to the images dataset only, not {self.dataset}")
         tabular = ("npz", "csv")
         if self.dataset in tabular and not self.label:
             raise ValueError(f"`label` is required for dataset {self.dataset}: the "
@@ -116,28 +143,38 @@ def split(src: sources.Source, config: Config) -> dict[str, tuple[np.ndarray, np
     stratified = src.task == "classification"
     x, y = src.x, src.y
     x_test, y_test = src.x_test, src.y_test
+    x_val, y_val = src.x_val, src.y_val
     if config.max_samples:
-        total = len(x) + (len(x_test) if x_test is not None else 0)
+        total = len(x) + sum(len(a) for a in (x_test, x_val) if a is not None)
         if config.max_samples < total:
-            # Keep the train:test proportion of a fixed test split.
+            # Keep the proportions of the source's own splits.
             n_test = round(config.max_samples * len(x_test) / total) if x_test is not None else 0
-            x, y = _keep(x, y, config.max_samples - n_test, stratified, config.seed)
+            n_val = round(config.max_samples * len(x_val) / total) if x_val is not None else 0
+            x, y = _keep(x, y, config.max_samples - n_test - n_val, stratified, config.seed)
             if x_test is not None:
                 x_test, y_test = _keep(x_test, y_test, n_test, stratified, config.seed)
+            if x_val is not None:
+                x_val, y_val = _keep(x_val, y_val, n_val, stratified, config.seed)
     if x_test is None:
         x, x_test, y, y_test = _cut(x, y, config.test_fraction, stratified, config.seed, "test")
         val_size = config.val_fraction / (1.0 - config.test_fraction)
     else:
         val_size = config.val_fraction
-    x_train, x_val, y_train, y_val = _cut(x, y, val_size, stratified, config.seed, "validation")
+    if x_val is None:
+        x_train, x_val, y_train, y_val = _cut(x, y, val_size, stratified, config.seed, "validation")
+    else:
+        x_train, y_train = x, y
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
 def normalization(x_train: np.ndarray, layout: str) -> dict:
     """mean/std from the training split: per feature (NF), per channel (NCL, NCHW; one float for one channel)."""
     axes = (0,) if layout == "NF" else tuple(i for i in range(x_train.ndim) if i != 1)
-    x64 = x_train.astype(np.float64)
-    mean, std = x64.mean(axis=axes), x64.std(axis=axes)
+    if x_train.size * 8 > STATS_CHUNK_BYTES:  # the bytes of a float64 copy
+        mean, std = _chunked_mean_std(x_train, axes)
+    else:
+        x64 = x_train.astype(np.float64)
+        mean, std = x64.mean(axis=axes), x64.std(axis=axes)
     if (std == 0).any():  # a constant feature carries nothing; dividing by 1 keeps it finite
         log.warning("%d constant input %s(s) in the training split; their std is set to 1",
                     int((std == 0).sum()), "feature" if layout == "NF" else "channel")
@@ -149,11 +186,31 @@ def normalization(x_train: np.ndarray, layout: str) -> dict:
             "formula": f"(x - mean) / std, one mean/std per {per} (axis 1)"}
 
 
+# A float64 copy of the training split larger than this (bytes) is not made at once: 10,000 RGB images
+# of 224x224 are 1.5 GB as uint8 but 12 GB as float64. Smaller splits take the one-pass numpy path.
+STATS_CHUNK_BYTES = 512 * 2**20
+
+
+def _chunked_mean_std(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """mean and (population) std over ``axes`` (axis 0 among them) in float64, two passes over blocks of
+    samples: the same numbers as numpy's one pass to ~1e-12, at a block's memory."""
+    block = max(1, STATS_CHUNK_BYTES // 8 // max(1, x[0].size))
+    count = x.size // int(np.prod([x.shape[i] for i in range(x.ndim) if i not in axes]))
+    total = sum(x[i:i + block].astype(np.float64).sum(axis=axes) for i in range(0, len(x), block))
+    mean = total / count
+    shape = [1 if i in axes else n for i, n in enumerate(x.shape)]
+    squares = sum(((x[i:i + block].astype(np.float64) - mean.reshape(shape)) ** 2).sum(axis=axes)
+                  for i in range(0, len(x), block))
+    return mean, np.sqrt(squares / count)
+
+
 def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
-    tracker.log_params(config.__dict__)
+    tracker.log_params(dataclasses.asdict(config))  # nested sections (images) flatten to images.size, ...
     src = sources.load(config)
     if src.x_test is not None and config.test_fraction != Config.test_fraction:
         log.warning("%s has a test split of its own; prepare.test_fraction is not used", src.info["name"])
+    if src.x_val is not None and config.val_fraction != Config.val_fraction:
+        log.warning("%s has a validation split of its own; prepare.val_fraction is not used", src.info["name"])
     parts = split(src, config)
     arrays = {}
     for name, (xs, ys) in parts.items():
@@ -173,6 +230,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
         "task": src.task,
         "splits": {s: int(len(parts[s][1])) for s in SPLITS},
         "test_split": "source" if src.x_test is not None else "carved",
+        **({"val_split": "source"} if src.x_val is not None else {}),
         "input_shape": list(src.x.shape[1:]),
         "input_layout": src.layout,
         "dtype": "float32",  # what models see, after normalization

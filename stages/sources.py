@@ -4,7 +4,8 @@ Bundled (no download): scikit-learn's 8x8 digits (classification, NCHW), MNIST-1
 ``mnist1d`` package's ``make_dataset()`` with its default arguments (classification, NCL, its own
 4,000/1,000 train/test split), scikit-learn's diabetes (regression, NF, raw unscaled features).
 User files: a directory of IDX files (MNIST / Fashion-MNIST, gzipped or not), an ``.npz`` archive or
-a ``.csv`` table with named feature and label columns.
+a ``.csv`` table with named feature and label columns, a folder of images with one subfolder per class
+(decoded by ``stages.images``, optionally split into train/ val/ test/ folders).
 
 Every problem with a user file is one ``StageError`` that names the file, what is wrong and how to
 fix it: missing, truncated, wrong magic number, label count != image count, NaN or infinite values,
@@ -47,6 +48,8 @@ class Source:
     info: dict  # name, source, description, value_range, ...
     x_test: np.ndarray | None = None  # the source's own test split, kept as is when present
     y_test: np.ndarray | None = None
+    x_val: np.ndarray | None = None  # the source's own validation split (an image folder's val/)
+    y_val: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -364,6 +367,41 @@ def csv_table(path: str, features: tuple[str, ...], label: str, task: str) -> So
                         "feature_names": list(features)})
 
 
+# ---------------------------------------------------------------- a folder of images
+
+def image_folder(path: str, size: tuple[int, ...], channels: int, workers: int = 0) -> Source:
+    """``path/<class>/*.png|jpg|jpeg|bmp|webp`` (or ``path/{train,val,test}/<class>/...``) as uint8 NCHW."""
+    from stages import images
+
+    folder = images.read_folder(path, size, channels, workers=workers)
+    x, y = folder.splits["train"]
+    n = sum(len(s[1]) for s in folder.splits.values())
+    c, h, w = x.shape[1:]
+    if folder.layout == "classes":
+        too_few = [name for i, name in enumerate(folder.classes) if (y == i).sum() < 3]
+        if too_few:
+            raise StageError(f"{folder.root}: class folder(s) {too_few} hold fewer than 3 images; a stratified "
+                             "train/val/test split needs at least 3 per class (more to be useful): add images, or "
+                             "give separate train/ val/ test/ folders")
+    splits = "its own " + "/".join(folder.splits) + " folders" if folder.layout == "folders" else "one pool"
+    for note in folder.notes:
+        log.warning("%s: %s", folder.root, note)
+    kind = "grayscale" if c == 1 else "RGB"
+    return Source(
+        x=x, y=y, task="classification", layout="NCHW", names=folder.classes,
+        x_test=folder.splits["test"][0] if "test" in folder.splits else None,
+        y_test=folder.splits["test"][1] if "test" in folder.splits else None,
+        x_val=folder.splits["val"][0] if "val" in folder.splits else None,
+        y_val=folder.splits["val"][1] if "val" in folder.splits else None,
+        # The folder's path as it is, no "images:" prefix: MLflow resolves a path as a local dataset
+        # source and refuses one it cannot resolve (a tracked prepare of idx:/npz:/csv: sources fails so).
+        info={"name": folder.root.resolve().name, "source": str(folder.root.resolve()),
+              "description": f"uint8 {kind} pixels 0..255, {c}x{h}x{w}{' (resized, bilinear)' if size else ''}: "
+                             f"{n} images in {len(folder.classes)} class folders of {folder.root.resolve().name}",
+              "value_range": [0.0, 255.0], "image_size": [h, w], "channels": c, "image_splits": splits},
+        notes=list(folder.notes))
+
+
 def _is_number(v: str) -> bool:
     try:
         float(v)
@@ -386,4 +424,6 @@ def load(config) -> Source:
         return npz(config.path, config.features, config.label, config.task, config.layout)
     if config.dataset == "csv":
         return csv_table(config.path, config.features, config.label, config.task)
+    if config.dataset == "images":
+        return image_folder(config.path, config.images.size, config.images.channels, config.images.workers)
     raise ValueError(f"unknown dataset {config.dataset!r}")

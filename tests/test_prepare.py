@@ -252,7 +252,7 @@ def test_bad_npz_files_are_one_clear_error(tmp_path, case):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"dataset": "idx"}, "`path` is required for dataset idx"),
-    ({"dataset": "digits", "path": "x"}, "`path` applies to the idx, npz and csv datasets only"),
+    ({"dataset": "digits", "path": "x"}, "`path` applies to the idx, npz, csv and images datasets only"),
     ({"dataset": "csv", "path": "a.csv"}, "`label` is required for dataset csv"),
     ({"dataset": "npz", "path": "a.npz", "label": "y"}, "`features` is required for dataset npz"),
     ({"dataset": "mnist1d", "task": "regression"}, "`task` applies to the npz and csv datasets only"),
