@@ -130,7 +130,7 @@ def _bad_inputs(d: Path) -> dict:
         "missing": ([d / "gone.npy"], ["gone.npy: no such file or folder"]),
         "empty folder": ([d / "empty"], ["empty: no image files (.png, .jpg, .jpeg, .bmp, .webp) in it or below it"]),
         "model missing": (["--model", d / "gone.onnx", d / "x.npy"], ["model file", "gone.onnx' not found"]),
-        "model not onnx": (["--model", d / "not.onnx", d / "x.npy"], ["not.onnx: ONNX Runtime cannot load it"]),
+        "model not onnx": (["--model", d / "not.onnx", d / "x.npy"], ["not.onnx is not a valid ONNX model that ONNX Runtime can load"]),
         "top-k": ([d / "x.npy", "--top-k", "0"], ["Invalid value for '--top-k'"]),
     }
 
