@@ -1,7 +1,9 @@
 """prepare: a dataset source -> seeded train/val/test split -> data.npz + dataset.json.
 
 Sources (stages/sources.py): bundled digits, MNIST-1D (generated offline), diabetes, and user files
-(IDX directory, .npz, .csv). Raw inputs are stored as they come (digits 0..16 float32, IDX uint8
+(IDX directory, .npz, .csv). ``task: unlabeled`` reads inputs without targets (y arrays of shape (N, 0)):
+calibration and agreement data for an imported ONNX file, which quantize judges against its fp32 file.
+``dataset: none`` is no data at all (an imported file that is only checked and described). Raw inputs are stored as they come (digits 0..16 float32, IDX uint8
 pixels, ...) with normalization statistics computed on the training split only: one mean/std for
 single-channel images and signals, one per channel otherwise, one per feature for feature vectors.
 Every consumer normalizes with those statistics (``stages.dataset.Data.normalize``), and the
@@ -32,11 +34,12 @@ FILE_DATASETS = ("idx", "npz", "csv")  # read from prepare.path; the others ship
 
 @dataclass(frozen=True)
 class Config:
-    dataset: Literal["digits", "mnist1d", "diabetes", "idx", "npz", "csv"] = "digits"
+    dataset: Literal["digits", "mnist1d", "diabetes", "idx", "npz", "csv", "none"] = "digits"
     path: str = ""  # idx: a directory of IDX files; npz, csv: the file
     features: tuple[str, ...] = ()  # npz: array key(s); csv: column names (empty: every column but the label)
     label: str = ""  # npz: array key; csv: column name
-    task: Literal["auto", "classification", "regression"] = "auto"  # npz/csv; auto: integer labels are classes
+    # npz/csv; auto: integer labels are classes; unlabeled: inputs only (no `label`)
+    task: Literal["auto", "classification", "regression", "unlabeled"] = "auto"
     layout: Literal["auto", "NF", "NCL", "NCHW"] = "auto"  # npz: how to read one (N, ...) feature array
     val_fraction: float = 0.15  # of all samples, or of the train split where the source has its own test split
     test_fraction: float = 0.2  # unused where the source has its own test split
@@ -53,12 +56,17 @@ class Config:
         if self.dataset in FILE_DATASETS and not self.path:
             what = "a directory holding train-images-idx3-ubyte[.gz]" if self.dataset == "idx" else f"a .{self.dataset} file"
             raise ValueError(f"`path` is required for dataset {self.dataset}: set it to {what}")
-        if self.dataset not in FILE_DATASETS and self.path:
+        if self.dataset == "none" and self.path:
+            raise ValueError("`path` does not apply to dataset none (no data)")
+        if self.dataset not in FILE_DATASETS and self.dataset != "none" and self.path:
             raise ValueError(f"`path` applies to the idx, npz and csv datasets only; {self.dataset} ships with the install")
         tabular = ("npz", "csv")
-        if self.dataset in tabular and not self.label:
+        if self.dataset in tabular and not self.label and self.task != "unlabeled":
             raise ValueError(f"`label` is required for dataset {self.dataset}: the "
-                             f"{'array key' if self.dataset == 'npz' else 'column'} holding the targets")
+                             f"{'array key' if self.dataset == 'npz' else 'column'} holding the targets "
+                             "(or `task: unlabeled` for inputs without targets)")
+        if self.task == "unlabeled" and self.label:
+            raise ValueError(f"`task: unlabeled` reads inputs only, yet `label` is {self.label!r}; drop one of them")
         if self.dataset == "npz" and not self.features:
             raise ValueError("`features` is required for dataset npz: the array key(s) holding the inputs")
         for name, default in (("features", ()), ("label", ""), ("task", "auto")):
