@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/foreign_models.py [--models shufflenet squeezenet resnet50] [--samples 160]
         [--workdir /tmp/foreign-models] [--variants int8-dynamic int8-static fp16 optimized]
+    .venv/bin/python benchmarks/foreign_models.py --example runs/onnx-example   # configs/onnx-squeezenet.yaml's files
 
 The `onnx` package ships real architectures from the ONNX model zoo under
 ``onnx/backend/test/data/light/`` (ResNet-50, SqueezeNet, ShuffleNet, Inception, DenseNet, VGG-19, ...):
@@ -207,7 +208,16 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=160, help="digit images (split 0.65/0.15/0.2 by prepare)")
     ap.add_argument("--variants", nargs="+", default=["optimized", "int8-dynamic", "int8-static", "fp16"])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/foreign-models"))
+    ap.add_argument("--example", type=Path, metavar="DIR", help="only write DIR/squeezenet.onnx (zoo SqueezeNet with "
+                    "stand-in weights) and DIR/images.npz (unlabeled digit images), the files configs/onnx-squeezenet.yaml reads")
     args = ap.parse_args()
+    if args.example is not None:
+        args.example.mkdir(parents=True, exist_ok=True)
+        images = digit_images(args.samples)
+        np.savez(args.example / "images.npz", x=images)
+        with_weights(light("squeezenet"), args.example / "squeezenet.onnx", images[:8])
+        print(f"wrote {args.example / 'squeezenet.onnx'} and {args.example / 'images.npz'} ({len(images)} images)")
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     import logging
 

@@ -482,6 +482,9 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
                                                              "the run directory, with its recorded recipe.")] = False):
     """Run every stage in order: prepare, train, evaluate, export, quantize, benchmark, register.
 
+    A recipe with `model.family: onnx` (an existing ONNX file) runs prepare, import, quantize, benchmark,
+    register instead (import alone without a `prepare` section).
+
     A stage whose inputs (recipe section, upstream files, code, library versions) did not change since its
     last run in this run directory is reused, not rerun; the log says which run it reuses.
     """

@@ -52,6 +52,8 @@ class Recipe:
         out = {"name": self.name, "model": {"family": self.model.family, **_plain(self.model.config)}}
         for f in dataclasses.fields(self):
             if f.name not in ("name", "model"):
+                if self.model.family == IMPORTED and f.name in NOT_FOR_IMPORTED:
+                    continue  # an imported file is not trained or exported: those sections do not apply
                 out[f.name] = _plain(getattr(self, f.name))
         return out
 

@@ -1,8 +1,10 @@
 """Stage order (in one place), fingerprints and reuse, the parent MLflow run, and one nested run per stage.
 
-``run_pipeline`` runs the stages in ``STAGES`` order inside one parent run; ``run_stage`` runs a single
-stage in a run of its own (what `pipeline train`, `pipeline export`, ... do). Either way a stage gets
-its own config section, the run directory and a Tracker, and returns a Result with a one-line summary.
+``run_pipeline`` runs a recipe's stages (``stages_for``: the built-in families train and export, a
+``family: onnx`` recipe imports an existing file) in ``STAGES`` order inside one parent run;
+``run_stage`` runs a single stage in a run of its own (what `pipeline train`, `pipeline export`, ... do).
+Either way a stage gets its own config section, the run directory and a Tracker, and returns a Result
+with a one-line summary.
 Each stage goes: decide (reuse or run) -> run -> stamp. The bookkeeping in MLflow is a Recorder's
 (pipeline/tracking.py): ``MlflowRecorder``, or ``NullRecorder`` for ``--no-track`` and for torchrun's
 secondary ranks, which record nothing; this module never asks whether it is tracking.

@@ -274,12 +274,12 @@ class ModelMeta:
 
     def class_indices(self, names: Sequence[str]) -> np.ndarray:
         """Dataset class names (``label_names``: class i of data.npz is ``names[i]``) -> the index of the
-        file's output each one is: by name when the file has labels that include them, else the name
-        read as an index when every name is an integer (a foreign classifier's ImageNet ids), else the
-        position (our own exports, where the two lists are the same)."""
+        file's output each one is: by name when the file has labels that include them (our own exports,
+        where the two lists are the same), else the name read as an index when every name is an integer
+        (a foreign classifier's ImageNet ids: prepare numbers only the classes present), else the position."""
         if self.labels and set(names) <= set(self.labels):
             return np.array([self.labels.index(n) for n in names], dtype=np.int64)
-        if not self.labels and names and all(str(n).lstrip("-").isdigit() for n in names):
+        if names and all(str(n).isdigit() for n in names):
             return np.array([int(n) for n in names], dtype=np.int64)
         return np.arange(len(names), dtype=np.int64)
 
@@ -390,6 +390,9 @@ class ModelMeta:
                              f"a file that is scored must say one of {sorted(PRIMARY)}")
         if self.task == "vae":
             return score("vae", self.preprocessing.normalized(x_raw), dict(outputs), [])
+        if np.ndim(y) == 2 and np.shape(y)[1] == 0:  # prepare.task unlabeled: inputs without targets
+            raise StageError(f"{self.where} cannot be scored on data without labels (prepare.task unlabeled); "
+                             "compare it with its fp32 file instead, as quantize does, or prepare labeled data")
         scores = np.asarray(outputs[self.primary_output])
         if self.task == "classification":
             labels = list(self.labels) or [str(i) for i in range(scores.shape[-1] if scores.ndim > 1 else 1)]

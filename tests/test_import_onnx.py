@@ -299,6 +299,8 @@ def test_recipe_mistakes_name_the_fix():
     from pipeline.orchestrate import stages_for
 
     assert stages_for(recipe_from_dict(base)) == ("import",)  # no data: imported only
+    with_data = recipe_from_dict({**base, "prepare": {"dataset": "csv", "path": "a.csv", "task": "unlabeled"}})
+    assert recipe_from_dict(with_data.to_dict()) == with_data and "train" not in with_data.to_dict()
 
 
 def test_model_labels_must_match_the_class_scores(tmp_path):
@@ -341,3 +343,39 @@ def test_npz_and_csv_inputs_without_labels(tmp_path):
         assert sum(data.info["splits"].values()) == 120
     with pytest.raises(ValueError, match="`label` is required for dataset npz"):
         prepare.Config(dataset="npz", path="a.npz", features=("x",))
+
+
+def test_with_labels_an_imported_classifier_is_judged_by_accuracy_on_its_own_class_indices(tmp_path):
+    """Labels 3 and 7 are classes 3 and 7 of the file's ten outputs (prepare numbers them 0 and 1): the
+    accuracy budget applies as for our own exports, on the right classes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.config import recipe_from_dict
+    from pipeline.orchestrate import run_pipeline
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 10)).astype(np.float32)
+    x = rng.normal(size=(600, 4)).astype(np.float32)
+    y = (x @ w).argmax(axis=1)
+    keep = np.isin(y, [3, 7])
+    np.savez(tmp_path / "data.npz", x=x[keep], y=y[keep])
+    model = tiny_model(tmp_path / "clf.onnx", [helper.make_node("MatMul", ["x", "w"], ["logits"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])])
+    import onnx
+
+    proto = onnx.load(str(model))
+    proto.graph.initializer.append(numpy_helper.from_array(w, "w"))
+    onnx.save(proto, str(model))
+    recipe = recipe_from_dict({"name": "clf", "model": {"family": "onnx", "path": str(model), "task": "classification"},
+                               "prepare": {"dataset": "npz", "path": str(tmp_path / "data.npz"), "features": ["x"],
+                                           "label": "y"},
+                               "quantize": {"variants": ["fp16"]}})
+    rundir = RunDir(tmp_path / "run")
+    run_pipeline(recipe, rundir, stages=("prepare", "import", "quantize"), track=False)
+    report = json.loads(rundir.variants.read_text())
+    assert report["judged_by"] == "labels" and report["metric"] == "accuracy" and report["fp32_accuracy"] == 1.0
+    assert report["variants"]["fp16"]["eligible"] and report["variants"]["fp16"]["accuracy"] == 1.0
+    meta = ModelMeta.read(rundir.onnx)
+    np.testing.assert_array_equal(meta.class_indices(["3", "7"]), [3, 7])
+    assert list(meta.class_indices(["a", "b"])) == [0, 1]
