@@ -1,7 +1,7 @@
 """Foreign ONNX models through import and quantize: each variant's agreement with its fp32 file.
 
     .venv/bin/python benchmarks/foreign_models.py [--models shufflenet squeezenet resnet50] [--samples 160]
-        [--workdir /tmp/foreign-models] [--variants int8-dynamic int8-static fp16 optimized]
+        [--workdir /tmp/foreign-models] [--variants int8-dynamic int8-static fp16 optimized] [--trained]
     .venv/bin/python benchmarks/foreign_models.py --example runs/onnx-example   # configs/onnx-squeezenet.yaml's files
 
 The `onnx` package ships real architectures from the ONNX model zoo under
@@ -19,6 +19,12 @@ The inputs are the bundled 8x8 digits, scaled up to 224x224 RGB uint8 and normal
 statistics (stated in the recipe, as a user would for a zoo model). No labels: quantize judges each
 variant by top-1 agreement with the fp32 file on the test split (and reports the relative error of the
 output), the gate an imported file gets. Nothing is downloaded. Prints a markdown table.
+
+Stand-in weights are not trained weights: deep random features vary little between inputs compared with
+their size, so the classifier (centred and scaled to a spread of 3) turns small quantization errors into
+different top-1 classes. ``--trained`` adds the reference that tells the quantizers from the stand-ins:
+this project's digits CNN, trained here, exported, stripped of its metadata and fixed at batch 1, then
+imported and quantized exactly like the zoo files.
 """
 
 from __future__ import annotations
@@ -202,12 +208,51 @@ def agreement_rows(workdir: Path, name: str, samples: int, variants: list[str]) 
     return [{"model": name, "variant": v, **row} for v, row in report["variants"].items()], imported
 
 
+def trained_rows(workdir: Path, variants: list[str]) -> tuple[list[dict], dict]:
+    """The reference with trained weights: this project's digits CNN (trained and exported here, a few
+    epochs), made foreign (metadata stripped, batch fixed at 1, IR and opset as exported), imported with
+    the digits as unlabeled inputs and quantized the same way."""
+    import onnx
+
+    from pipeline.config import recipe_from_dict
+    from pipeline.orchestrate import run_pipeline
+    from stages.contract import RunDir
+
+    source = RunDir(workdir / "digits-cnn-trained")
+    trained = recipe_from_dict({"name": "digits-cnn-trained", "model": {"family": "cnn", "channels": [16, 32], "hidden": 64},
+                                "train": {"epochs": 15, "device": "cpu"}})
+    run_pipeline(trained, source, stages=("prepare", "train", "evaluate", "export"), track=False)
+    proto = onnx.load(str(source.onnx))
+    del proto.metadata_props[:]
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    foreign = workdir / "digits-cnn.onnx"
+    onnx.save(proto, str(foreign))
+    from sklearn.datasets import load_digits
+
+    np.savez(workdir / "digits.npz", x=load_digits().images[:, None].astype(np.float32))
+    recipe = recipe_from_dict({
+        "name": "foreign-digits-cnn",
+        "model": {"family": "onnx", "path": str(foreign), "task": "classification", "layout": "NCHW", "fed_as_is": True,
+                  "dynamic_batch": False},
+        "prepare": {"dataset": "npz", "path": str(workdir / "digits.npz"), "features": ["x"], "task": "unlabeled"},
+        "quantize": {"variants": variants, "sensitivity": False}})
+    rundir = RunDir(workdir / "digits-cnn")
+    run_pipeline(recipe, rundir, stages=("prepare", "import", "quantize"), track=False)
+    report = json.loads(rundir.variants.read_text())
+    return ([{"model": "digits-cnn (trained)", "variant": v, **row} for v, row in report["variants"].items()],
+            json.loads(rundir.import_report.read_text()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["shufflenet", "squeezenet", "resnet50"])
+    ap.add_argument("--models", nargs="*", default=["shufflenet", "squeezenet", "resnet50"])
     ap.add_argument("--samples", type=int, default=160, help="digit images (split 0.65/0.15/0.2 by prepare)")
     ap.add_argument("--variants", nargs="+", default=["optimized", "int8-dynamic", "int8-static", "fp16"])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/foreign-models"))
+    ap.add_argument("--trained", action="store_true", help="also a reference with trained weights: this project's digits "
+                    "CNN, exported, stripped of its metadata, batch fixed at 1, imported like a foreign file")
     ap.add_argument("--example", type=Path, metavar="DIR", help="only write DIR/squeezenet.onnx (zoo SqueezeNet with "
                     "stand-in weights) and DIR/images.npz (unlabeled digit images), the files configs/onnx-squeezenet.yaml reads")
     args = ap.parse_args()
@@ -224,19 +269,21 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     lines = ["| model | file facts | variant | status | top-1 agreement with fp32 | relative error of the output | "
              "size KiB |", "|---|---|---|---|---:|---:|---:|"]
-    for name in args.models:
+    for name in [*args.models, *(["digits-cnn"] if args.trained else [])]:
         started = time.perf_counter()
-        rows, imported = agreement_rows(args.workdir, name, args.samples, args.variants)
+        rows, imported = (trained_rows(args.workdir, args.variants) if name == "digits-cnn" else
+                          agreement_rows(args.workdir, name, args.samples, args.variants))
         b = imported["batch"]
+        label = "digits-cnn (trained)" if name == "digits-cnn" else name
         facts = (f"opset {imported['opset']}, IR {imported['ir_version']}, input `{imported['inputs'][0]['name']}`, "
                  + ("batch made dynamic" if b.get("made_dynamic") else f"fixed batch {b.get('fixed')}"))
         for r in rows:
             metric = r.get("metric") or {}
             err = (metric.get("per_output") or {})
-            lines.append(f"| {name} | {facts} | {r['variant']} | {r['status']} | "
+            lines.append(f"| {label} | {facts} | {r['variant']} | {r['status']} | "
                          f"{metric.get('value', float('nan')):.3f} | {max(err.values()) if err else float('nan'):.4f} | "
                          f"{r.get('size_bytes', 0) / 1024:,.0f} |" if r["status"] in ("ok", "over-budget") else
-                         f"| {name} | {facts} | {r['variant']} | {r['status']} | | | |")
+                         f"| {label} | {facts} | {r['variant']} | {r['status']} | | | |")
         lines.append(f"<!-- {name}: {time.perf_counter() - started:.0f} s -->")
     print("\n".join(lines))
 

@@ -362,7 +362,8 @@ def import_onnx(
              "directory. Without labels (--label) variants are judged by agreement with the fp32 file.")] = None,
     features: Annotated[Optional[list[str]], typer.Option(help="npz: the array key(s) of the inputs; csv: the "
                                                                "feature columns (default: all but --label).")] = None,
-    label: Annotated[str, typer.Option(help="npz/csv: the labels' key or column (default: none, inputs only).")] = "",
+    label: Annotated[Optional[str], typer.Option(show_default="none: inputs only",
+                                                 help="npz/csv: the labels' key or column.")] = None,
     name: Annotated[Optional[str], typer.Option(show_default="the file's stem",
                                                 help="Recipe and registered model name.")] = None,
     set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False, json_: JsonOpt = False,

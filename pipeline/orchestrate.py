@@ -52,7 +52,7 @@ import yaml
 
 from pipeline import fingerprint as fp
 from pipeline import tracking
-from pipeline.config import Recipe, recipe_from_dict
+from pipeline.config import IMPORTED, Recipe, recipe_from_dict
 from pipeline.tracking import Recorder
 from stages.contract import RunDir
 from stages import benchmark, distributed, evaluate, export, import_onnx, prepare, quantize, register, train
@@ -124,7 +124,7 @@ IMPORT_STAGES = ("prepare", "import", "quantize", "benchmark", "register")
 
 def stages_for(recipe: Recipe) -> tuple[str, ...]:
     """The stages `pipeline run` runs for ``recipe``, in order."""
-    if recipe.model.family == "onnx":
+    if recipe.model.family == IMPORTED:
         return IMPORT_STAGES if recipe.prepare.dataset != "none" else ("import",)
     return BUILT_IN_STAGES
 
