@@ -155,7 +155,7 @@ class StageIO:
 
 
 IO: dict[str, StageIO] = {
-    "prepare": StageIO(("prepare",), (), ("data", "dataset"), ("stages.prepare",)),
+    "prepare": StageIO(("prepare",), (), ("data", "dataset"), ("stages.prepare",), external=("prepare.path",)),
     "train": StageIO(("train", "model"), ("data", "dataset"),
                      ("checkpoint", "checkpoint_json", "history", "training_curves"), ("stages.train",),
                      options=("device", "init_from", "resume"), models=("checkpoint",), system_metrics=True, dataset_context="training"),

@@ -160,7 +160,8 @@ def test_a_foreign_fixed_batch_model_is_quantized_by_agreement_benchmarked_and_r
 
 
 def test_reuse_and_explain_follow_the_imported_file(pipeline_run, foreign):
-    """Nothing changed: every stage is reused. The file's bytes changed: import reruns, and --explain says why."""
+    """Nothing changed: every stage is reused. The file's bytes changed: import reruns, and --explain says why;
+    so does prepare when the data file's bytes change."""
     from pipeline.orchestrate import plan
 
     recipe, rundir, _ = pipeline_run
@@ -178,6 +179,14 @@ def test_reuse_and_explain_follow_the_imported_file(pipeline_run, foreign):
         assert decisions["prepare"].run is False
     finally:
         model.write_bytes(saved)
+    data = foreign / "images.npz"
+    saved = data.read_bytes()
+    try:  # the data file's content is part of prepare's fingerprint too
+        data.write_bytes(saved + b"\0")
+        decisions = {d.stage: d for d in plan(recipe, rundir)}
+        assert decisions["prepare"].run and any("prepare.path changed" in r for r in decisions["prepare"].reasons)
+    finally:
+        data.write_bytes(saved)
 
 
 def test_the_registered_fixed_batch_model_serves_and_scores(pipeline_run):
