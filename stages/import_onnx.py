@@ -61,7 +61,7 @@ class Config:
     task: Literal["unknown", "classification", "regression"] = "unknown"
     labels: tuple[str, ...] = ()  # class names, in output order (a classifier)
     labels_file: str = ""  # or a text file with one class name per line
-    input: str = ""  # the input the preprocessing applies to; default the first (required when several)
+    input: str = ""  # the input the metadata describes and the preprocessing applies to; default the first
     layout: Literal["unknown", "NCHW", "NHWC", "NCL", "NLC", "NF"] = "unknown"
     mean: tuple[float, ...] = ()  # the file takes (raw - mean) / std: one value, or one per channel (axis 1)
     std: tuple[float, ...] = ()
@@ -362,8 +362,8 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
 
     inputs, outputs = signature(graph)
     if len(inputs) > 1:
-        log.info("%s has %d inputs %s: it imports and serves; quantize and benchmark need a dataset for the first "
-                 "only when the others can be fed as is", source.name, len(inputs), [s.name for s in inputs])
+        log.info("%s has %d inputs %s: it imports and serves; quantize takes one input array from a dataset, so it "
+                 "refuses this file", source.name, len(inputs), [s.name for s in inputs])
     extra = {
         "lineage.source_file": str(source.resolve()),
         "lineage.source_sha256": digest,
