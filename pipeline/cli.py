@@ -299,7 +299,7 @@ def _stage_command(stage: str, recipe: Path, overrides, workdir, no_track: bool,
                    device: str | None = None, **train_options) -> None:
     with _errors(USAGE):
         cfg = _load(recipe, overrides)
-    with _errors(FAILED):
+    with _errors(USAGE if stage == "import" else FAILED):  # import refusing a file: the file must change
         from pipeline.orchestrate import default_rundir, run_stage
 
         rundir = _rundir(workdir) or default_rundir(cfg)
@@ -368,17 +368,114 @@ def register(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: W
     _stage_command("register", recipe, set_, workdir, False, json_)
 
 
+@app.command("import")
+def import_(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+            no_track: NoTrackOpt = False, json_: JsonOpt = False):
+    """Check and describe the recipe's existing ONNX file (model.family onnx) and copy it into the run directory.
+
+    The file is never modified: onnx.checker, opset (9 and newer) and an ONNX Runtime session check it; the
+    copy (model.onnx) carries the metadata our own exports carry, with what is not known marked unknown.
+    """
+    _stage_command("import", recipe, set_, workdir, no_track, json_)
+
+
+@app.command("import-onnx")
+def import_onnx(
+    file: Annotated[Path, typer.Argument(metavar="FILE.onnx", help="The ONNX file to import (read only).")],
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", "-d", show_default="none: import only",
+        help="Calibration and evaluation inputs: a .npz (its only array, or --features), a .csv, or an IDX "
+             "directory. Without labels (--label) variants are judged by agreement with the fp32 file.")] = None,
+    features: Annotated[Optional[list[str]], typer.Option(help="npz: the array key(s) of the inputs; csv: the "
+                                                               "feature columns (default: all but --label).")] = None,
+    label: Annotated[Optional[str], typer.Option(show_default="none: inputs only",
+                                                 help="npz/csv: the labels' key or column.")] = None,
+    name: Annotated[Optional[str], typer.Option(show_default="the file's stem",
+                                                help="Recipe and registered model name.")] = None,
+    set_: SetOpt = None, workdir: WorkdirOpt = None, no_track: NoTrackOpt = False, json_: JsonOpt = False,
+    write_recipe: Annotated[Optional[Path], typer.Option(
+        "--write-recipe", help="Also save the recipe this command runs, to edit and rerun with `pipeline run`.")] = None,
+):
+    """Import an existing ONNX file and, given --data, quantize, benchmark and register it: `pipeline run` on
+    a recipe with `model: {family: onnx, path: FILE}`, written for you.
+
+    State what the file cannot say with --set, e.g. `--set model.task=classification --set
+    model.labels_file=labels.txt --set model.mean=[0.485,0.456,0.406] --set model.std=[0.229,0.224,0.225]
+    --set model.layout=NCHW`. Same stages, gates, MLflow records and reuse as `pipeline run`.
+    """
+    import re
+
+    import yaml
+
+    stem = name or re.sub(r"[^A-Za-z0-9_-]+", "-", file.stem).strip("-") or "imported"
+    recipe: dict[str, Any] = {"name": stem, "model": {"family": "onnx", "path": str(file)}}
+    if data is not None:
+        kind = "idx" if data.is_dir() else data.suffix.lower().lstrip(".")
+        if kind not in ("npz", "csv", "idx"):
+            raise _usage(f"--data {data}: give a .npz or .csv file or an IDX directory")
+        prepare_section: dict[str, Any] = {"dataset": kind, "path": str(data)}
+        if kind in ("npz", "csv"):
+            prepare_section.update({"label": label} if label else {"task": "unlabeled"})
+            if features:
+                prepare_section["features"] = list(features)
+            elif kind == "npz":
+                prepare_section["features"] = [_only_array(data)]
+        recipe["prepare"] = prepare_section
+    elif label or features:
+        raise _usage("--label and --features describe --data; pass --data too")
+    with _errors(USAGE):
+        from pipeline.config import apply_override, recipe_from_dict
+
+        for item in set_ or []:
+            apply_override(recipe, item)
+        cfg = recipe_from_dict(recipe)
+    if write_recipe is not None:
+        write_recipe.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log.info("wrote the recipe to %s (`pipeline run --recipe %s` reruns it)", write_recipe, write_recipe)
+    with _errors(FAILED):
+        from pipeline.orchestrate import PipelineFailed, default_rundir, run_pipeline
+
+        rundir = _rundir(workdir) or default_rundir(cfg)
+        try:
+            outcomes = run_pipeline(cfg, rundir, track=not no_track)
+        except PipelineFailed as failed:
+            _report(rundir, failed.outcomes, json_, "failed", benchmark=False)
+            from stages.common import StageError
+
+            if isinstance(failed.error, StageError):
+                # The file or its data is what must change: a usage error (2), as `pipeline import` says.
+                raise _error(f"stage {failed.outcomes[-1].stage} failed: {failed.error}",
+                             USAGE if failed.outcomes[-1].stage in ("import", "prepare") else FAILED) from None
+            raise failed.error
+    _report(rundir, outcomes, json_, "done")
+
+
+def _only_array(path: Path) -> str:
+    """The array key of a .npz holding exactly one array (the inputs), else a usage error naming them."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.files)
+    except Exception as e:
+        raise _usage(f"--data {path}: not a readable .npz archive ({e})") from None
+    if len(keys) != 1:
+        raise _usage(f"--data {path} holds arrays {keys}; name the inputs with --features (and labels with --label)")
+    return keys[0]
+
+
 # ---------------------------------------------------------------- run
 
 def _check_stage_names(names: Optional[list[str]]) -> Optional[list[str]]:
     """Stage names given on the command line: each must be one, or the command is refused (exit 2)."""
     if not names:
         return names
-    from pipeline.orchestrate import STAGES
+    from pipeline.orchestrate import BUILT_IN_STAGES, STAGES
 
     unknown = [n for n in names if n not in STAGES]
     if unknown:
-        raise typer.BadParameter(f"unknown stage {', '.join(map(repr, unknown))}; the stages are {', '.join(STAGES)}")
+        raise typer.BadParameter(f"unknown stage {', '.join(map(repr, unknown))}; the stages are "
+                                 f"{', '.join(BUILT_IN_STAGES)} (and import, for model.family onnx)")
     return names
 
 
@@ -411,6 +508,9 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
         resume: Annotated[bool, typer.Option("--resume", help="Continue the last failed or killed pipeline run in "
                                                              "the run directory, with its recorded recipe.")] = False):
     """Run every stage in order: prepare, train, evaluate, export, quantize, benchmark, register.
+
+    A recipe with `model.family: onnx` (an existing ONNX file) runs prepare, import, quantize, benchmark,
+    register instead (import alone without a `prepare` section).
 
     A stage whose inputs (recipe section, upstream files, code, library versions) did not change since its
     last run in this run directory is reused, not rerun; the log says which run it reuses.
@@ -460,8 +560,10 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
             from stages.common import StageError
 
             if isinstance(failed.error, StageError):
-                raise _failed(f"stage {failed.outcomes[-1].stage} failed: {failed.error}; fix it, then "
-                              "`pipeline run --resume` continues from there") from None
+                # import refusing a file: the file must change (2), as for serve and package
+                raise _error(f"stage {failed.outcomes[-1].stage} failed: {failed.error}; fix it, then "
+                             "`pipeline run --resume` continues from there",
+                             USAGE if failed.outcomes[-1].stage == "import" else FAILED) from None
             store_failure = _store_failure(failed.error)
             if store_failure:
                 raise _failed(f"stage {failed.outcomes[-1].stage} failed: {store_failure}; once the store works, "

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import models
 from pipeline.recipe_file import ConfigError, apply_override, check_name, read_recipe  # noqa: F401 (re-exported)
-from stages import benchmark, evaluate, export, prepare, quantize, register, train
+from stages import benchmark, evaluate, export, import_onnx, prepare, quantize, register, train
 from stages.serve.config import ServeConfig
 
 
@@ -47,6 +47,8 @@ class Recipe:
         out = {"name": self.name, "model": {"family": self.model.family, **_plain(self.model.config)}}
         for f in dataclasses.fields(self):
             if f.name not in ("name", "model"):
+                if self.model.family == IMPORTED and f.name in NOT_FOR_IMPORTED:
+                    continue  # an imported file is not trained or exported: those sections do not apply
                 out[f.name] = _plain(getattr(self, f.name))
         return out
 
@@ -82,14 +84,44 @@ def recipe_from_dict(data: dict) -> Recipe:
         raise ConfigError(f"`model.family` is required; choose one of {sorted(models.FAMILIES)}")
     model_data = dict(model_data)
     fam_name = model_data.pop("family")
+    if fam_name == IMPORTED:
+        return _imported_recipe(data, name, model_data)
     if fam_name not in models.FAMILIES:
-        raise ConfigError(f"`model.family` must be one of {sorted(models.FAMILIES)}, got {fam_name!r}")
+        raise ConfigError(f"`model.family` must be one of {sorted(models.FAMILIES)} or {IMPORTED} (an existing "
+                          f".onnx file), got {fam_name!r}")
     model_cfg = build_config(models.FAMILIES[fam_name].config_class, model_data, "model")
     kwargs: dict[str, Any] = {"name": name, "model": ModelSection(fam_name, model_cfg)}
     hints = typing.get_type_hints(Recipe)
     for section in STAGE_SECTIONS:
         if section in data:
             kwargs[section] = build_config(hints[section], data[section] or {}, section)
+    data_cfg = kwargs.get("prepare")
+    if data_cfg is not None and (data_cfg.dataset == "none" or data_cfg.task == "unlabeled"):
+        what = "`prepare.dataset: none`" if data_cfg.dataset == "none" else "`prepare.task: unlabeled`"
+        raise ConfigError(f"{what} gives no targets to train on; it is for `model.family: {IMPORTED}` (an existing "
+                          "ONNX file); give labels to train this recipe's model")
+    return Recipe(**kwargs)
+
+
+IMPORTED = "onnx"  # model.family of a recipe that starts from an existing .onnx file (stages/import_onnx.py)
+NOT_FOR_IMPORTED = ("train", "evaluate", "export")  # stages an imported file skips: it is already a model
+
+
+def _imported_recipe(data: dict, name: str, model_data: dict) -> Recipe:
+    """``model: {family: onnx, path: FILE, ...}``: the file is imported instead of trained and exported.
+    Without a ``prepare`` section there is no data: the file is imported only (quantize, benchmark and
+    register need samples to calibrate, judge and time it)."""
+    given = [s for s in NOT_FOR_IMPORTED if s in data]
+    if given:
+        raise ConfigError(f"`{given[0]}` does not apply to model.family {IMPORTED}: the file is imported, not "
+                          f"trained or exported; remove the {', '.join(f'`{s}`' for s in given)} section(s)")
+    kwargs: dict[str, Any] = {"name": name, "model": ModelSection(IMPORTED, build_config(import_onnx.Config, model_data, "model"))}
+    hints = typing.get_type_hints(Recipe)
+    for section in STAGE_SECTIONS:
+        if section in data:
+            kwargs[section] = build_config(hints[section], data[section] or {}, section)
+    if "prepare" not in data:
+        kwargs["prepare"] = prepare.Config(dataset="none")
     return Recipe(**kwargs)
 
 

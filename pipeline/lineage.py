@@ -163,7 +163,11 @@ def format_lineage(record: dict[str, Any]) -> str:
             how = f"reused run {s['reused_from']}" if s["reused_from"] else "ran"
             lines.append(f"     ├─ {s['stage']:<10} {s['run_id']} {s['status']:<8} {how}: {s['summary']}")
     train = record["training_run"]
-    if train is None:
+    tags = record["registered_model"].get("tags") or {}
+    if train is None and tags.get("source") == "imported":  # an existing ONNX file: no training run behind it
+        lines.append(f"  └─ imported from {tags.get('import.source') or '?'} (sha256 {tags.get('import.sha256') or '?'}), "
+                     "not trained here")
+    elif train is None:
         lines.append(f"  checkpoint: training run {record['training_run_id'] or '(not recorded)'} not found in this store")
     else:
         q = lambda v: "?" if v is None else v  # noqa: E731

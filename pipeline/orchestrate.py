@@ -1,8 +1,10 @@
 """Stage order (in one place), fingerprints and reuse, the parent MLflow run, and one nested run per stage.
 
-``run_pipeline`` runs the stages in ``STAGES`` order inside one parent run; ``run_stage`` runs a single
-stage in a run of its own (what `pipeline train`, `pipeline export`, ... do). Either way a stage gets
-its own config section, the run directory and a Tracker, and returns a Result with a one-line summary.
+``run_pipeline`` runs a recipe's stages (``stages_for``: the built-in families train and export, a
+``family: onnx`` recipe imports an existing file) in ``STAGES`` order inside one parent run;
+``run_stage`` runs a single stage in a run of its own (what `pipeline train`, `pipeline export`, ... do).
+Either way a stage gets its own config section, the run directory and a Tracker, and returns a Result
+with a one-line summary.
 Each stage goes: decide (reuse or run) -> run -> stamp. The bookkeeping in MLflow is a Recorder's
 (pipeline/tracking.py): ``MlflowRecorder``, or ``NullRecorder`` for ``--no-track`` and for torchrun's
 secondary ranks, which record nothing; this module never asks whether it is tracking.
@@ -56,10 +58,10 @@ import yaml
 
 from pipeline import fingerprint as fp
 from pipeline import tracking
-from pipeline.config import Recipe, recipe_from_dict
+from pipeline.config import IMPORTED, Recipe, recipe_from_dict
 from pipeline.tracking import Recorder
 from stages.contract import RunDir
-from stages import benchmark, distributed, evaluate, export, prepare, quantize, register, train
+from stages import benchmark, distributed, evaluate, export, import_onnx, prepare, quantize, register, train
 from stages.common import (BadFile, StageError, scratch_dir, sha256_file, stale_scratch_dirs,
                            stale_temporaries, write_json, write_text)
 
@@ -123,6 +125,7 @@ RUNNERS: dict[str, Callable[[Context, Any], Any]] = {
     "train": _train,
     "evaluate": lambda c, t: evaluate.run(c.recipe.evaluate, c.rundir, t),
     "export": lambda c, t: export.run(c.recipe.export, c.rundir, t),
+    "import": lambda c, t: import_onnx.run(c.recipe.model.config, c.rundir, t),
     "quantize": lambda c, t: quantize.run(c.recipe.quantize, c.rundir, t),
     "benchmark": lambda c, t: benchmark.run(c.recipe.benchmark, c.rundir, t),
     "register": lambda c, t: register.run(c.recipe.register, c.rundir, t, recipe_name=c.recipe.name,
@@ -131,6 +134,17 @@ RUNNERS: dict[str, Callable[[Context, Any], Any]] = {
                                           max_batch_size=c.recipe.serve.batching.max_batch_size),
 }
 STAGES: tuple[str, ...] = tuple(RUNNERS)
+# Which stages a recipe runs, by where its model comes from: trained and exported here (the built-in
+# families), or an existing .onnx file imported (family onnx; without data it is imported only).
+BUILT_IN_STAGES = tuple(s for s in STAGES if s != "import")
+IMPORT_STAGES = ("prepare", "import", "quantize", "benchmark", "register")
+
+
+def stages_for(recipe: Recipe) -> tuple[str, ...]:
+    """The stages `pipeline run` runs for ``recipe``, in order."""
+    if recipe.model.family == IMPORTED:
+        return IMPORT_STAGES if recipe.prepare.dataset != "none" else ("import",)
+    return BUILT_IN_STAGES
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,8 @@ class StageIO:
     """What a stage depends on and produces: the one table reuse, --explain and lineage go by.
 
     ``sections``: recipe sections it reads ("name" is the recipe's name; "serve.runtime" a part of one).
+    ``external``: recipe keys naming files outside the run directory whose content it reads (import's
+    ``model.path``): their sha256 is part of the fingerprint, so editing the file reruns the stage.
     ``reads`` / ``writes``: RunDir attribute names (a Path, or a list of Paths). ``modules``: its code (project modules it
     imports are followed). ``options``: Context fields that change its result. ``models``: written
     files logged as MLflow LoggedModels; ``evaluates``: read models its metrics are linked to.
@@ -153,10 +169,11 @@ class StageIO:
     registers: bool = False  # writes to the model registry: the store is part of its fingerprint
     system_metrics: bool = False  # record CPU / memory / GPU while it runs
     dataset_context: str = ""  # log the run directory's dataset as an MLflow input in this context
+    external: tuple[str, ...] = ()
 
 
 IO: dict[str, StageIO] = {
-    "prepare": StageIO(("prepare",), (), ("data", "dataset"), ("stages.prepare",)),
+    "prepare": StageIO(("prepare",), (), ("data", "dataset"), ("stages.prepare",), external=("prepare.path",)),
     "train": StageIO(("train", "model"), ("data", "dataset"),
                      ("checkpoint", "checkpoint_json", "history", "training_curves"), ("stages.train",),
                      options=("device", "init_from", "resume"), models=("checkpoint",), system_metrics=True, dataset_context="training"),
@@ -164,13 +181,16 @@ IO: dict[str, StageIO] = {
                         ("stages.evaluate",), evaluates=("checkpoint",), dataset_context="evaluation"),
     "export": StageIO(("export",), ("checkpoint", "data", "dataset", "metrics"), ("onnx", "export_report"),
                       ("stages.export",), models=("onnx",)),
+    "import": StageIO(("model",), (), ("onnx", "import_report"), ("stages.import_onnx",), models=("onnx",),
+                      external=("model.path",)),
     "quantize": StageIO(("quantize",), ("onnx", "data", "dataset"), ("variants", "quantized_variants"),
                         ("stages.quantize",), models=("quantized_variants",), evaluates=("onnx",),
                         dataset_context="calibration-and-evaluation"),
     "benchmark": StageIO(("benchmark",), ("variants", "onnx", "quantized_variants", "checkpoint", "data", "dataset"),
                          ("benchmark_json", "benchmark_md"), ("stages.benchmark",), dataset_context="benchmark"),
-    "register": StageIO(("register", "name", "serve.runtime", "serve.batching.max_batch_size"), ("variants", "benchmark_json", "onnx", "quantized_variants", "data",
-                                               "dataset", "checkpoint_json", "export_report"),
+    "register": StageIO(("register", "name", "serve.runtime", "serve.batching.max_batch_size"),
+                        ("variants", "benchmark_json", "onnx", "quantized_variants", "data", "dataset",
+                         "checkpoint_json", "export_report", "import_report"),
                         ("registration",), ("stages.register",), registers=True),
 }
 if set(IO) != set(RUNNERS):  # reuse, --explain and the MLflow record all go by a stage's IO entry
@@ -268,6 +288,9 @@ def compute_fingerprint(stage: str, ctx: Context, store: str | None) -> fp.Finge
     if io.registers:
         options["store"] = store or "none"
     files = {_rel(ctx.rundir, p): p for p in _paths(ctx.rundir, io.reads)}
+    for key in io.external:  # "upstream file model.path changed" when the file's content does
+        if _section(plain, key):
+            files[key] = Path(_section(plain, key))
     return fp.compute(sections=sections, options=options, files=files, modules=io.modules)
 
 
@@ -352,9 +375,11 @@ def _reusable_from_store(ctx: Context, stage: str, print_: fp.Fingerprint, recor
     return None
 
 
-def plan(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str, ...] = STAGES, track: bool = True,
+def plan(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str, ...] | None = None, track: bool = True,
          device: str | None = None, force: Iterable[str] = (), init_from: str | None = None) -> list[Decision]:
-    """What `pipeline run` would do, per stage, without running anything (``--explain``)."""
+    """What `pipeline run` would do, per stage, without running anything (``--explain``). ``stages``:
+    default the recipe's (``stages_for``)."""
+    stages = stages_for(recipe) if stages is None else stages
     rundir = rundir or default_rundir(recipe)
     ctx = Context(recipe, rundir, device, init_from=init_from)
     recorder = _recorder(track, rundir, recipe.name)
@@ -578,11 +603,13 @@ def _reuse(stage: str, ctx: Context, decision: Decision) -> Outcome:
     return Outcome(stage, "reused", 0.0, stamp.get("summary", ""), decision.reuse_run_id, decision.reasons[0])
 
 
-def run_pipeline(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str, ...] = STAGES,
+def run_pipeline(recipe: Recipe, rundir: RunDir | None = None, stages: tuple[str, ...] | None = None,
                  track: bool = True, device: str | None = None, *, force: Iterable[str] = (),
                  resumes: str | None = None, init_from: str | None = None) -> list[Outcome]:
-    """Run ``stages`` in order, reusing unchanged ones; with tracking, one parent MLflow run and a nested
-    run per stage (a reused stage's run says which run it reuses)."""
+    """Run ``stages`` (default the recipe's, ``stages_for``) in order, reusing unchanged ones; with
+    tracking, one parent MLflow run and a nested run per stage (a reused stage's run says which run it
+    reuses)."""
+    stages = stages_for(recipe) if stages is None else stages
     if distributed.world_from_env().distributed:
         raise StageError("`pipeline run` runs one process; under torchrun run the train stage alone: "
                          "`pipeline prepare`, then `torchrun --nproc_per_node N -m pipeline.cli train`, then "
@@ -667,6 +694,10 @@ def run_stage(stage: str, recipe: Recipe, rundir: RunDir | None = None, track: b
     """One stage in a run of its own (a `pipeline <stage>` command): always runs, and stamps its outputs
     so a later `pipeline run` can reuse them. Under torchrun only rank 0 records in MLflow."""
     _check_stages([stage])
+    if stage not in stages_for(recipe):
+        raise StageError(f"stage {stage} does not apply to recipe {recipe.name} (model.family {recipe.model.family}"
+                         f"{', no data' if recipe.prepare.dataset == 'none' else ''}); its stages are "
+                         f"{', '.join(stages_for(recipe))}")
     rundir = (rundir or default_rundir(recipe)).ensure()
     with locked(rundir), _signals_as_interrupts():
         recorder = _recorder(track, rundir, recipe.name)

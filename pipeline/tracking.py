@@ -451,7 +451,8 @@ class MlflowTracker:
         import mlflow
         import mlflow.data
 
-        dataset = mlflow.data.from_numpy(features, targets=targets, source=source, name=name, digest=digest[:36])
+        dataset = mlflow.data.from_numpy(features, targets=targets, source=dataset_source(source), name=name,
+                                         digest=digest[:36])
         mlflow.log_input(dataset, context=context)
 
     def register_onnx(self, *, onnx_path, registered_name, input_example, output_example, providers, description, tags,
@@ -517,6 +518,13 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         MlflowClient().set_registered_model_alias(registered_name, alias, version)
+
+
+def dataset_source(source: str) -> str:
+    """dataset.json's ``source`` as MLflow can resolve it: a user file's ``npz:/path`` (``csv:``, ``idx:``)
+    is the path itself; MLflow has no resolver for those schemes and would refuse to log the dataset."""
+    kind, sep, rest = source.partition(":")
+    return rest if sep and kind in ("npz", "csv", "idx") and rest.startswith("/") else source
 
 
 @contextlib.contextmanager
@@ -845,7 +853,7 @@ class MlflowRecorder:
         info = json.loads(Path(self.rundir.dataset).read_text())
         with np.load(self.rundir.data, allow_pickle=False) as f:
             x, y = f["x_train"], f["y_train"]
-        dataset = mlflow.data.from_numpy(x, targets=y, source=info.get("source", "unknown"),
+        dataset = mlflow.data.from_numpy(x, targets=y, source=dataset_source(info.get("source", "unknown")),
                                          name=info.get("name", "dataset"), digest=str(info.get("sha256", ""))[:36])
         mlflow.log_input(dataset, context=context)
 

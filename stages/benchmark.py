@@ -9,7 +9,9 @@ latency, samples/s, cold start and peak memory, with the execution provider each
 library versions and git commit beside the numbers.
 
 Each variant is fed what its own metadata says (``stages.onnx_model``): raw input when the
-preprocessing is in the graph, normalized float32 otherwise. PyTorch eager runs the same wrapper the
+preprocessing is in the graph, normalized float32 otherwise. An imported file (no PyTorch model behind
+it) has no torch-eager row, and one whose graph fixes the batch dimension is timed at that batch size
+only (the log and benchmark.json say so: ``fixed_batch``, ``batch_sizes_requested``). PyTorch eager runs the same wrapper the
 fp32 file was exported from (preprocessing and softmax included), on the same input, so both engines
 do the same work.
 """
@@ -28,7 +30,7 @@ import numpy as np
 
 from stages import checkpoint, conversion, dataset, timing
 from stages.common import git_state, library_versions, read_json, require, write_json, write_text
-from stages.onnx_model import ModelMeta, OnnxModel
+from stages.onnx_model import IMPORTED_FAMILY, ModelMeta, OnnxModel
 from stages.predictors import IoBindingPredictor, OrtPredictor, TorchPredictor
 from stages.sessions import CUDA_EP, SessionSettings, cuda_available
 from stages.contract import RunDir, Tracker
@@ -122,8 +124,10 @@ def contenders(config: Config, rundir: "RunDir", variants: dict, devices: list[s
         return (IoBindingPredictor(predictor) if io_binding else predictor), lambda x: meta.feed(x)[meta.input.name]
 
     out = []
+    if config.include_torch and fp32.family == IMPORTED_FAMILY:
+        log.info("no torch-eager row: %s was imported, there is no PyTorch model behind it", rundir.onnx.name)
     for dev in devices:
-        if config.include_torch:
+        if config.include_torch and fp32.family != IMPORTED_FAMILY:
             out.append(Contender("torch", "torch-eager", dev, lambda dev=dev: torch_eager(dev)))
         for name, info in variants.items():
             if not info.get("ok"):
@@ -232,6 +236,16 @@ def plot(rows: list[dict], path) -> None:
     _save(fig, path)
 
 
+def runnable_batch_sizes(requested: tuple[int, ...], fixed: int | None) -> tuple[int, ...]:
+    """The batch sizes to time: the requested ones, or only ``fixed`` for a graph that takes exactly
+    that many rows (saying so, rather than failing at the first other size)."""
+    if fixed is None or tuple(requested) == (fixed,):
+        return tuple(requested)
+    log.warning("the model's batch dimension is fixed at %d: benchmarking at batch %d only (benchmark.batch_sizes "
+                "%s do not apply)", fixed, fixed, list(requested))
+    return (fixed,)
+
+
 def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     tracker.log_params({**config.__dict__, "batch_sizes": ",".join(map(str, config.batch_sizes))})
     variants = read_json(rundir.variants, "quantize")["variants"]
@@ -245,9 +259,11 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     env = {**environment(), "threads": threads, "memory_method": timing.MEMORY_METHOD, "rounds": config.rounds,
            "onnxruntime_session": {k: v for k, v in session_settings(threads).describe().items() if k != "device"}}
     entries = contenders(config, rundir, variants, devices, threads)
+    batch_sizes = runnable_batch_sizes(config.batch_sizes, ModelMeta.read(rundir.onnx).fixed_batch)
+    env.update(fixed_batch=ModelMeta.read(rundir.onnx).fixed_batch, batch_sizes_requested=list(config.batch_sizes))
 
     rows, fallbacks = [], set()
-    for bs in config.batch_sizes:
+    for bs in batch_sizes:
         found, fell_back = measure_batch(config, entries, x_raw, bs)
         fallbacks.update(fell_back)
         for row in found:

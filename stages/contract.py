@@ -81,6 +81,11 @@ class RunDir:
         """An extra file exported from a submodule (ExportSpec.parts), e.g. encoder.onnx of a VAE."""
         return self.root / f"{name}.onnx"
 
+    # import (a file the pipeline did not make; its checked copy is model.onnx, as export's would be)
+    @property
+    def import_report(self) -> Path:
+        return self.root / "import.json"
+
     # quantize
     def variant(self, name: str) -> Path:
         """ONNX file of a named variant: fp32 is model.onnx, others model.<name>.onnx."""

@@ -11,6 +11,8 @@ import numpy as np
 
 from stages.common import BadFile, StageError, read_json, require
 
+UNLABELED = "unlabeled"  # a dataset of inputs only (y of shape (N, 0)): prepare.task unlabeled
+
 
 @dataclass(frozen=True)
 class Data:
@@ -19,8 +21,13 @@ class Data:
 
     @property
     def task(self) -> str:
-        """classification | regression (what the dataset's targets are; a VAE ignores them)."""
+        """classification | regression | unlabeled (what the dataset's targets are; a VAE ignores them)."""
         return self.info.get("task", "classification")  # files from before tasks were classification
+
+    @property
+    def labeled(self) -> bool:
+        """False for inputs without targets (calibration and agreement data for an imported file)."""
+        return self.task != UNLABELED
 
     @property
     def labels(self) -> list[str]:

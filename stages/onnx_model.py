@@ -27,6 +27,11 @@ here, so its format has one owner. It is one of:
 Single-input files are fed from an array; a file with several inputs is fed from a dict of arrays by
 input name (the metadata's ``input.name`` is the one the preprocessing applies to; the others are
 cast to their dtype).
+
+A file the pipeline did not make (``stages.import_onnx``) is described here too, by ``foreign_metadata``:
+the same keys our exports carry, with what the file and the recipe do not say marked ``unknown`` (task,
+layout, and the preprocessing as ``UNKNOWN_PREPROCESSING``: fed as is, ``"known": false``). A graph
+whose batch dimension is fixed (``ModelMeta.fixed_batch``) is run in batches of exactly that size.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ from stages.predictors import Device, OrtPredictor
 
 UNKNOWN = "unknown"  # what a field holds when the file does not say (a foreign file's task, say)
 NO_PREPROCESSING = {"applied_in_graph": False, "steps": []}  # "fed as is", stated explicitly
+# A foreign file whose preprocessing nobody stated: fed as is, and saying that this is not known to be right.
+UNKNOWN_PREPROCESSING = {**NO_PREPROCESSING, "known": False, "raw_input": UNKNOWN}
+IMPORTED_FAMILY = "onnx"  # model.family of a file the pipeline imported rather than exported
 FORMULA = "x = (float32(input) - mean) / std"
 # ONNX tensor element type (TensorProto's name lower-cased, as ONNX Runtime writes it in "tensor(float)")
 # -> numpy dtype name. bfloat16 has no numpy dtype: such an input cannot be fed from numpy.
@@ -90,6 +98,28 @@ class Preprocessing:
         if self.applied_in_graph:
             return "in-graph"
         return "normalize" if self.mean is not None else "none"
+
+    @property
+    def known(self) -> bool:
+        """False when nobody said how raw data becomes the input (an imported file fed as is by default)."""
+        return self.spec.get("known", True) is not False
+
+    @classmethod
+    def stated(cls, mean: Sequence[float] | None, std: Sequence[float] | None, input_dtype: str | None,
+               raw_value_range: Sequence[float] | None = None, raw_input: str = "") -> "Preprocessing":
+        """What a recipe states for an imported file: ``(raw - mean) / std`` before feeding (one value, or
+        one per entry of axis 1), or, without statistics, that the file takes its input as is."""
+        spec: dict[str, Any] = {"applied_in_graph": False, "input_dtype": input_dtype,
+                                "raw_value_range": list(raw_value_range) if raw_value_range else None,
+                                "raw_input": raw_input or "stated by the import recipe"}
+        if mean:
+            per_axis = len(mean) > 1 or len(std or ()) > 1
+            stats = "mean[c] and std[c] per channel/feature (axis 1)" if per_axis else "scalar mean and std"
+            spec.update(mean=list(mean) if per_axis else mean[0], std=list(std) if per_axis else std[0],
+                        axis=1 if per_axis else None, formula=FORMULA, steps=[f"{FORMULA} ({stats})"])
+        else:
+            spec["steps"] = []
+        return cls.parse(spec)
 
     @classmethod
     def parse(cls, value: str | Mapping[str, Any] | None, where: str = "the ONNX file") -> "Preprocessing":
@@ -234,6 +264,25 @@ class ModelMeta:
             return next((n for n in ("logits", "probabilities") if n in names), names[0])
         return names[0]
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the graph insists on (every input's first dimension is this number; a foreign
+        file exported at batch 1, say), or None when the batch dimension is free."""
+        firsts = {i.shape[0] if i.shape else None for i in self.inputs}
+        first = firsts.pop() if len(firsts) == 1 else None
+        return first if isinstance(first, int) and first > 0 else None
+
+    def class_indices(self, names: Sequence[str]) -> np.ndarray:
+        """Dataset class names (``label_names``: class i of data.npz is ``names[i]``) -> the index of the
+        file's output each one is: by name when the file has labels that include them (our own exports,
+        where the two lists are the same), else the name read as an index when every name is an integer
+        (a foreign classifier's ImageNet ids: prepare numbers only the classes present), else the position."""
+        if self.labels and set(names) <= set(self.labels):
+            return np.array([self.labels.index(n) for n in names], dtype=np.int64)
+        if names and all(str(n).isdigit() for n in names):
+            return np.array([int(n) for n in names], dtype=np.int64)
+        return np.arange(len(names), dtype=np.int64)
+
     @classmethod
     def parse(cls, props: Mapping[str, str], inputs: Sequence[Signature], outputs: Sequence[Signature],
               where: str = "the ONNX file") -> "ModelMeta":
@@ -259,7 +308,7 @@ class ModelMeta:
                              f"{REEXPORT}")
         value_range = _json(props, "input.value_range")
         described_spec = InputSpec(described.name, described.dtype, described.shape,
-                                   layout=props.get("input.layout") or None,
+                                   layout=_known(props.get("input.layout")),
                                    value_range=value_range if value_range is not None else preprocessing.fed_range())
         meaning = _json(props, "output.meaning", "")
         metrics = {k[len("metrics."):]: _number(v) for k, v in props.items() if k.startswith("metrics.")}
@@ -285,11 +334,8 @@ class ModelMeta:
     def from_proto(cls, proto, where: str = "the ONNX file", props: Mapping[str, str] | None = None) -> "ModelMeta":
         """From a loaded ``onnx.ModelProto`` (weights need not be loaded). ``props``: describe the
         graph with these metadata props instead of its own."""
-        initializers = {t.name for t in proto.graph.initializer}  # IR < 4 lists them among the inputs
         own = {p.key: p.value for p in proto.metadata_props}
-        return cls.parse(own if props is None else props,
-                         [_proto_signature(v) for v in proto.graph.input if v.name not in initializers],
-                         [_proto_signature(v) for v in proto.graph.output], where)
+        return cls.parse(own if props is None else props, *signature(proto), where)
 
     @classmethod
     def read(cls, path: Path | str) -> "ModelMeta":
@@ -345,6 +391,9 @@ class ModelMeta:
                              f"a file that is scored must say one of {sorted(PRIMARY)}")
         if self.task == "vae":
             return score("vae", self.preprocessing.normalized(x_raw), dict(outputs), [])
+        if np.ndim(y) == 2 and np.shape(y)[1] == 0:  # prepare.task unlabeled: inputs without targets
+            raise StageError(f"{self.where} cannot be scored on data without labels (prepare.task unlabeled); "
+                             "compare it with its fp32 file instead, as quantize does, or prepare labeled data")
         scores = np.asarray(outputs[self.primary_output])
         if self.task == "classification":
             labels = list(self.labels) or [str(i) for i in range(scores.shape[-1] if scores.ndim > 1 else 1)]
@@ -357,6 +406,11 @@ def _task(props: Mapping[str, str]) -> str:
     """The one task default: the file's ``task``; without one, a file that names ``labels`` is a
     classifier (files from before tasks were); else unknown."""
     return props.get("task") or ("classification" if "labels" in props else UNKNOWN)
+
+
+def _known(value: str | None) -> str | None:
+    """A metadata value, or None when it is missing or says ``unknown``."""
+    return value if value and value != UNKNOWN else None
 
 
 def _json(props: Mapping[str, str], key: str, default: Any = None) -> Any:
@@ -411,6 +465,48 @@ def _ort_signature(node_arg) -> Signature:
     return Signature(node_arg.name, dtype, tuple(shape) if shape is not None and kind.startswith("tensor(") else None)
 
 
+def signature(proto) -> tuple[list[Signature], list[Signature]]:
+    """(inputs, outputs) a loaded ``onnx.ModelProto`` declares; initializers an IR < 4 file lists among its
+    inputs are weights, not inputs."""
+    initializers = {t.name for t in proto.graph.initializer}
+    return ([_proto_signature(v) for v in proto.graph.input if v.name not in initializers],
+            [_proto_signature(v) for v in proto.graph.output])
+
+
+def foreign_metadata(inputs: Sequence[Signature], outputs: Sequence[Signature], *, described: str, task: str,
+                     labels: Sequence[str], layout: str | None, preprocessing: Preprocessing,
+                     value_range: Sequence | None, extra: Mapping[str, str]) -> dict[str, str]:
+    """The metadata_props an imported file gets: the keys export writes (``stages.export.metadata``), from
+    the graph's signature and what the recipe states; what nobody states says ``unknown`` (task, layout),
+    or is left out (labels, value range) rather than guessed. ``extra``: import's own keys (source,
+    checks, batch), added as they are."""
+    from stages.common import PRODUCT_VERSION
+
+    spec = next(s for s in inputs if s.name == described)
+    shape = list(spec.shape) if spec.shape is not None else None
+    props = {
+        "onnx_pipeline.version": PRODUCT_VERSION,
+        "model.family": IMPORTED_FAMILY,
+        "task": task or UNKNOWN,
+        "input.name": described,
+        "input.dtype": spec.dtype or "",
+        "input.shape": json.dumps(shape),
+        "input.layout": layout or UNKNOWN,
+        "input.value_range": json.dumps(list(value_range) if value_range is not None else preprocessing.fed_range()),
+        "preprocessing": preprocessing.to_json(),
+        "output.names": json.dumps([o.name for o in outputs]),
+        "output.meaning": json.dumps({o.name: UNKNOWN for o in outputs}),
+        "variant": "fp32",
+    }
+    if labels:
+        props["labels"] = json.dumps(list(labels))
+        props["num_classes"] = str(len(labels))
+    props.update(extra)
+    # The record must describe the file: parsing it here refuses a contradiction before anything is written.
+    ModelMeta.parse(props, inputs, outputs, "the imported file")
+    return props
+
+
 # ---------------------------------------------------------------- the file, opened
 
 class OnnxModel:
@@ -444,8 +540,15 @@ class OnnxModel:
         if not isinstance(feeds, Mapping):
             feeds = {self.meta.input.name: feeds}
         n = len(next(iter(feeds.values())))
-        parts = [self.predictor.run({k: v[i:i + batch_size] for k, v in feeds.items()})
-                 for i in range(0, max(n, 1), batch_size)]
+        fixed = self.meta.fixed_batch  # a graph that takes exactly this many rows: run in such batches
+        batch_size = fixed or batch_size
+        parts = []
+        for i in range(0, max(n, 1), batch_size):
+            chunk = {k: v[i:i + batch_size] for k, v in feeds.items()}
+            rows = len(next(iter(chunk.values())))
+            if fixed and 0 < rows < fixed:  # the last partial batch: pad with its last row, keep the real rows
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], fixed - rows, axis=0)]) for k, v in chunk.items()}
+            parts.append({k: v[:rows] if fixed else v for k, v in self.predictor.run(chunk).items()})
         return {name: np.concatenate([p[name] for p in parts]) for name in self.predictor.output_names}
 
     def predict(self, x_raw: np.ndarray | Mapping[str, np.ndarray], batch_size: int = 256) -> dict[str, np.ndarray]:

@@ -1,8 +1,11 @@
 """prepare: a dataset source -> seeded train/val/test split -> data.npz + dataset.json.
 
 Sources (stages/sources.py): bundled digits, MNIST-1D (generated offline), diabetes, and user files
-(IDX directory, .npz, .csv, a folder of images). Raw inputs are stored as they come (digits 0..16
-float32, IDX and image-folder uint8 pixels, ...) with normalization statistics computed on the training split only: one mean/std for
+(IDX directory, .npz, .csv, a folder of images). ``task: unlabeled`` reads inputs without targets (y
+arrays of shape (N, 0)): calibration and agreement data for an imported ONNX file, which quantize judges
+against its fp32 file. ``dataset: none`` is no data at all (an imported file that is only checked and
+described). Raw inputs are stored as they come (digits 0..16 float32, IDX and image-folder uint8 pixels,
+...) with normalization statistics computed on the training split only: one mean/std for
 single-channel images and signals, one per channel otherwise, one per feature for feature vectors.
 Every consumer normalizes with those statistics (``stages.dataset.Data.normalize``), and the
 exported model's metadata repeats them so apps do the same. Classification splits are stratified.
@@ -54,11 +57,12 @@ class ImagesConfig:
 
 @dataclass(frozen=True)
 class Config:
-    dataset: Literal["digits", "mnist1d", "diabetes", "idx", "npz", "csv", "images"] = "digits"
+    dataset: Literal["digits", "mnist1d", "diabetes", "idx", "npz", "csv", "images", "none"] = "digits"
     path: str = ""  # idx: a directory of IDX files; npz, csv: the file; images: the folder of class folders
     features: tuple[str, ...] = ()  # npz: array key(s); csv: column names (empty: every column but the label)
     label: str = ""  # npz: array key; csv: column name
-    task: Literal["auto", "classification", "regression"] = "auto"  # npz/csv; auto: integer labels are classes
+    # npz/csv; auto: integer labels are classes; unlabeled: inputs only (no `label`)
+    task: Literal["auto", "classification", "regression", "unlabeled"] = "auto"
     layout: Literal["auto", "NF", "NCL", "NCHW"] = "auto"  # npz: how to read one (N, ...) feature array
     val_fraction: float = 0.15  # of all samples, or of the train split where the source has its own test split
     test_fraction: float = 0.2  # unused where the source has its own test split
@@ -77,15 +81,20 @@ class Config:
             what = {"idx": "a directory holding train-images-idx3-ubyte[.gz]",
                     "images": "a folder holding one subfolder of images per class"}.get(self.dataset, f"a .{self.dataset} file")
             raise ValueError(f"`path` is required for dataset {self.dataset}: set it to {what}")
-        if self.dataset not in FILE_DATASETS and self.path:
+        if self.dataset == "none" and self.path:
+            raise ValueError("`path` does not apply to dataset none (no data)")
+        if self.dataset not in FILE_DATASETS and self.dataset != "none" and self.path:
             raise ValueError(f"`path` applies to the idx, npz, csv and images datasets only; {self.dataset} ships with "
                              "the install")
         if self.dataset != "images" and self.images != ImagesConfig():
             raise ValueError(f"`images` applies to the images dataset only, not {self.dataset}")
         tabular = ("npz", "csv")
-        if self.dataset in tabular and not self.label:
+        if self.dataset in tabular and not self.label and self.task != "unlabeled":
             raise ValueError(f"`label` is required for dataset {self.dataset}: the "
-                             f"{'array key' if self.dataset == 'npz' else 'column'} holding the targets")
+                             f"{'array key' if self.dataset == 'npz' else 'column'} holding the targets "
+                             "(or `task: unlabeled` for inputs without targets)")
+        if self.task == "unlabeled" and self.label:
+            raise ValueError(f"`task: unlabeled` reads inputs only, yet `label` is {self.label!r}; drop one of them")
         if self.dataset == "npz" and not self.features:
             raise ValueError("`features` is required for dataset npz: the array key(s) holding the inputs")
         for name, default in (("features", ()), ("label", ""), ("task", "auto")):

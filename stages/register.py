@@ -19,6 +19,11 @@ with the sessions the server would build (the recipe's ``serve.runtime``: thread
 provider options), and the pooled medians decide.
 Every candidate's numbers and the reason are written to registration.json and the version's tags.
 fp32 is always eligible, so a quantized variant wins only when it is measurably faster.
+
+An imported file (``stages.import_onnx``) is registered like an export: its lineage is the import report
+(source file, its sha256) instead of a training run, and variants judged by agreement with fp32 (no
+labels) carry that agreement in their tags. A graph with a fixed batch dimension is chosen and
+registered at that batch size whatever ``objective`` says (registration.json has both).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 
 from stages import dataset, timing
 from stages.common import BadFile, StageError, read_json, sha256_file, write_json
-from stages.onnx_model import OnnxModel
+from stages.onnx_model import IMPORTED_FAMILY, ModelMeta, OnnxModel
 from stages.predictors import OrtPredictor
 from stages.sessions import CPU_EP, CUDA_EP, SessionSettings, cuda_available
 from stages.contract import RunDir, Tracker
@@ -281,6 +286,13 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     rows = read_json(rundir.benchmark_json, "benchmark")["rows"]
     variants = report["variants"]
     paths = {n: rundir.root / v["file"] if v.get("file") else rundir.variant(n) for n, v in variants.items()}
+    fp32_meta = ModelMeta.read(paths.get("fp32", rundir.onnx))
+    requested_objective = config.objective
+    fixed = fp32_meta.fixed_batch
+    if fixed is not None and config.objective != f"throughput@{fixed}":
+        log.warning("register.objective %s does not apply: the model takes batches of exactly %d; choosing by "
+                    "throughput@%d", config.objective, fixed, fixed)
+        config = dataclasses.replace(config, objective=f"throughput@{fixed}", target_batch_size=0)
     data = dataset.load(rundir.data, rundir.dataset)
     x_raw, _ = data.split("test", normalized=False)
     provider = serving_provider(rows, serving.device)
@@ -310,12 +322,17 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     _check_unchanged(path, chosen)
     predictor = OrtPredictor(path, settings=serving)
     meta = OnnxModel(predictor).meta
-    feeds = meta.feed(x_raw[:2])  # what the file takes (raw when its graph normalizes)
+    feeds = meta.feed(x_raw[:meta.fixed_batch or 2])  # what the file takes (raw when its graph normalizes)
     outputs = predictor.run(feeds)
     x_example = feeds if len(feeds) > 1 else feeds[meta.input.name]
     y_example = outputs if len(outputs) > 1 else next(iter(outputs.values()))
-    checkpoint_meta = read_json(rundir.checkpoint_json, "train")
-    export_report = read_json(rundir.export_report, "export")
+    imported = fp32_meta.family == IMPORTED_FAMILY
+    if imported:  # lineage: the imported file, not a training run and an export
+        origin = read_json(rundir.import_report, "import")
+        checkpoint_meta, export_report = {}, {"exporter": f"imported ({origin.get('producer') or 'unknown producer'})"}
+    else:
+        checkpoint_meta = read_json(rundir.checkpoint_json, "train")
+        export_report = read_json(rundir.export_report, "export")
     fp32_acc, budget = report.get("fp32_accuracy"), report.get("accuracy_budget_points")
     accuracy = chosen.get("accuracy")
     gate = bool(chosen.get("within_budget"))  # eligibility already required it; the gate restates it for promotion
@@ -338,8 +355,24 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
         "labels": json.dumps(labels),
         **{k: f"{v:.3f}" for k, v in goal.items()},
     }
+    if imported:
+        labels = list(meta.labels)
+        tags.update({"labels": json.dumps(labels), "source": "imported", "import.source": origin.get("source", ""),
+                     "import.sha256": origin.get("sha256", ""), "import.batch": json.dumps(origin.get("batch", {})),
+                     "task": meta.task})
+    if report.get("judged_by"):
+        tags["judged_by"] = report["judged_by"]
+    if report.get("judged_by") == "agreement with fp32":  # no labels: the gate is agreement with the fp32 file
+        tags.update({f"metric.{report['metric']}": f"{chosen['metric']['value']:.6f}",
+                     "agreement_budget": f"{report['budget']} {report['budget_unit']}"})
+    if fp32_meta.fixed_batch is not None:
+        tags["fixed_batch"] = str(fp32_meta.fixed_batch)
     description = (f"{name} variant of the {recipe_name} recipe's model; test accuracy "
                    f"{accuracy if accuracy is not None else 'n/a'} (fp32 {fp32_acc}, budget {budget} points). Chosen as {why}.")
+    if report.get("judged_by") == "agreement with fp32":
+        description = (f"{name} variant of the {recipe_name} recipe's {'imported ' if imported else ''}model; "
+                       f"{report['metric']} with fp32 {chosen['metric']['value']:.4f} on the test split (budget "
+                       f"{report['budget']} {report['budget_unit']}, no labels). Chosen as {why}.")
     aliases = ["candidate", *(["champion"] if config.promote and gate else [])]
     # One call: the version is created with its tags and aliases and marked complete, or not at all.
     registered = tracker.register_onnx(onnx_path=path, registered_name=registered_name, input_example=x_example,
@@ -352,6 +385,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     result = Result(variant=name, reason=why, accuracy=accuracy, name=registered_name,
                     version=registered["version"] if registered else None, aliases=aliases, candidates=table)
     write_json(rundir.registration, {**result.__dict__, "provider": provider, "objective": config.objective,
+                                     "objective_requested": requested_objective, "fixed_batch": fixed,
                                      "objective_batch_sizes": batches, "target_batch_size": max(batches),
                                      "remeasured": remeasured, "session": serving.describe(), "goal": goal, "gate_passed": gate,
                                      "registered": registered, "tags": tags})

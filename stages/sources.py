@@ -5,7 +5,8 @@ Bundled (no download): scikit-learn's 8x8 digits (classification, NCHW), MNIST-1
 4,000/1,000 train/test split), scikit-learn's diabetes (regression, NF, raw unscaled features).
 User files: a directory of IDX files (MNIST / Fashion-MNIST, gzipped or not), an ``.npz`` archive or
 a ``.csv`` table with named feature and label columns, a folder of images with one subfolder per class
-(decoded by ``stages.images``, optionally split into train/ val/ test/ folders).
+(decoded by ``stages.images``, optionally split into train/ val/ test/ folders). An ``.npz`` or ``.csv``
+with ``task: unlabeled`` has feature columns only: then y has shape (N, 0) and the task is ``unlabeled``.
 
 Every problem with a user file is one ``StageError`` that names the file, what is wrong and how to
 fix it: missing, truncated, wrong magic number, label count != image count, NaN or infinite values,
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import BadFile, StageError
+from stages.dataset import UNLABELED  # inputs without targets (calibration and agreement data for an imported file)
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +268,10 @@ def _check_npz_magic(p: Path) -> None:
                   if text else "save the arrays with numpy.savez")
 
 
+def _no_targets(n: int) -> np.ndarray:
+    return np.zeros((n, 0), dtype=np.float32)
+
+
 def npz(path: str, features: tuple[str, ...], label: str, task: str, layout: str) -> Source:
     """Features from one array key (N, ...) or several 1-D/2-D keys stacked as columns; one label key."""
     p = _require_file(path, ".npz")
@@ -275,11 +281,11 @@ def npz(path: str, features: tuple[str, ...], label: str, task: str, layout: str
             arrays = {k: f[k] for k in f.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise BadFile(p, f"is not a readable .npz archive ({e})", "save it with numpy.savez") from None
-    for key in (*features, label):
+    for key in (*features, *([label] if label else [])):
         if key not in arrays:
             raise StageError(f"{p}: no array named {key!r}; the archive holds {sorted(arrays)}")
     label_key = label
-    y_raw = arrays[label_key]
+    y_raw = arrays[label_key] if label else np.zeros(len(arrays[features[0]]))  # no labels: one placeholder per row
     if y_raw.ndim != 1:
         raise StageError(f"{p}: label {label_key!r} has shape {list(y_raw.shape)}; it must be 1-D (one value per sample)")
     if len(features) == 1 and arrays[features[0]].ndim >= 2:
@@ -309,11 +315,12 @@ def npz(path: str, features: tuple[str, ...], label: str, task: str, layout: str
     if x.dtype.kind not in "biuf":
         raise StageError(f"{p}: features {list(features)} have dtype {x.dtype}; they must be numeric")
     _check_finite(p, f"features {list(features)}", x.astype(np.float64))
-    y, task, names = _targets(p, label_key, y_raw, task)
+    y, task, names = (_no_targets(len(x)), UNLABELED, []) if task == UNLABELED else _targets(p, label_key, y_raw, task)
     raw_dtype = np.uint8 if x.dtype == np.uint8 else np.float32
     return Source(x=x.astype(raw_dtype), y=y, task=task, layout=layout, names=names,
                   info={"name": p.stem, "source": f"npz:{p.resolve()}",
-                        "description": f"{p.name}: features {list(features)}, label {label_key!r}",
+                        "description": f"{p.name}: features {list(features)}, "
+                                       + (f"label {label_key!r}" if label_key else "no labels"),
                         "feature_names": list(features)})
 
 
@@ -330,7 +337,7 @@ def csv_table(path: str, features: tuple[str, ...], label: str, task: str) -> So
     header = [h.strip() for h in rows[0]]
     label_col = label
     features = features or tuple(h for h in header if h != label_col)
-    for col in (*features, label_col):
+    for col in (*features, *([label_col] if label_col else [])):
         if col not in header:
             raise StageError(f"{p}: no column named {col!r}; the header has {header}")
     body = [r for r in rows[1:] if any(cell.strip() for cell in r)]  # blank lines are not samples
@@ -348,6 +355,11 @@ def csv_table(path: str, features: tuple[str, ...], label: str, task: str) -> So
                 raise StageError(f"{p}: line {i + 2}, column {col!r}: {cell!r} is not a number; "
                                  "features must be numeric (encode categories as numbers first)") from None
     _check_finite(p, f"feature columns {list(features)}", x)
+    if task == UNLABELED:
+        return Source(x=x, y=_no_targets(len(x)), task=UNLABELED, layout="NF", names=[],
+                      info={"name": p.stem, "source": f"csv:{p.resolve()}",
+                            "description": f"{p.name}: {len(features)} feature columns, no labels",
+                            "feature_names": list(features)})
     k = header.index(label_col)
     raw = [r[k].strip() for r in body]
     try:
@@ -426,4 +438,7 @@ def load(config) -> Source:
         return csv_table(config.path, config.features, config.label, config.task)
     if config.dataset == "images":
         return image_folder(config.path, config.images.size, config.images.channels, config.images.workers)
+    if config.dataset == "none":
+        raise StageError("prepare.dataset is none: there is no data to prepare; give a dataset (npz, csv, idx, ...) "
+                         "to quantize, benchmark and register an imported file")
     raise ValueError(f"unknown dataset {config.dataset!r}")

@@ -153,7 +153,7 @@ GLOBAL_OPTIONS = {"--verbose", "-v", "--quiet", "-q", "--version", "--install-co
 
 def _named_commands(text: str):
     """(command, options) for every `pipeline COMMAND ...` in code: up to a pipe, `&&`, `#` or the line's end."""
-    for m in re.finditer(r"(?<![\w/.-])pipeline((?:\s+-[a-z]\b|\s+--[a-z-]+)*)\s+([a-z]+)([^`\n|&#]*)", text):
+    for m in re.finditer(r"(?<![\w/.-])pipeline((?:\s+-[a-z]\b|\s+--[a-z-]+)*)\s+([a-z]+(?:-[a-z]+)*)([^`\n|&#]*)", text):
         options = re.findall(r"(?<![\w-])(--?[a-zA-Z][a-z-]*)", m[3])
         yield m[2], [*re.findall(r"--?[a-z-]+", m[1]), *options]
 

@@ -13,6 +13,12 @@ For each selected variant this stage
    ``relative_budget`` share of the primary metric for other tasks. A variant over budget is kept
    (file and numbers, as evidence) but marked ineligible, so register never picks it.
 
+Without labels (``prepare.task: unlabeled``) or for a file whose task has no metric (an imported one
+whose task is unknown), step 3 compares the variant with the fp32 file on the same inputs instead
+(judge.py: top-1 agreement for a classifier, in points of ``accuracy_budget``; the largest relative
+error of any output otherwise, within ``relative_budget``), so the gate still means something. A
+file with a fixed batch dimension is fed and calibrated in batches of exactly that size.
+
 int8-static is accuracy-aware: when it misses the budget on the validation split it measures
 per-layer sensitivity and keeps the worst layers in float until it fits (sensitivity.py).
 """
@@ -22,17 +28,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
 
 from stages import dataset
 from stages.common import StageError, atomic_path, require, sha256_file, stamp_onnx, write_json
-from stages.onnx_model import OnnxModel
+from stages.onnx_model import IMPORTED_FAMILY, OnnxModel
 from stages.predictors import OrtPredictor
 from stages.quantize import judge
-from stages.quantize.variants import VARIANTS, CalibrationReader, Context, Variant  # noqa: F401 (the table)
+from stages.quantize.variants import VARIANTS, CalibrationReader, Context, Variant, maker_source  # noqa: F401 (the table)
 from stages.contract import RunDir, Tracker
 
 
@@ -120,7 +128,7 @@ def check_variant(path, reference: OnnxModel, feeds: dict[str, np.ndarray]) -> l
     if session.output_names != fp32.output_names:
         problems.append(f"output names {session.output_names} differ from fp32's {fp32.output_names}")
         return problems
-    few = {name: x[:3] for name, x in feeds.items()}
+    few = {name: x[:reference.meta.fixed_batch or 3] for name, x in feeds.items()}
     want, got = fp32.run(few), session.run(few)
     for name in fp32.output_names:
         if got[name].shape != want[name].shape or got[name].dtype != want[name].dtype:
@@ -130,39 +138,54 @@ def check_variant(path, reference: OnnxModel, feeds: dict[str, np.ndarray]) -> l
 
 
 def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
-    import onnx
-
     tracker.log_params({**config.__dict__, "variants": ",".join(config.variants)})
     require(rundir.onnx, "export")
     data = dataset.load(rundir.data, rundir.dataset)
     # Raw splits: every file is fed and scored as fp32's metadata says (stages.onnx_model).
-    (x_test, y_test), (x_val, y_val) = data.split("test", normalized=False), data.split("val", normalized=False)
+    splits = {name: data.split(name, normalized=False) for name in ("test", "val")}
+    (x_test, y_test), (x_val, y_val) = splits["test"], splits["val"]
+    fp32 = OnnxModel.open(rundir.onnx)  # refuses a file whose metadata does not say how to feed it
+    task, props = fp32.meta.task, dict(fp32.meta.props)
+    if len(fp32.meta.inputs) > 1:
+        raise StageError(f"{rundir.onnx.name} takes {len(fp32.meta.inputs)} inputs {[i.name for i in fp32.meta.inputs]}; "
+                         "a dataset gives one input array, so quantize cannot feed it. Serve the imported file as it "
+                         "is (`pipeline serve --model`), or import it without a prepare section")
+    agree = judge.by_agreement(task, labeled=data.labeled)
+    if agree and data.labeled:
+        log.warning("%s's task is %s: variants are judged by agreement with fp32, not against the dataset's labels; "
+                    "set model.task (and labels) in the recipe to judge them by accuracy", rundir.onnx.name, task)
+    if not agree and task == "classification":  # the dataset's class i is the file's output class_indices[i]
+        to_output = fp32.meta.class_indices(data.labels)
+        splits = {name: (x, to_output[y]) for name, (x, y) in splits.items()}
+        (x_test, y_test), (x_val, y_val) = splits["test"], splits["val"]
     try:
-        fp32 = OnnxModel.open(rundir.onnx)  # refuses a file whose metadata does not say how to feed it
-        fp32_test, fp32_val = fp32.score(x_test, y_test), fp32.score(x_val, y_val)
+        reference = {name: fp32.predict(x) for name, (x, _) in splits.items()} if agree else {}
+        fp32_test, fp32_val = (score_model(fp32, name, splits, reference, task, agree) for name in ("test", "val"))
     except StageError:
         raise
     except Exception as e:
         raise StageError(f"{rundir.onnx} cannot be evaluated ({type(e).__name__}: {str(e)[:300]}); "
-                         "rerun `pipeline export`") from e
-    task, props = fp32.meta.task, dict(fp32.meta.props)
+                         f"rerun `pipeline {'import' if fp32.meta.family == IMPORTED_FAMILY else 'export'}`") from e
     x_train = data.split("train", normalized=False)[0]
     calibration = fp32.feed(x_train[np.random.default_rng(0).permutation(len(x_train))[:config.calibration_samples]])
 
-    def score_variant(path, x, y) -> dict:
+    def score_variant(path, split: str) -> dict:
         """A variant takes what fp32 takes and means what it means: judged with fp32's metadata (its own
         is stamped only once it has passed)."""
-        return OnnxModel.open(path, props=props).score(x, y)
+        return score_model(OnnxModel.open(path, props=props), split, splits, reference, task, agree)
 
-    judge_val = lambda path: judge.verdict(task, fp32_val, score_variant(path, x_val, y_val),  # noqa: E731
+    judge_val = lambda path: judge.verdict(task, fp32_val, score_variant(path, "val"),  # noqa: E731
                                            config.accuracy_budget, config.relative_budget)
-    ctx = Context(config=config, task=task, family=fp32.meta.family,
-                  fp32=onnx.load(str(rundir.onnx), load_external_data=False), calibration=calibration,
+    scratch = tempfile.TemporaryDirectory(prefix="onnx-pipeline-quantize-")  # removed when the stage ends
+    source, graph = maker_source(rundir.onnx, Path(scratch.name))  # an old opset / IR modernized (a copy)
+    ctx = Context(config=config, task=task, family=fp32.meta.family, fp32=graph, calibration=calibration,
                   judge_val=judge_val, checkpoint=rundir.checkpoint, data=data,
-                  artifact_names={"sensitivity_json": rundir.sensitivity_json, "sensitivity_md": rundir.sensitivity_md})
+                  artifact_names={"sensitivity_json": rundir.sensitivity_json, "sensitivity_md": rundir.sensitivity_md},
+                  feed_batch=fp32.meta.fixed_batch or 64)
     test_feeds = fp32.feed(x_test)
-    budget = config.accuracy_budget if task == "classification" else config.relative_budget
-    unit = "points" if task == "classification" else "relative"
+    by_points = task == "classification"  # accuracy or top-1 agreement
+    budget = config.accuracy_budget if by_points else config.relative_budget
+    unit = "points" if by_points else "relative error" if agree else "relative"
 
     rows: dict[str, dict] = {}
     for name in config.selected:
@@ -181,11 +204,11 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
                 v = judge.verdict(task, fp32_test, metric, config.accuracy_budget, config.relative_budget)
             else:
                 with atomic_path(path) as tmp, quiet_root_logger():
-                    info = variant.make(rundir.onnx, tmp, ctx) or {}
+                    info = variant.make(source, tmp, ctx) or {}
                     problems = check_variant(tmp, fp32, test_feeds)
                     if problems:
                         raise StageError("; ".join(problems))
-                    metric = score_variant(tmp, x_test, y_test)
+                    metric = score_variant(tmp, "test")
                     v = judge.verdict(task, fp32_test, metric, config.accuracy_budget, config.relative_budget)
                     # The file says what it is: fp32's metadata (labels, input, lineage), then the variant's.
                     stamp_onnx(tmp, {**props, **variant_props(name, variant, metric, v, info)})
@@ -200,8 +223,10 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
                    reason="" if v.within else f"loses {v.loss:.3f} {v.unit}, budget {v.budget} {v.unit}",
                    metric=metric, delta=v.delta, delta_unit=v.unit, size_bytes=size,
                    size_ratio=size / rundir.onnx.stat().st_size, sha256=sha256_file(path), **info)
-        if task == "classification":
+        if task == "classification" and not agree:
             row.update(accuracy=metric["value"], delta_points=v.delta)
+        elif agree:
+            row[metric["name"]] = metric["value"]  # top1_agreement or relative_error, against fp32
         rows[name] = row
         log.info("%-13s %s %.4f (%+.3f %s), %7.1f KiB%s", name, metric["name"], metric["value"], v.delta, v.unit,
                  size / 1024, "" if v.within else f"  OVER BUDGET ({budget} {unit})")
@@ -210,9 +235,10 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
         if name != "fp32":
             tracker.log_artifact(path)
 
+    scratch.cleanup()
     report = {"task": task, "metric": fp32_test["name"], "fp32": fp32_test["value"], "budget": budget,
-              "budget_unit": unit, "variants": rows}
-    if task == "classification":  # register reads these two keys
+              "budget_unit": unit, "judged_by": "agreement with fp32" if agree else "labels", "variants": rows}
+    if task == "classification" and not agree:  # register reads these two keys
         report.update(fp32_accuracy=fp32_test["value"], accuracy_budget_points=config.accuracy_budget)
     write_json(rundir.variants, report)
     tracker.log_artifact(rundir.variants)
@@ -220,6 +246,15 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
         if extra.is_file() and "int8-static" in rows and rows["int8-static"].get("attempts", [None])[1:]:
             tracker.log_artifact(extra)
     return Result(metric=fp32_test["name"], fp32=fp32_test["value"], variants=rows)
+
+
+def score_model(model: OnnxModel, split: str, splits: dict, reference: dict, task: str, agree: bool) -> dict:
+    """The model's metric on a split: against the labels, or (``agree``) its agreement with fp32's outputs
+    on the same inputs (``reference``: fp32's outputs per split)."""
+    x, y = splits[split]
+    if agree:
+        return judge.agreement(task, reference[split], model.predict(x), model.meta.primary_output)
+    return model.score(x, y)
 
 
 def variant_props(name: str, variant: Variant, metric: dict, v: judge.Verdict, info: dict) -> dict[str, str]:

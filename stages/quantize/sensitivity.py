@@ -41,26 +41,28 @@ def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
     return float(min(200.0, 20.0 * math.log10(max(signal, 1e-30) / noise)))
 
 
-def _activations(model: Path, feeds: dict[str, np.ndarray], workdir: Path, tag: str) -> dict[str, np.ndarray]:
+def _activations(model: Path, feeds: dict[str, np.ndarray], workdir: Path, tag: str,
+                 batch_size: int = 64) -> dict[str, np.ndarray]:
     from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
 
     from stages.quantize.variants import CalibrationReader
 
     augmented = workdir / f"{tag}.augmented.onnx"
     modify_model_output_intermediate_tensors(str(model), str(augmented))
-    acts = collect_activations(str(augmented), CalibrationReader(feeds))
+    acts = collect_activations(str(augmented), CalibrationReader(feeds, batch_size))
     return {k: np.concatenate([a.ravel() for a in v]) for k, v in acts.items()}
 
 
-def table(float_model: Path, qdq_model: Path, feeds: dict[str, np.ndarray]) -> list[dict]:
+def table(float_model: Path, qdq_model: Path, feeds: dict[str, np.ndarray], batch_size: int = 64) -> list[dict]:
     """One row per float-graph node that the QDQ model quantizes, most sensitive first, measured on
-    ``feeds`` (input name -> calibration samples as the float model takes them)."""
+    ``feeds`` (input name -> calibration samples as the float model takes them), ``batch_size`` at a time
+    (a graph with a fixed batch dimension takes exactly that many)."""
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import compute_activation_error, create_activation_matching
 
     with scratch("quantize") as tmp:
-        fl = _activations(float_model, feeds, Path(tmp), "float")
-        qd = _activations(qdq_model, feeds, Path(tmp), "qdq")
+        fl = _activations(float_model, feeds, Path(tmp), "float", batch_size)
+        qd = _activations(qdq_model, feeds, Path(tmp), "qdq", batch_size)
     matching = create_activation_matching({k: [v] for k, v in qd.items()}, {k: [v] for k, v in fl.items()})
     # ONNX Runtime's own per-tensor numbers: qdq_err is the SQNR of the QDQ pair alone (pre vs post).
     errors = compute_activation_error(matching)
@@ -140,7 +142,7 @@ def search(pre: Path, dst: Path, ctx: "Context", quantize: Callable[[Path, Path,
 
     cfg = ctx.config
     feeds = first(ctx.calibration, cfg.sensitivity_samples)
-    rows = table(pre, dst, feeds)
+    rows = table(pre, dst, feeds, ctx.feed_batch)
     limit = cfg.max_excluded_nodes or len(rows) * 2
     excluded: list[str] = []
     attempts: list[dict] = []

@@ -39,6 +39,7 @@ class Context:
     data: Any = None  # stages.dataset.Data
     artifacts_dir: Path | None = None  # where makers write their evidence (sensitivity tables)
     artifact_names: dict[str, Path] = field(default_factory=dict)
+    feed_batch: int = 64  # samples per session call; a graph with a fixed batch dimension takes exactly that many
 
 
 def samples(feeds: Mapping[str, np.ndarray]) -> int:
@@ -64,6 +65,51 @@ class CalibrationReader:
 
     def __iter__(self):
         return iter(self.get_next, None)
+
+
+QUANTIZER_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (an `axis`) need ai.onnx 13
+
+
+def modernized(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """The same graph in a form ONNX Runtime's quantizers handle, for files the pipeline did not export:
+    initializers that an IR < 4 file also lists as graph inputs are dropped from the inputs (the
+    calibrator would ask for them as inputs), and an ai.onnx opset below 13 is converted up (the
+    quantizer would otherwise write per-channel DequantizeLinear nodes with an `axis` that opset 11
+    lacks, an invalid model). Our own exports come back unchanged."""
+    import onnx
+    from onnx import version_converter
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), QUANTIZER_OPSET)
+    initializers = {t.name for t in model.graph.initializer}
+    listed = [v for v in model.graph.input if v.name in initializers]
+    if opset >= QUANTIZER_OPSET and not listed:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [v for v in out.graph.input if v.name not in initializers]
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
+    out.ir_version = max(out.ir_version, 4)
+    if opset < QUANTIZER_OPSET:
+        out = version_converter.convert_version(out, QUANTIZER_OPSET)
+        out.ir_version = max(out.ir_version, 7)  # opset 13's IR
+    return out
+
+
+def maker_source(fp32: Path, scratch: Path) -> tuple[Path, "onnx.ModelProto"]:
+    """The file the makers start from, and its graph: the fp32 file itself, or (an imported file with an
+    old opset or IR) its ``modernized`` copy under ``scratch``. Every variant is still checked and
+    judged against the fp32 file as it is."""
+    import onnx
+
+    original = onnx.load(str(fp32))
+    modern = modernized(original)
+    if modern is original:
+        return fp32, original
+    path = Path(scratch) / "fp32.modernized.onnx"
+    onnx.save(modern, str(path))
+    log.info("%s: opset/IR modernized for the quantizers (a copy; the fp32 file is unchanged)", fp32.name)
+    return path, modern
 
 
 @contextlib.contextmanager
@@ -147,7 +193,7 @@ def static_quantize(pre: Path, dst: Path, ctx: Context, exclude: list[str]) -> N
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
     qtype = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
-    quantize_static(str(pre), str(dst), CalibrationReader(ctx.calibration),
+    quantize_static(str(pre), str(dst), CalibrationReader(ctx.calibration, ctx.feed_batch),
                     quant_format=QuantFormat.QDQ if cfg.static_format == "qdq" else QuantFormat.QOperator,
                     per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
                     activation_type=qtype[cfg.activation_type], weight_type=QuantType.QInt8,
