@@ -56,8 +56,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
                                                       "(logs stay on stderr).")]
 InitFromOpt = Annotated[Optional[str], typer.Option(
     "--init-from", metavar="RUN_ID|CHECKPOINT",
-    help="Start from another run's weights (an MLflow run id or a checkpoint.pt path); a head of a "
-         "different label count is replaced.")]
+    help="Start from other weights (an MLflow run id, a checkpoint.pt, a .pt/.pth state dict or a .safetensors "
+         "file; train.finetune sets strictness and the schedule); the head is replaced when the label set differs.")]
 
 
 class Device(str, enum.Enum):
@@ -134,17 +134,18 @@ def _warn(message: str) -> None:
 @contextlib.contextmanager
 def _errors(stage_error: int) -> Iterator[None]:
     """One line and an exit code instead of a traceback. A recipe problem is always a usage error (2); a
-    StageError is ``stage_error``: 2 while the command's inputs are resolved, 1 once the work runs.
+    StageError is ``stage_error``: 2 while the command's inputs are resolved, 1 once the work runs, except
+    an InputError (a model factory, a weights file), which is always 2.
     Ctrl-C / SIGTERM end with 130 / 143 (the orchestrator has marked the MLflow runs KILLED)."""
     from pipeline.config import ConfigError
-    from stages.common import StageError
+    from stages.common import InputError, StageError
 
     try:
         yield
     except ConfigError as e:
         raise _usage(str(e)) from None
     except StageError as e:
-        raise _error(str(e), stage_error) from None
+        raise _error(str(e), USAGE if isinstance(e, InputError) else stage_error) from None
     except KeyboardInterrupt as e:
         raise _interrupted(e) from None
 
@@ -431,11 +432,12 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
                                         init_from=init_from)
         except PipelineFailed as failed:
             _report(rundir, failed.outcomes, json_, "failed", benchmark=False)
-            from stages.common import StageError
+            from stages.common import InputError, StageError
 
             if isinstance(failed.error, StageError):
-                raise _failed(f"stage {failed.outcomes[-1].stage} failed: {failed.error}; fix it, then "
-                              "`pipeline run --resume` continues from there") from None
+                raise _error(f"stage {failed.outcomes[-1].stage} failed: {failed.error}; fix it, then "
+                             "`pipeline run --resume` continues from there",
+                             USAGE if isinstance(failed.error, InputError) else FAILED) from None
             raise failed.error
     _report(rundir, outcomes, json_, "done")
 

@@ -30,6 +30,11 @@ class StageError(RuntimeError):
     """A stage cannot go on for a reason the user can fix; the message says what and how."""
 
 
+class InputError(StageError):
+    """A StageError whose fix is to change what the command was given (the recipe's model factory, a
+    weights file), found only once the stage runs: the CLI exits 2 for it, as for a bad recipe key."""
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it into place only if the block succeeds.

@@ -8,14 +8,19 @@ Every consumer normalizes with those statistics (``stages.dataset.Data.normalize
 exported model's metadata repeats them so apps do the same. Classification splits are stratified.
 Sources with a test split of their own (MNIST-1D, IDX with t10k-* files) keep it as it is and carve
 validation from their training split.
+
+Subsets for transfer learning: ``classes`` keeps some classes of a classification source (in the
+source's order, relabelled 0..k-1, their names kept), ``samples_per_class`` cuts the training split to
+that many samples per class (validation and test keep their sizes, so scores stay measurable).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
 
@@ -42,6 +47,8 @@ class Config:
     test_fraction: float = 0.2  # unused where the source has its own test split
     seed: int = 0
     max_samples: int = 0  # 0: the whole dataset; a (stratified) subsample otherwise (tiny test recipes)
+    classes: tuple[Union[int, str], ...] = ()  # keep only these classes (names, or digits as numbers); empty: all
+    samples_per_class: int = 0  # the training split keeps this many samples per class; 0: all
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -68,6 +75,12 @@ class Config:
             raise ValueError(f"`layout` applies to the npz dataset only, not {self.dataset}")
         if self.label and self.label in self.features:
             raise ValueError(f"`label` {self.label!r} is also listed in `features`; a model must not see its target")
+        if len({str(c) for c in self.classes}) != len(self.classes):
+            raise ValueError(f"`classes` lists a class twice: {list(self.classes)}")
+        if len(self.classes) == 1:
+            raise ValueError(f"`classes` must keep at least two classes, got {list(self.classes)}")
+        if self.samples_per_class < 0:
+            raise ValueError(f"`samples_per_class` must be >= 0 (0: all), got {self.samples_per_class}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,43 @@ def _keep(x, y, n: int, stratified: bool, seed: int):
     return x_kept, y_kept
 
 
+def select_classes(src: sources.Source, classes: tuple) -> sources.Source:
+    """The source with only ``classes`` (matched by name; in the source's order), relabelled 0..k-1."""
+    if src.task != "classification":
+        raise StageError(f"prepare.classes applies to classification datasets; {src.info['name']} is {src.task}: "
+                         "remove prepare.classes")
+    wanted = {str(c) for c in classes}
+    unknown = sorted(wanted - set(src.names))
+    if unknown:
+        raise StageError(f"prepare.classes names {unknown}, which {src.info['name']} does not have; its classes: "
+                         f"{src.names}")
+    keep = [i for i, name in enumerate(src.names) if name in wanted]
+    relabel = np.full(len(src.names), -1, dtype=np.int64)
+    relabel[keep] = np.arange(len(keep))
+
+    def cut(x, y):
+        if x is None:
+            return None, None
+        mask = np.isin(y, keep)
+        return x[mask], relabel[y[mask]]
+
+    x, y = cut(src.x, src.y)
+    x_test, y_test = cut(src.x_test, src.y_test)
+    return dataclasses.replace(src, x=x, y=y, x_test=x_test, y_test=y_test, names=[src.names[i] for i in keep],
+                               info={**src.info, "classes_kept": [src.names[i] for i in keep]})
+
+
+def per_class(x: np.ndarray, y: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``n`` samples of each class, drawn with ``seed``, in their original order."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]
+    kept = np.sort(np.concatenate(rows))
+    short = {int(c): int((y == c).sum()) for c in np.unique(y) if (y == c).sum() < n}
+    if short:
+        log.warning("prepare.samples_per_class=%d: the training split has fewer for classes %s", n, short)
+    return x[kept], y[kept]
+
+
 def split(src: sources.Source, config: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     stratified = src.task == "classification"
     x, y = src.x, src.y
@@ -130,6 +180,11 @@ def split(src: sources.Source, config: Config) -> dict[str, tuple[np.ndarray, np
     else:
         val_size = config.val_fraction
     x_train, x_val, y_train, y_val = _cut(x, y, val_size, stratified, config.seed, "validation")
+    if config.samples_per_class:
+        if not stratified:
+            raise StageError(f"prepare.samples_per_class applies to classification datasets; {src.info['name']} is "
+                             f"{src.task}: use prepare.max_samples")
+        x_train, y_train = per_class(x_train, y_train, config.samples_per_class, config.seed)
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
@@ -152,6 +207,8 @@ def normalization(x_train: np.ndarray, layout: str) -> dict:
 def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     tracker.log_params(config.__dict__)
     src = sources.load(config)
+    if config.classes:
+        src = select_classes(src, config.classes)
     if src.x_test is not None and config.test_fraction != Config.test_fraction:
         log.warning("%s has a test split of its own; prepare.test_fraction is not used", src.info["name"])
     parts = split(src, config)
