@@ -25,7 +25,7 @@ from stages.common import InputError, StageError
 from stages.contract import NullTracker, RunDir
 from tests.conftest import TINY
 
-EXAMPLE = "examples.custom_model.digits:build"
+EXAMPLE = "examples.custom_model.resnet:build"
 TINY_EXAMPLE = {"family": "custom", "factory": EXAMPLE, "kwargs": {"width": 4, "blocks": 1, "dropout": 0.0}}
 FAST = {"epochs": 1, "batch_size": 64, "lr": 0.01, "warmup_epochs": 0, "device": "cpu"}
 
@@ -171,8 +171,8 @@ def test_each_bad_factory_is_one_error_naming_it(digits, tmp_path, user_package,
 
 
 @pytest.mark.parametrize("model, error", [
-    ({"factory": "examples.custom_model.digits.build"}, "`model.factory` must be `package.module:function`"),
-    ({"factory": "examples.custom_model.digits:build", "kwargs": {"num_classes": 3}},
+    ({"factory": "examples.custom_model.resnet.build"}, "`model.factory` must be `package.module:function`"),
+    ({"factory": "examples.custom_model.resnet:build", "kwargs": {"num_classes": 3}},
      "`model.kwargs` must not set num_classes: the pipeline passes it from the dataset"),
     ({"factory": "x:y", "kwargs": [1]}, "`model.kwargs` must be a mapping"),
     ({"factory": "x:y", "width": 3}, "unknown key `model.width`; valid keys in `model`: factory, kwargs"),
