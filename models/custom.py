@@ -65,7 +65,7 @@ class Config:
     def __post_init__(self) -> None:
         module, sep, function = self.factory.partition(":")
         if not sep or not module or not function.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
-            raise ValueError(f"`factory` must be `package.module:function`, e.g. examples.custom_model.digits:build; "
+            raise ValueError(f"`factory` must be `package.module:function`, e.g. examples.custom_model.resnet:build; "
                              f"got {self.factory!r}")
         _check_kwargs(self.kwargs)
 
@@ -214,8 +214,11 @@ def build_torchvision(config: ArchConfig, input_shape: tuple[int, ...], num_outp
     names = tv_models.list_models(module=tv_models)  # classification models only (not detection, video)
     if config.arch not in names:
         raise _unknown_arch("torchvision.models", config.arch, names)
+    kwargs = dict(config.kwargs)
+    if config.arch.startswith("vit_") and input_shape[1] == input_shape[2]:
+        kwargs.setdefault("image_size", int(input_shape[1]))  # its position embeddings are sized for the input
     try:  # weights=None: random initialization, nothing is downloaded
-        model = tv_models.get_model(config.arch, weights=None, num_classes=int(num_outputs), **config.kwargs)
+        model = tv_models.get_model(config.arch, weights=None, num_classes=int(num_outputs), **kwargs)
     except Exception as e:
         raise FactoryError(f"torchvision `{config.arch}` cannot be built with {config.kwargs} ({type(e).__name__}: {e})") from None
     _set_in_channels(model, int(input_shape[0]), config.arch)
