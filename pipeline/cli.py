@@ -9,7 +9,8 @@ Exit codes (one table, also in `pipeline --help` and the README):
          --require-gpu found no usable GPU
     2    the command or its input must change: an unknown option or stage name, a bad recipe key or value,
          a model, file or registry URI that does not exist or cannot be read, a model that serve or package
-         refuses, an output directory in the way
+         refuses, a model factory or weights file that does not fit (an InputError), an output directory
+         in the way
     130  interrupted by Ctrl-C (SIGINT); 143: stopped by SIGTERM. MLflow runs end KILLED.
 
 Errors are one line on stderr (`error: ...`), never a traceback. Results go to stdout (tables, or JSON
