@@ -105,7 +105,7 @@ def test_a_custom_factory_trains_exports_through_the_parity_gate_and_rebuilds_al
     from pipeline.orchestrate import run_stage
 
     name, _ = user_package
-    recipe = _recipe({"family": "custom", "factory": f"{name}.net:build", "kwargs": {"hidden": 16}}, epochs=2)
+    recipe = _recipe({"family": "custom", "factory": f"{name}.net:build", "kwargs": {"hidden": 16}})
     rd = _copy(digits, tmp_path / "run")
     outcome = run_stage("train", recipe, rd, track=False)
     assert outcome.status == "done" and "val_acc" in outcome.summary
