@@ -185,7 +185,7 @@ def test_resolve_task():
     assert models.resolve_task("vae", "classification") == "vae"
     assert models.resolve_task("mlp", "regression") == "regression"
     assert models.resolve_task("cnn", "classification") == "classification"
-    with pytest.raises(models.TaskError, match="'cnn1d'.*regression.*choose one of \\['linear', 'mlp'\\]"):
+    with pytest.raises(models.TaskError, match="'cnn1d'.*regression.*choose one of \\['custom', 'linear', 'mlp'\\]"):
         models.resolve_task("cnn1d", "regression")
     with pytest.raises(models.TaskError, match="NCHW.*cnn1d"):
         models.check_layout("cnn", "NCL")
