@@ -9,9 +9,9 @@ Exit codes (one table, also in `pipeline --help` and the README):
          --require-gpu found no usable GPU
     2    the command or its input must change: an unknown option or stage name, a bad recipe key or value,
          a model, file or registry URI that does not exist or cannot be read (a truncated or corrupt .onnx,
-         checkpoint or dataset, also in the run directory), a model that serve or package refuses, an output
-         directory in the way, predict's inputs that do not fit the model, an MLflow store that cannot be
-         reached or used (MLFLOW_TRACKING_URI)
+         checkpoint or dataset, also in the run directory), a model that serve or package refuses, a model
+         factory or weights file that does not fit, an output directory in the way, predict's inputs that do
+         not fit the model, an MLflow store that cannot be reached or used (MLFLOW_TRACKING_URI)
     130  interrupted by Ctrl-C (SIGINT); 143: stopped by SIGTERM. MLflow runs end KILLED.
 
 Errors are one line on stderr (`error: ...`), never a traceback. Results go to stdout (tables, or JSON
@@ -59,8 +59,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
                                                       "(logs stay on stderr).")]
 InitFromOpt = Annotated[Optional[str], typer.Option(
     "--init-from", metavar="RUN_ID|CHECKPOINT",
-    help="Start from another run's weights (an MLflow run id or a checkpoint.pt path); a head of a "
-         "different label count is replaced.")]
+    help="Start from other weights (an MLflow run id, a checkpoint.pt, a .pt/.pth state dict or a .safetensors "
+         "file; train.finetune sets strictness and the schedule); the head is replaced when the label set differs.")]
 
 
 class Device(str, enum.Enum):
@@ -137,14 +137,12 @@ def _warn(message: str) -> None:
 @contextlib.contextmanager
 def _errors(stage_error: int) -> Iterator[None]:
     """One line and an exit code instead of a traceback. A recipe problem is always a usage error (2), and
-    so is an InputError (a file that cannot be used, a store that cannot be reached); another StageError is
-    ``stage_error``: 2 while the command's inputs are resolved, 1 once the work runs. The MLflow store
-    failing mid-way is one line too (1).
+    so is an InputError (a file that cannot be used, a store that cannot be reached, a model factory or
+    weights file that does not fit); another StageError is ``stage_error``: 2 while the command's inputs
+    are resolved, 1 once the work runs. The MLflow store failing mid-way is one line too (1).
     Ctrl-C / SIGTERM end with 130 / 143 (the orchestrator has marked the MLflow runs KILLED)."""
     from pipeline.recipe_file import ConfigError  # not pipeline.config: serve must not import torch
-    from stages.common import StageError
-
-    from stages.common import InputError
+    from stages.common import InputError, StageError
 
     try:
         yield
@@ -557,13 +555,13 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
                                         init_from=init_from)
         except PipelineFailed as failed:
             _report(rundir, failed.outcomes, json_, "failed", benchmark=False)
-            from stages.common import StageError
+            from stages.common import InputError, StageError
 
             if isinstance(failed.error, StageError):
-                # import refusing a file: the file must change (2), as for serve and package
+                # import refusing a file, a model factory or weights that do not fit: the input must change (2)
+                usage = isinstance(failed.error, InputError) or failed.outcomes[-1].stage == "import"
                 raise _error(f"stage {failed.outcomes[-1].stage} failed: {failed.error}; fix it, then "
-                             "`pipeline run --resume` continues from there",
-                             USAGE if failed.outcomes[-1].stage == "import" else FAILED) from None
+                             "`pipeline run --resume` continues from there", USAGE if usage else FAILED) from None
             store_failure = _store_failure(failed.error)
             if store_failure:
                 raise _failed(f"stage {failed.outcomes[-1].stage} failed: {store_failure}; once the store works, "

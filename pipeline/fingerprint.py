@@ -9,6 +9,9 @@ A fingerprint is a flat table of *components*, each a name and a short value:
                                transitively (found by reading their ``import`` lines; models/ comes in
                                whole through models/__init__, which imports every family)
 - ``lib:<dist>``               the installed versions of the libraries that change numbers
+- ``code:<path>`` of user code  a custom model's factory module and the modules it imports from its own
+                               top-level package, transitively (``user_code_components``); a factory
+                               from an installed library counts by that library's version instead
 
 The digest is the sha256 of the sorted table. Keeping the table (not only the digest) lets
 ``pipeline run --explain`` name what changed: ``recipe key train.epochs 4 -> 5``, ``upstream file
@@ -23,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import platform
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -69,19 +73,28 @@ def _module_file(name: str) -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
 
 
-def _project_imports(path: Path) -> set[str]:
-    """Project modules that ``path`` imports (``from stages import x``, ``from stages.x import y``, ``import models``)."""
+def _project_imports(path: Path, packages: tuple[str, ...] = PROJECT_PACKAGES, module: str = "") -> set[str]:
+    """Modules of ``packages`` that ``path`` imports (``from stages import x``, ``from stages.x import y``,
+    ``import models``); with ``module`` (the dotted name ``path`` is imported as) relative imports too."""
     tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             # `from stages import dataset` may name a submodule: try both the module and module.name.
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level > 0 and package:
+            parts = package.split(".")
+            base = ".".join(parts[:len(parts) - (node.level - 1)]) if node.level - 1 < len(parts) else ""
+            if not base:
+                continue
+            origin = f"{base}.{node.module}" if node.module else base
+            names = [origin] + [f"{origin}.{a.name}" for a in node.names]
         else:
             continue
-        found.update(n for n in names if n.split(".")[0] in PROJECT_PACKAGES)
+        found.update(n for n in names if n.split(".")[0] in packages)
     return found
 
 
@@ -128,6 +141,53 @@ def code_components(modules: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def _installed(path: Path) -> bool:
+    """Does ``path`` lie in an installed distribution (site-packages), not in the user's tree?"""
+    libs = {Path(p).resolve() for key in ("purelib", "platlib", "stdlib") if (p := sysconfig.get_paths().get(key))}
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(lib) for lib in libs) or "site-packages" in resolved.parts
+
+
+def user_code_components(modules: Iterable[str]) -> dict[str, str]:
+    """The user's modules (a custom model's factory), hashed: each module's source and the modules it
+    imports from its own top-level package, transitively (read fresh each time: the user edits them).
+    A module installed as a library counts by its distribution's version (``lib:<dist>``); one that does
+    not import counts as absent (the stage then fails on it with its own message)."""
+    import importlib.metadata
+
+    from models import custom
+
+    custom.importable_here()  # the factory is imported from the working directory: find it there too
+    root, out = _code_root(), {}
+    for module in modules:
+        top = module.split(".")[0]
+        path = _module_file(module)
+        if path is None:
+            out[f"code:{module}"] = "absent"
+            continue
+        if _installed(path):
+            dists = importlib.metadata.packages_distributions().get(top, [top])
+            out.update({f"lib:{d}": v for d, v in library_versions(tuple(dists)).items()})
+            continue
+        seen: dict[str, Path] = {}
+        todo = [module]
+        while todo:
+            name = todo.pop()
+            if name in seen or (found := _module_file(name)) is None or _installed(found):
+                continue
+            seen[name] = found
+            todo.extend(n for n in _project_imports(found, (top,), name) if n not in seen)
+            if "." in name:
+                todo.append(name.rpartition(".")[0])  # a package's __init__ runs on import
+        for path in sorted(set(seen.values())):
+            try:
+                rel = path.resolve().relative_to(root.resolve()).as_posix()
+            except ValueError:
+                rel = path.as_posix()
+            out[f"code:{rel}"] = sha256_file(path)
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def library_components() -> dict[str, str]:
     return {"lib:python": platform.python_version(),
@@ -137,14 +197,16 @@ def library_components() -> dict[str, str]:
 # ---------------------------------------------------------------- the whole fingerprint
 
 def compute(*, sections: Mapping[str, Any], options: Mapping[str, Any], files: Mapping[str, Path],
-            modules: Iterable[str]) -> Fingerprint:
-    """``sections``: recipe section name -> its plain dict; ``files``: name shown -> path read."""
+            modules: Iterable[str], user_modules: Iterable[str] = ()) -> Fingerprint:
+    """``sections``: recipe section name -> its plain dict; ``files``: name shown -> path read;
+    ``user_modules``: the user's modules the stage runs (a custom model's factory)."""
     comps: dict[str, str] = {}
     for name, value in sections.items():
         comps.update({f"recipe:{k}": v for k, v in _flat(value, name).items()})
     comps.update({f"option:{k}": json.dumps(v, default=str) for k, v in options.items()})
     comps.update({f"file:{name}": file_hash(path) for name, path in files.items()})
     comps.update(code_components(modules))
+    comps.update(user_code_components(user_modules))
     comps.update(library_components())
     return Fingerprint.of(comps)
 

@@ -56,13 +56,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
+import models
 from pipeline import fingerprint as fp
 from pipeline import tracking
 from pipeline.config import IMPORTED, Recipe, recipe_from_dict
 from pipeline.tracking import Recorder
 from stages.contract import RunDir
 from stages import benchmark, distributed, evaluate, export, import_onnx, prepare, quantize, register, train
-from stages.common import (BadFile, StageError, scratch_dir, sha256_file, stale_scratch_dirs,
+from stages.common import (BadFile, InputError, StageError, scratch_dir, sha256_file, stale_scratch_dirs,
                            stale_temporaries, write_json, write_text)
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def resolve_checkpoint(ref: str, option: str, *, recipe_names: bool = False,
             return tracking.download_checkpoint(ref, folder)
         except StageError as e:  # the same error, saying which option named the run
             raise StageError(f"{option}: {e}") from None
-    if recipe_names and "/" not in ref and not ref.endswith(".pt"):
+    if recipe_names and "/" not in ref and not Path(ref).suffix:  # a recipe name has no suffix; a file does
         made = Path("runs") / ref / "checkpoint.pt"
         if made.is_file():
             return made
@@ -110,14 +111,43 @@ def resolve_checkpoint(ref: str, option: str, *, recipe_names: bool = False,
                      f"{' nor a recipe name with runs/<name>/checkpoint.pt' if recipe_names else ''}")
 
 
+def _weights_ref(c: Context) -> tuple[str, str] | None:
+    """(reference, who named it) of the weights train starts from: --init-from or train.finetune.weights."""
+    recipe_weights = c.recipe.train.finetune.weights
+    if c.init_from and recipe_weights:
+        raise InputError(f"--init-from {c.init_from} and train.finetune.weights {recipe_weights} both name weights "
+                         "to start from; pass one (`--set train.finetune.weights=` clears the recipe's)")
+    if c.init_from:
+        return c.init_from, "--init-from"
+    return (recipe_weights, "train.finetune.weights") if recipe_weights else None
+
+
 def _train(c: Context, t) -> train.Result:
     teacher = c.recipe.train.distill.teacher
+    if c.resume and c.init_from:
+        raise InputError("--resume and --init-from exclude each other: a resumed run already has its weights")
+    weights = _weights_ref(c)
     with contextlib.ExitStack() as scratch:  # downloaded checkpoints go when the stage ends
+        try:
+            init_from = resolve_checkpoint(*weights, recipe_names=True, scratch=scratch) if weights else None
+        except StageError as e:  # a weights file that is not there: the recipe or the option must change
+            raise InputError(str(e)) from None
         return train.run(c.recipe.train, c.rundir, t, family=c.recipe.model.family, model_config=c.recipe.model.config,
-                         recipe=c.recipe.to_dict(), device=c.device, resume=c.resume,
-                         init_from=resolve_checkpoint(c.init_from, "--init-from", scratch=scratch) if c.init_from else None,
+                         recipe=c.recipe.to_dict(), device=c.device, resume=c.resume, init_from=init_from,
                          teacher=resolve_checkpoint(teacher, "train.distill.teacher", recipe_names=True,
                                                     scratch=scratch) if teacher else None)
+
+
+def _train_weights_file(c: Context) -> dict[str, Path]:
+    """The local file train starts from, for its fingerprint: retraining the run it names reruns this
+    one. A run id names immutable artifacts, so its id (an option or recipe value) is enough."""
+    ref = _weights_ref(c)
+    if ref is None:
+        return {}
+    path = Path(ref[0])
+    if not path.is_file() and "/" not in ref[0] and not path.suffix:
+        path = Path("runs") / ref[0] / "checkpoint.pt"  # a recipe name (resolve_checkpoint's rule)
+    return {f"{ref[1]} {ref[0]}": path} if path.is_file() else {}
 
 
 RUNNERS: dict[str, Callable[[Context, Any], Any]] = {
@@ -167,6 +197,9 @@ class StageIO:
     models: tuple[str, ...] = ()
     evaluates: tuple[str, ...] = ()
     registers: bool = False  # writes to the model registry: the store is part of its fingerprint
+    # Files outside the run directory it reads (weights to start from), by the name --explain shows.
+    outside_files: Callable[[Context], dict[str, Path]] | None = None
+    user_code: bool = False  # runs the user's code (a custom model's factory): its source is part of the fingerprint
     system_metrics: bool = False  # record CPU / memory / GPU while it runs
     dataset_context: str = ""  # log the run directory's dataset as an MLflow input in this context
     external: tuple[str, ...] = ()
@@ -175,8 +208,9 @@ class StageIO:
 IO: dict[str, StageIO] = {
     "prepare": StageIO(("prepare",), (), ("data", "dataset"), ("stages.prepare",), external=("prepare.path",)),
     "train": StageIO(("train", "model"), ("data", "dataset"),
-                     ("checkpoint", "checkpoint_json", "history", "training_curves"), ("stages.train",),
-                     options=("device", "init_from", "resume"), models=("checkpoint",), system_metrics=True, dataset_context="training"),
+                     ("checkpoint", "checkpoint_json", "history", "training_curves", "weights_report"), ("stages.train",),
+                     options=("device", "init_from", "resume"), models=("checkpoint",), system_metrics=True, dataset_context="training",
+                     outside_files=_train_weights_file, user_code=True),
     "evaluate": StageIO(("evaluate",), ("data", "dataset", "checkpoint"), ("metrics", "confusion_matrix"),
                         ("stages.evaluate",), evaluates=("checkpoint",), dataset_context="evaluation"),
     "export": StageIO(("export",), ("checkpoint", "data", "dataset", "metrics"), ("onnx", "export_report"),
@@ -291,7 +325,10 @@ def compute_fingerprint(stage: str, ctx: Context, store: str | None) -> fp.Finge
     for key in io.external:  # "upstream file model.path changed" when the file's content does
         if _section(plain, key):
             files[key] = Path(_section(plain, key))
-    return fp.compute(sections=sections, options=options, files=files, modules=io.modules)
+    if io.outside_files is not None:
+        files.update(io.outside_files(ctx))
+    user = models.code_modules(ctx.recipe.model.family, ctx.recipe.model.config) if io.user_code else ()
+    return fp.compute(sections=sections, options=options, files=files, modules=io.modules, user_modules=user)
 
 
 # ---------------------------------------------------------------- stamps and the reuse decision

@@ -40,7 +40,8 @@ class StageError(RuntimeError):
 
 class InputError(StageError):
     """What the command was given must change before it can work (the CLI answers exit 2): a file that
-    is there but cannot be used as it is, a store that cannot be reached or used."""
+    is there but cannot be used as it is, a store that cannot be reached or used, the recipe's model
+    factory or a weights file that does not fit (found only once the stage runs)."""
 
 
 class BadFile(InputError, ValueError):

@@ -44,6 +44,11 @@ class RunDir:
         return self.root / "train_state.pt"
 
     @property
+    def weights_report(self) -> Path:
+        """Fine-tuning: which tensors of the starting weights were loaded, skipped, missing (train)."""
+        return self.root / "weights_report.json"
+
+    @property
     def history(self) -> Path:
         return self.root / "history.json"
 

@@ -6,6 +6,9 @@
 is the one schedule with state (it reacts to validation); ``Plateau`` holds it and is saved with the
 resumable training state. The train loop sets ``group["lr"]`` itself each step (as nanoGPT does), so
 resuming needs no torch scheduler object, only the step count and the plateau state.
+
+Parameter groups (``param_groups``): fine-tuning trains the backbone at ``backbone_lr_scale`` times
+the head's rate; each group carries its ``lr_scale`` and the loop sets ``lr * lr_scale`` per group.
 """
 
 from __future__ import annotations
@@ -50,8 +53,23 @@ OPTIMIZERS: dict[str, Callable[..., "torch.optim.Optimizer"]] = {
 
 
 def build_optimizer(name: str, params, config: "Config", *, fused: bool = False):
-    """``fused``: one CUDA kernel for the whole parameter update (fewer launches; CUDA only)."""
+    """``params``: parameters, or groups from ``param_groups``. ``fused``: one CUDA kernel for the whole
+    parameter update (fewer launches; CUDA only)."""
     return OPTIMIZERS[name](params, config, fused)
+
+
+def param_groups(model, head: str = "", backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """The optimizer's groups: ``head`` (the parameters of module ``head``, at the full rate) and
+    ``backbone`` (all others, at ``backbone_lr_scale`` x the rate); one group ``all`` when there is no
+    head to tell apart. Parameters that do not require gradients are left out, as torch's own wrappers do."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not head:
+        return [{"params": [p for _, p in named], "lr_scale": 1.0, "name": "all"}]
+    in_head = [p for n, p in named if n.startswith(head + ".")]
+    backbone = [p for n, p in named if not n.startswith(head + ".")]
+    groups = [{"params": backbone, "lr_scale": float(backbone_lr_scale), "name": "backbone"},
+              {"params": in_head, "lr_scale": 1.0, "name": "head"}]
+    return [g for g in groups if g["params"]]
 
 
 def _warmup(c: "Config", progress: float) -> float | None:

@@ -12,6 +12,10 @@ exported model's metadata repeats them so apps do the same. Classification split
 Sources with a test split of their own (MNIST-1D, IDX with t10k-* files, an image folder with test/)
 keep it as it is and carve validation from their training split unless they have one too (an image
 folder with val/).
+
+Subsets for transfer learning: ``classes`` keeps some classes of a classification source (in the
+source's order, relabelled 0..k-1, their names kept), ``samples_per_class`` cuts the training split to
+that many samples per class (validation and test keep their sizes, so scores stay measurable).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
 
@@ -69,6 +73,8 @@ class Config:
     seed: int = 0
     max_samples: int = 0  # 0: the whole dataset; a (stratified) subsample otherwise (tiny test recipes)
     images: ImagesConfig = field(default_factory=ImagesConfig)  # dataset images: size, channels, workers
+    classes: tuple[Union[int, str], ...] = ()  # keep only these classes (names, or digits as numbers); empty: all
+    samples_per_class: int = 0  # the training split keeps this many samples per class; 0: all
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -104,6 +110,12 @@ class Config:
             raise ValueError(f"`layout` applies to the npz dataset only, not {self.dataset}")
         if self.label and self.label in self.features:
             raise ValueError(f"`label` {self.label!r} is also listed in `features`; a model must not see its target")
+        if len({str(c) for c in self.classes}) != len(self.classes):
+            raise ValueError(f"`classes` lists a class twice: {list(self.classes)}")
+        if len(self.classes) == 1:
+            raise ValueError(f"`classes` must keep at least two classes, got {list(self.classes)}")
+        if self.samples_per_class < 0:
+            raise ValueError(f"`samples_per_class` must be >= 0 (0: all), got {self.samples_per_class}")
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,43 @@ def _keep(x, y, n: int, stratified: bool, seed: int):
     return x_kept, y_kept
 
 
+def select_classes(src: sources.Source, classes: tuple) -> sources.Source:
+    """The source with only ``classes`` (matched by name; in the source's order), relabelled 0..k-1."""
+    if src.task != "classification":
+        raise StageError(f"prepare.classes applies to classification datasets; {src.info['name']} is {src.task}: "
+                         "remove prepare.classes")
+    wanted = {str(c) for c in classes}
+    unknown = sorted(wanted - set(src.names))
+    if unknown:
+        raise StageError(f"prepare.classes names {unknown}, which {src.info['name']} does not have; its classes: "
+                         f"{src.names}")
+    keep = [i for i, name in enumerate(src.names) if name in wanted]
+    relabel = np.full(len(src.names), -1, dtype=np.int64)
+    relabel[keep] = np.arange(len(keep))
+
+    def cut(x, y):
+        if x is None:
+            return None, None
+        mask = np.isin(y, keep)
+        return x[mask], relabel[y[mask]]
+
+    x, y = cut(src.x, src.y)
+    x_test, y_test = cut(src.x_test, src.y_test)
+    return dataclasses.replace(src, x=x, y=y, x_test=x_test, y_test=y_test, names=[src.names[i] for i in keep],
+                               info={**src.info, "classes_kept": [src.names[i] for i in keep]})
+
+
+def per_class(x: np.ndarray, y: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``n`` samples of each class, drawn with ``seed``, in their original order."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]
+    kept = np.sort(np.concatenate(rows))
+    short = {int(c): int((y == c).sum()) for c in np.unique(y) if (y == c).sum() < n}
+    if short:
+        log.warning("prepare.samples_per_class=%d: the training split has fewer for classes %s", n, short)
+    return x[kept], y[kept]
+
+
 def split(src: sources.Source, config: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     stratified = src.task == "classification"
     x, y = src.x, src.y
@@ -173,6 +222,11 @@ def split(src: sources.Source, config: Config) -> dict[str, tuple[np.ndarray, np
         x_train, x_val, y_train, y_val = _cut(x, y, val_size, stratified, config.seed, "validation")
     else:
         x_train, y_train = x, y
+    if config.samples_per_class:
+        if not stratified:
+            raise StageError(f"prepare.samples_per_class applies to classification datasets; {src.info['name']} is "
+                             f"{src.task}: use prepare.max_samples")
+        x_train, y_train = per_class(x_train, y_train, config.samples_per_class, config.seed)
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
@@ -216,6 +270,8 @@ def _chunked_mean_std(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray,
 def run(config: Config, rundir: "RunDir", tracker: "Tracker") -> Result:
     tracker.log_params(dataclasses.asdict(config))  # nested sections (images) flatten to images.size, ...
     src = sources.load(config)
+    if config.classes:
+        src = select_classes(src, config.classes)
     if src.x_test is not None and config.test_fraction != Config.test_fraction:
         log.warning("%s has a test split of its own; prepare.test_fraction is not used", src.info["name"])
     if src.x_val is not None and config.val_fraction != Config.val_fraction:

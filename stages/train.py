@@ -7,6 +7,12 @@ epochs, stop early when the monitored metric stalls. ``setup`` builds what the l
 train_state.pt); ``loop`` is the epochs. Optimizers and schedules are tables in stages/optim.py;
 torchrun data parallelism lives in stages/distributed.py; checkpoint formats in stages/checkpoint.py.
 
+Fine-tuning (``train.finetune``, or ``--init-from``): the model starts from other weights (a checkpoint,
+a state dict or a .safetensors file; stages/checkpoint.py ``load_weights`` reports which tensors were
+loaded, skipped, missing), with a new head when the label set differs; the backbone may stay frozen for
+the first ``freeze_epochs`` epochs (one named step in the loop) and learn at ``backbone_lr_scale`` times
+the head's rate after (parameter groups, stages/optim.py).
+
 Speed tricks, each switched by the config and named where it is applied:
 - GPU-resident data: the whole split lives on the device, shuffled by an index permutation drawn on
   the device; a batch is one gather, no host->device copy, no worker processes. Chosen when the split
@@ -37,7 +43,7 @@ from typing import Any, Callable, Literal
 
 import models
 from stages import checkpoint, dataset, distributed, optim
-from stages.common import StageError, seed_everything, write_json
+from stages.common import InputError, StageError, seed_everything, write_json
 from stages.losses import compute_loss
 from stages.metrics import PRIMARY, plot_history, score
 from stages.predictors import torch_device
@@ -83,6 +89,26 @@ class Distill:
 
 
 @dataclass(frozen=True)
+class Finetune:
+    # Weights to start from: a .pt/.pth state dict or checkpoint, a .safetensors file, an MLflow run id,
+    # or a recipe name (its runs/<name>/checkpoint.pt); "": none. `--init-from` names them on the CLI.
+    weights: str = ""
+    strict: bool = True  # every tensor but the head's must load; false: load what fits, report the rest
+    head: str = "auto"  # the output layer's module name, e.g. fc; auto: the family's (models.output_layer)
+    freeze_epochs: int = 0  # train only the head for this many epochs, then everything
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate as a fraction of the head's (train.lr)
+
+    def __post_init__(self) -> None:
+        if self.freeze_epochs < 0:
+            raise ValueError(f"`freeze_epochs` must be >= 0 (0: never frozen), got {self.freeze_epochs}")
+        if not 0.0 < self.backbone_lr_scale <= 1.0:
+            raise ValueError(f"`backbone_lr_scale` must be in (0, 1] (a backbone that never learns: freeze_epochs "
+                             f"= train.epochs), got {self.backbone_lr_scale}")
+        if not self.head:
+            raise ValueError("`head` must be auto or the output layer's module name, e.g. fc")
+
+
+@dataclass(frozen=True)
 class Config:
     epochs: int = 40
     batch_size: int = 64  # global: under torchrun each of N processes takes batch_size / N per step
@@ -104,6 +130,7 @@ class Config:
     kl_weight: float = 1.0  # vae: weight of the KL term of the negative ELBO
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     distill: Distill = field(default_factory=Distill)
+    finetune: Finetune = field(default_factory=Finetune)
     augment_shift: int = 0  # images: random shifts of up to this many pixels, on the device; 0: off
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (else fp16) on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
@@ -155,6 +182,9 @@ class Config:
             raise ValueError(f"`loader_workers` must be >= 0, got {self.loader_workers}")
         if self.checkpoint_every < 1:
             raise ValueError(f"`checkpoint_every` must be >= 1, got {self.checkpoint_every}")
+        if self.finetune.freeze_epochs > self.epochs:
+            raise ValueError(f"`finetune.freeze_epochs` must be at most epochs ({self.epochs}), got "
+                             f"{self.finetune.freeze_epochs}")
 
 
 # Keys that change how a run is computed but not what it computes: a resumed run may change them.
@@ -190,8 +220,9 @@ class Result:
 def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, family: str, model_config: Any,
         recipe: dict | None = None, device: str | None = None, resume: bool = False,
         init_from: Path | None = None, teacher: Path | None = None) -> Result:
-    """Train; ``resume`` continues from rundir's train_state.pt, ``init_from`` starts from another
-    checkpoint's weights, ``teacher`` is the resolved checkpoint of ``config.distill.teacher``."""
+    """Train; ``resume`` continues from rundir's train_state.pt, ``init_from`` is the weights file to
+    start from (``--init-from`` or ``config.finetune.weights``, resolved to a local file), ``teacher`` is
+    the resolved checkpoint of ``config.distill.teacher``."""
     import torch
 
     world = distributed.world_from_env()
@@ -267,6 +298,8 @@ class Setup:
     monitor: str  # the validation metric early stopping and reduce-on-plateau watch
     checkpoint_meta: dict  # what checkpoint.pt says besides the epoch and its scores
     fingerprint: dict  # what train_state.pt must match to be resumed
+    head: str = ""  # fine-tuning: the output layer's module name; "" when nothing tells it apart
+    backbone: tuple = ()  # fine-tuning: the parameters frozen for the first finetune.freeze_epochs epochs
 
 
 @dataclass
@@ -295,14 +328,12 @@ def setup(config: Config, rundir: "RunDir", tracker: "Tracker", *, world: distri
           family: str, model_config: Any, recipe: dict | None = None, resume: bool = False,
           init_from: Path | None = None, teacher: Path | None = None) -> tuple[Setup, State]:
     """Everything before the first step, in the order the random streams are drawn: seeds, the data
-    placed where the loop reads it, the model (fresh or from ``init_from``, wrapped for DDP and
-    compile), optimizer and loss (with the teacher's logits), then the State, fresh or restored from
-    train_state.pt. Logs the run's parameters."""
+    placed where the loop reads it, the model (fresh, checked on a real batch, started from
+    ``init_from``'s weights, wrapped for DDP and compile), optimizer (parameter groups) and loss (with
+    the teacher's logits), then the State, fresh or restored from train_state.pt. Logs the run's parameters."""
     import torch
 
     cuda = device.startswith("cuda")
-    if resume and init_from:
-        raise StageError("--resume and --init-from exclude each other: a resumed run already has its weights")
     # Each rank draws its own dropout masks; the data order comes from the shared shuffle generator.
     seed_everything(config.seed + world.rank)
     if cuda:
@@ -341,9 +372,17 @@ def setup(config: Config, rundir: "RunDir", tracker: "Tracker", *, world: distri
     # classes (classification), targets (regression); the VAE ignores it (its latent size is its own)
     num_outputs = {"classification": int(info.get("num_classes", 0)),
                    "regression": int(y_train.shape[1]) if y_train.ndim == 2 else 1}.get(task, 0)
-    model, step_model = _build_model(config, family, model_config, input_shape, num_outputs, init_from, device,
-                                     memory_format, world)
-    opt = optim.build_optimizer(config.optimizer, model.parameters(), config, fused=cuda)  # one update kernel on CUDA
+    model = _build_checked(family, model_config, input_shape, num_outputs, task, x_train)
+    head = _head(config.finetune, model, init_from)
+    if init_from is not None and not resume:  # a resumed run's weights come from train_state.pt
+        _start_from(model, init_from, head, config.finetune.strict, labels, world, rundir, tracker)
+    elif world.is_main and not resume:
+        rundir.weights_report.unlink(missing_ok=True)  # a previous run's report would describe other weights
+    model, step_model = _place_model(config, model, device, memory_format, world)
+    backbone = tuple(p for n, p in model.named_parameters()
+                     if config.finetune.freeze_epochs and p.requires_grad and not n.startswith(head + "."))
+    groups = optim.param_groups(model, head, config.finetune.backbone_lr_scale)  # the backbone's rate is scaled
+    opt = optim.build_optimizer(config.optimizer, groups, config, fused=cuda)  # one update kernel on CUDA
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # fp16 only: bf16 needs no scaling
     primary = _primary_metric(task)
     monitor = primary if config.early_stopping.metric == "auto" else config.early_stopping.metric
@@ -356,7 +395,7 @@ def setup(config: Config, rundir: "RunDir", tracker: "Tracker", *, world: distri
             soft_targets = _predict(teacher_model, split.x_train, device, memory_format, autocast)
             teacher_model = None
 
-    description = models.describe(family, model_config, input_shape, num_outputs)
+    description = models.describe(family, model_config, input_shape, num_outputs, task)
     s = Setup(
         config=config, world=world, device=device, task=task, labels=labels, data=split, precision=precision,
         channels_last=channels_last, memory_format=memory_format, autocast=autocast, model=model,
@@ -378,7 +417,8 @@ def setup(config: Config, rundir: "RunDir", tracker: "Tracker", *, world: distri
             "distilled_from": str(teacher or ""),
         },
         fingerprint={**_fingerprint(config, description, info), "device_type": split.shuffle.device.type,
-                     "resident": resident})
+                     "resident": resident},
+        head=head, backbone=backbone)
     state = _resume(s, rundir.train_state, tracker) if resume else State.fresh(primary)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -442,20 +482,64 @@ def _place_data(config: Config, arrays, resident: bool, device: str, memory_form
     return Split(x_train, y_train, x_val, y_val, False, device, per_rank_batch, shuffle, loader, sampler)
 
 
-def _build_model(config: Config, family: str, model_config: Any, input_shape: tuple, num_outputs: int,
-                 init_from: Path | None, device: str, memory_format, world: distributed.World):
+def _build_checked(family: str, model_config: Any, input_shape: tuple, num_outputs: int, task: str, x_train):
+    """A fresh model, checked on a few real training samples: its outputs must fit the task (a factory
+    giving logits of the wrong width fails here, before any training, with one error naming it)."""
+    import torch
+
+    try:
+        model = models.build(family, model_config, input_shape, num_outputs, task)
+        models.check_outputs(family, model_config, model, torch.from_numpy(x_train[:8]), task, num_outputs)
+    except models.FactoryError as e:
+        raise InputError(str(e)) from None
+    return model
+
+
+def _head(fine: Finetune, model, weights: Path | None) -> str:
+    """The output layer's module name when fine-tuning tells it apart from the backbone (weights to
+    start from, a scaled backbone rate, a named head); "" otherwise."""
+    if fine.freeze_epochs and weights is None:
+        raise InputError("train.finetune.freeze_epochs freezes a pretrained backbone, but no weights are given: "
+                         "set train.finetune.weights (or pass --init-from), or set train.finetune.freeze_epochs=0")
+    if weights is None and fine.backbone_lr_scale == 1.0 and fine.head == "auto":
+        return ""
+    name = models.output_layer(model) if fine.head == "auto" else fine.head
+    module = dict(model.named_modules()).get(name)
+    if module is None or not any(True for _ in module.parameters()):
+        raise InputError(f"train.finetune.head `{name}` is not a module with parameters in this model (its top-level "
+                         f"modules: {', '.join(n for n, _ in model.named_children())}); name its output layer, "
+                         f"e.g. {models.output_layer(model)}")
+    return name
+
+
+def _start_from(model, path: Path, head: str, strict: bool, labels: list[str], world: distributed.World,
+                rundir: "RunDir", tracker: "Tracker") -> None:
+    """Load the weights to fine-tune from; report tensor by tensor what was loaded, skipped (shape
+    mismatch), missing or new in the head: in the log, weights_report.json and the tracker."""
+    try:
+        report = checkpoint.load_weights(model, path, head=head, strict=strict, labels=labels)
+    except StageError as e:
+        raise InputError(str(e)) from None
+    for line in report.lines():
+        log.info("%s", line)
+    if world.is_main:
+        write_json(rundir.weights_report, report.to_dict())
+        tracker.log_params({"weights.source": str(path), "weights.format": report.format,
+                            **{f"weights.{k}": v for k, v in report.counts().items()}})
+        tracker.log_artifact(rundir.weights_report)
+
+
+def _place_model(config: Config, model, device: str, memory_format, world: distributed.World):
     """-> (the model on the device, what a step calls: wrapped for DDP and compiled where asked)."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    model = models.build(family, model_config, input_shape, num_outputs)
-    if init_from is not None:
-        for line in checkpoint.init_from(model, init_from):
-            log.info("%s", line)
     model = model.to(device, memory_format=memory_format)
     train_model = model
     if world.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+        # A frozen backbone takes no gradients; DDP must not wait for them (they stay None on every rank).
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
+                                              find_unused_parameters=config.finetune.freeze_epochs > 0)
     # torch.compile: fused kernels, fewer Python round trips; pays off on long runs only (tens of seconds to compile).
     return model, torch.compile(train_model) if config.compile else train_model
 
@@ -499,15 +583,16 @@ def loop(s: Setup, state: State, rundir: "RunDir", tracker: "Tracker") -> int:
     for epoch in range(state.start_epoch, c.epochs):
         if state.stopped_early:
             break
-        s.model.train()
+        # Fine-tuning: the backbone stays frozen for the first finetune.freeze_epochs epochs, then learns.
+        _train_mode(s, frozen_backbone=epoch < c.finetune.freeze_epochs)
         order, batches = s.data.epoch(world)
         # Sums on the device, read once per epoch: no host-device synchronization per step.
         sums = _Sums(s.device)
         with _progress(show_bar, f"epoch {epoch + 1}/{c.epochs}", len(order)) as advance:
             for step, (idx, xb, yb) in enumerate(batches):
                 lr = optim.lr_at(c, epoch + step / steps_per_epoch, s.plateau)
-                for group in s.opt.param_groups:
-                    group["lr"] = lr
+                for group in s.opt.param_groups:  # fine-tuning's backbone group runs at a fraction of it
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 if c.augment_shift:
                     xb = _random_shift(xb, c.augment_shift, s.data.shuffle)
                 xb = xb.contiguous(memory_format=s.memory_format)
@@ -616,6 +701,24 @@ class _Sums:
             row["train_accuracy"] = sums[2] / sums[0]
         row.update({f"train_{k}": v / sums[0] for k, v in zip(names, sums[3:])})
         return row, int(sums[0])
+
+
+def _train_mode(s: Setup, frozen_backbone: bool) -> None:
+    """Training mode for one epoch. While the backbone is frozen its parameters take no gradients (no
+    update, no weight decay) and its normalization layers keep their running statistics (eval mode):
+    only the head learns. Says so when the backbone freezes or thaws."""
+    s.model.train()
+    if not s.backbone:
+        return
+    if s.backbone[0].requires_grad == frozen_backbone:
+        log.info("%s the backbone (%d tensors); the head `%s` %s", "freezing" if frozen_backbone else "unfreezing",
+                 len(s.backbone), s.head, "trains alone" if frozen_backbone else "and the backbone train together")
+    for p in s.backbone:
+        p.requires_grad_(not frozen_backbone)
+    if frozen_backbone:
+        for name, module in s.model.named_modules():
+            if getattr(module, "running_mean", None) is not None and not name.startswith(s.head + "."):
+                module.eval()
 
 
 def _better(row: dict, best: dict, primary: str) -> bool:
