@@ -487,7 +487,14 @@ def tune(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: Overl
                                      storage=storage, track=not no_track, workdir=workdir)
     if not best:
         with _errors(FAILED):
-            summary = tuning.run_study(plan, workers)
+            try:
+                summary = tuning.run_study(plan, workers)
+            except KeyboardInterrupt as e:
+                from pipeline.orchestrate import Terminated
+
+                code = TERMINATED if isinstance(e, Terminated) else INTERRUPTED
+                raise _error(f"interrupted ({e or 'Ctrl-C'}); the running trials are marked failed and their MLflow "
+                             f"runs KILLED; the same `pipeline tune` (same --study) continues the study", code) from None
     if json_:
         import dataclasses
 

@@ -83,6 +83,8 @@ def configure() -> str:
     for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.models.model"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # "no GPU" is not news on a CPU box
+    # Results go to stdout (tables, --json); MLflow's "View run at" links for server stores would land among them.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = tracking_uri()
     db_dir = _sqlite_dir(uri)
     if db_dir is not None:
@@ -670,9 +672,10 @@ class StudyRecorder:
         client = _client()
         if run_id:
             try:
-                client.get_run(run_id)
-                client.update_run(run_id, status="RUNNING")
-                return run_id
+                if client.get_run(run_id).info.lifecycle_stage != "deleted":
+                    client.update_run(run_id, status="RUNNING")
+                    return run_id
+                log.warning("the study's MLflow run %s was deleted; starting a new parent run", run_id)
             except MlflowException:
                 log.warning("the study's MLflow run %s is not in %s (it was tracked in another store); "
                             "starting a new parent run", run_id, self.store)
@@ -702,6 +705,10 @@ class StudyRecorder:
         """A trial whose worker died (its heartbeat stopped): its run, left RUNNING, is marked KILLED."""
         if _mark_killed([run_id], reason):
             _client().set_tag(run_id, "tune.state", "failed")
+
+    def delete_run(self, run_id: str) -> None:
+        """A parent run that lost the race to be the study's (machines joining at once)."""
+        _client().delete_run(run_id)
 
     def finish_parent(self, run_id: str, *, status: str | None, metrics: Mapping[str, float], tags: Mapping[str, str],
                       artifacts: Sequence[Path]) -> None:
@@ -733,6 +740,9 @@ class NullStudyRecorder:
         yield NullTracker()
 
     def trial_killed(self, run_id, reason):
+        pass
+
+    def delete_run(self, run_id):
         pass
 
     def finish_parent(self, run_id, *, status, metrics, tags, artifacts):

@@ -2,7 +2,8 @@
 
 ``make tracking-server`` runs ``python -m pipeline.tracking_server``: it creates (once) a PostgreSQL
 cluster under ``.tracking/postgres`` with Debian's ``initdb``, starts it on 127.0.0.1, creates the
-``mlflow`` database, and runs ``mlflow server`` on 127.0.0.1:5000 with ``--serve-artifacts`` and
+``mlflow`` database (and ``optuna``, where `pipeline tune --storage` keeps studies the team shares), and
+runs ``mlflow server`` on 127.0.0.1:5000 with ``--serve-artifacts`` and
 ``--artifacts-destination .tracking/artifacts``. Clients then set
 ``MLFLOW_TRACKING_URI=http://127.0.0.1:5000`` and change nothing else; artifacts travel over HTTP,
 so a client needs no access to the server's disk. Ctrl-C stops both servers.
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DB_USER = "mlflow"
 DB_NAME = "mlflow"
+# `pipeline tune`'s studies: a database of their own (Optuna and MLflow both keep an alembic_version table).
+OPTUNA_DB_NAME = "optuna"
 
 
 class PostgresMissing(RuntimeError):
@@ -97,6 +100,11 @@ class Postgres:
     def uri(self) -> str:
         return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{self.port}/{DB_NAME}"
 
+    @property
+    def optuna_uri(self) -> str:
+        """`pipeline tune --storage` for studies every machine of the team joins."""
+        return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{self.port}/{OPTUNA_DB_NAME}"
+
     def stop(self) -> None:
         subprocess.run(_as_owner([pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]),
                        capture_output=True, text=True, timeout=60)
@@ -116,11 +124,12 @@ def start_postgres(root: Path, port: int) -> Postgres:
     opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root}"
     _check(_as_owner([pg_ctl, "-D", str(pg.data), "-l", str(root / "postgres.log"), "-o", opts, "-w", "-t", "60",
                       "start"]), "pg_ctl start", log_file=root / "postgres.log")
-    exists = subprocess.run(_as_owner([pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, "-d",
-                                       "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'"]),
-                            capture_output=True, text=True, timeout=60)
-    if exists.stdout.strip() != "1":
-        _check(_as_owner([pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, DB_NAME]), "createdb")
+    for name in (DB_NAME, OPTUNA_DB_NAME):
+        exists = subprocess.run(_as_owner([pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, "-d",
+                                           "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"]),
+                                capture_output=True, text=True, timeout=60)
+        if exists.stdout.strip() != "1":
+            _check(_as_owner([pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, name]), "createdb")
     log.info("PostgreSQL %s on 127.0.0.1:%d (data in %s)", Path(initdb).parent.parent.name, port, pg.data)
     return pg
 
@@ -207,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tracking_server(args.root, args.port, args.pg_port, args.host) as uri:
             print(f"MLflow tracking server: {uri}  (PostgreSQL on 127.0.0.1:{args.pg_port}, artifacts in "
-                  f"{args.root / 'artifacts'})\n  use it with: MLFLOW_TRACKING_URI={uri} make all\n  Ctrl-C stops it.",
-                  flush=True)
+                  f"{args.root / 'artifacts'})\n  use it with: MLFLOW_TRACKING_URI={uri} make all\n"
+                  f"  tuning studies: pipeline tune --storage postgresql+psycopg2://{DB_USER}@127.0.0.1:{args.pg_port}/"
+                  f"{OPTUNA_DB_NAME}\n  Ctrl-C stops it.", flush=True)
             while not stop["now"]:
                 time.sleep(0.5)
     except (PostgresMissing, RuntimeError) as e:

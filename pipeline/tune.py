@@ -154,6 +154,9 @@ def plan_study(recipe: Recipe, *, trials: int | None = None, workers: int = 1, s
     _check_space_is_read(recipe, speed)
     uri = storage or cfg.storage or default_storage()
     storage_obj = open_storage(uri, heartbeat_s=cfg.heartbeat_s)  # unreachable: one error, before any work
+    if uri.startswith("sqlite") and not tracking.tracking_uri().startswith("sqlite"):
+        log.info("the study is kept in %s, on this machine only: to share it with the team's machines pass --storage "
+                 "postgresql+psycopg2://mlflow@HOST:5433/optuna (the tracking server's PostgreSQL)", uri)
 
     workdir = Path(workdir or default_workdir(name))
     data_dir = RunDir(workdir / "data")
@@ -169,15 +172,7 @@ def plan_study(recipe: Recipe, *, trials: int | None = None, workers: int = 1, s
 
     opened = _create_or_load(uri, storage_obj, name, objectives, directions, recipe, info)
     held = len(opened.trials)
-    recorder = _recorder(track, recipe.name)
-    parent = recorder.open_parent(
-        opened.user_attrs.get("mlflow_parent_run_id") if opened.user_attrs.get("mlflow_store") == recorder.store else None,
-        study=name, tags={"tune.storage": tracking.redact(uri), "tune.objectives": ",".join(objectives)},
-        params={"study": name, "objectives": ",".join(objectives), "trials": trials,
-                **{f"space.{p.key}": p.to_plain() for p in cfg.space}})
-    if parent is not None and opened.user_attrs.get("mlflow_parent_run_id") != parent:
-        opened.set_user_attr("mlflow_parent_run_id", parent)
-        opened.set_user_attr("mlflow_store", recorder.store)
+    parent = _parent_run(opened, _recorder(track, recipe.name), name, uri, objectives, trials, cfg)
     cores = _cores()
     threads = max(1, cores // workers) if workers > 1 else 0
     if speed and workers > 1:
@@ -187,6 +182,31 @@ def plan_study(recipe: Recipe, *, trials: int | None = None, workers: int = 1, s
     return Plan(recipe=recipe.to_dict(), study=name, storage=uri, objectives=objectives, directions=directions,
                 task=task, workdir=str(workdir), trials=trials, track=track, parent_run_id=parent,
                 deadline=time.time() + timeout_s if timeout_s else None, threads=threads, seed_offset=held)
+
+
+def _parent_run(study, recorder, name: str, uri: str, objectives, trials: int, cfg) -> str | None:
+    """The study's one parent MLflow run: the one its attributes name (reopened), or a new one. Processes that
+    create one at the same moment (machines joining a new study) agree on the last claim; the others' are deleted."""
+    def claimed() -> str | None:
+        attrs = study.user_attrs if study.user_attrs.get("mlflow_store") == recorder.store else {}
+        return attrs.get("mlflow_parent_run_id")
+
+    existing = claimed()
+    parent = recorder.open_parent(existing, study=name, tags={"tune.storage": tracking.redact(uri),
+                                                              "tune.objectives": ",".join(objectives)},
+                                  params={"study": name, "objectives": ",".join(objectives), "trials": trials,
+                                          **{f"space.{p.key}": p.to_plain() for p in cfg.space}})
+    if parent is None or parent == existing:
+        return parent
+    study.set_user_attr("mlflow_store", recorder.store)
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    time.sleep(0.5)  # another process claiming at the same moment has written its claim by now
+    winner = claimed()
+    if winner and winner != parent:
+        recorder.delete_run(parent)
+        recorder.open_parent(winner, study=name, tags={}, params={})
+        return winner
+    return parent
 
 
 def _cores() -> int:
@@ -274,9 +294,17 @@ def open_storage(uri: str, heartbeat_s: int, on_stale=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeats are "experimental" in Optuna's words
         try:
-            storage = optuna.storages.RDBStorage(uri, heartbeat_interval=heartbeat_s,
-                                                 grace_period=STALE_GRACE(heartbeat_s),
-                                                 heartbeat_stale_trial_callback=on_stale, **kwargs)
+            for attempt in range(5):
+                try:
+                    storage = optuna.storages.RDBStorage(uri, heartbeat_interval=heartbeat_s,
+                                                         grace_period=STALE_GRACE(heartbeat_s),
+                                                         heartbeat_stale_trial_callback=on_stale, **kwargs)
+                    break
+                except Exception as e:
+                    # Machines joining a fresh database at once race to create its tables: the loser retries.
+                    if attempt == 4 or not any(w in str(e) for w in ("already exists", "duplicate key", "UNIQUE")):
+                        raise
+                    time.sleep(1 + attempt)
         except ImportError as e:
             raise ConfigError(f"study storage {tracking.redact(uri)} needs a database driver that is not installed "
                               f"({e}); for PostgreSQL install the team extra: pip install -e '.[team]'") from None
@@ -502,12 +530,15 @@ def _objective(trial, plan: Plan, recorder, worker: int, slot: "_Slot") -> float
                         trial.set_user_attr("speed", measured)
                     ml.log_metrics({f"objective.{o}": v for o, v in zip(plan.objectives, out)})
                     ml.set_tags({"tune.state": "complete"})
-            except Exception as e:
-                message = str(e).splitlines()[0] if str(e) else type(e).__name__
-                trial.set_user_attr("error", message[:1000])
-                ml.set_tags({"tune.state": "failed", "tune.error": message[:500]})
-                log.warning("trial %d failed: %s (%s)", trial.number, message, _params_text(shown))
-                log.debug("trial %d failed", trial.number, exc_info=True)
+            except BaseException as e:  # an error, or Ctrl-C / SIGTERM (the run ends KILLED, the trial failed)
+                interrupted = isinstance(e, KeyboardInterrupt)
+                message = "interrupted" if interrupted else str(e).splitlines()[0] if str(e) else type(e).__name__
+                with contextlib.suppress(Exception):
+                    trial.set_user_attr("error", message[:1000])
+                    ml.set_tags({"tune.state": "failed", "tune.error": message[:500]})
+                if not interrupted:
+                    log.warning("trial %d failed: %s (%s)", trial.number, message, _params_text(shown))
+                    log.debug("trial %d failed", trial.number, exc_info=True)
                 raise
             finally:
                 seconds = time.perf_counter() - started

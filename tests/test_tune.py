@@ -156,6 +156,13 @@ def test_the_best_overlay_reproduces_its_trial_through_pipeline_run(recorded, tm
     parent = MlflowClient().get_run(report["pipeline_run_id"])
     assert float(parent.data.params["recipe.train.lr"]) == pytest.approx(trial["params"]["train.lr"])
 
+    other = next(r["number"] for r in best.trials if r["state"] == "complete" and r["number"] != best.chosen)
+    picked = tune.best(recipe_from_dict(data), study="recorded", workdir=Path(plan.workdir), pick=other, track=False)
+    assert picked.chosen == other
+    assert yaml.safe_load(Path(picked.overlay).read_text())["train"]["lr"] == picked.row(other)["params"]["train.lr"]
+    with pytest.raises(ConfigError, match="--pick 3: study recorded has no complete trial 3"):
+        tune.best(recipe_from_dict(data), study="recorded", workdir=Path(plan.workdir), pick=3, track=False)
+
 
 def _dominates(a, b, directions):
     sign = [1 if d == "maximize" else -1 for d in directions]
