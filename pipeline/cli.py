@@ -51,6 +51,9 @@ OptionalRecipeOpt = Annotated[Optional[Path], typer.Option(
     help="Recipe YAML file, for its `serve` settings and its registered model name.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
                                                      help="Override a recipe value, e.g. `--set train.epochs=3` (repeatable).")]
+OverlayOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--recipe-overlay", metavar="FILE", help="A partial recipe merged over --recipe before any --set, validated like "
+                                             "it (repeatable), e.g. the best.yaml `pipeline tune --best` writes.")]
 WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", show_default="runs/<recipe name>",
                                                     help="Run directory.")]
 NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="Record nothing in MLflow (the run directory still "
@@ -186,10 +189,10 @@ def _emit_json(data: Any) -> None:
 
 # ---------------------------------------------------------------- recipes and run directories
 
-def _load(recipe: Path, overrides: Optional[list[str]]):
+def _load(recipe: Path, overrides: Optional[list[str]], overlays: Optional[list[Path]] = None):
     from pipeline.config import load_recipe
 
-    return load_recipe(recipe, overrides or [])
+    return load_recipe(recipe, overrides or [], overlays or [])
 
 
 def _rundir(workdir: Optional[Path]):
@@ -294,9 +297,9 @@ def _report(rundir, outcomes, as_json: bool, status: str, benchmark: bool = True
 # ---------------------------------------------------------------- the stages, one command each
 
 def _stage_command(stage: str, recipe: Path, overrides, workdir, no_track: bool, as_json: bool,
-                   device: str | None = None, **train_options) -> None:
+                   device: str | None = None, overlays=None, **train_options) -> None:
     with _errors(USAGE):
-        cfg = _load(recipe, overrides)
+        cfg = _load(recipe, overrides, overlays)
     with _errors(USAGE if stage == "import" else FAILED):  # import refusing a file: the file must change
         from pipeline.orchestrate import default_rundir, run_stage
 
@@ -306,14 +309,14 @@ def _stage_command(stage: str, recipe: Path, overrides, workdir, no_track: bool,
 
 
 @app.command()
-def prepare(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+def prepare(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: OverlayOpt = None, workdir: WorkdirOpt = None,
             no_track: NoTrackOpt = False, json_: JsonOpt = False):
     """Split the recipe's dataset (seeded, stratified for classes) into data.npz + dataset.json."""
-    _stage_command("prepare", recipe, set_, workdir, no_track, json_)
+    _stage_command("prepare", recipe, set_, workdir, no_track, json_, overlays=overlay)
 
 
 @app.command()
-def train(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+def train(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: OverlayOpt = None, workdir: WorkdirOpt = None,
           no_track: NoTrackOpt = False, json_: JsonOpt = False, device: TrainDeviceOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from the run directory's "
                                                "train_state.pt (same recipe); logs into a new MLflow run tagged "
@@ -325,45 +328,45 @@ def train(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Work
     rank 0 alone records in MLflow and writes files.
     """
     _stage_command("train", recipe, set_, workdir, no_track, json_, device.value if device else None, resume=resume,
-                   init_from=init_from)
+                   init_from=init_from, overlays=overlay)
 
 
 @app.command()
-def evaluate(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+def evaluate(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: OverlayOpt = None, workdir: WorkdirOpt = None,
              no_track: NoTrackOpt = False, json_: JsonOpt = False):
     """The task's test metrics of the trained model (accuracy, per-class precision/recall/F1, confusion matrix)."""
-    _stage_command("evaluate", recipe, set_, workdir, no_track, json_)
+    _stage_command("evaluate", recipe, set_, workdir, no_track, json_, overlays=overlay)
 
 
 @app.command()
-def export(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+def export(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: OverlayOpt = None, workdir: WorkdirOpt = None,
            no_track: NoTrackOpt = False, json_: JsonOpt = False):
     """Export the checkpoint to one self-describing ONNX file, verified against PyTorch."""
-    _stage_command("export", recipe, set_, workdir, no_track, json_)
+    _stage_command("export", recipe, set_, workdir, no_track, json_, overlays=overlay)
 
 
 @app.command()
-def quantize(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+def quantize(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: OverlayOpt = None, workdir: WorkdirOpt = None,
              no_track: NoTrackOpt = False, json_: JsonOpt = False):
     """Make the quantized variants and evaluate each against the accuracy budget."""
-    _stage_command("quantize", recipe, set_, workdir, no_track, json_)
+    _stage_command("quantize", recipe, set_, workdir, no_track, json_, overlays=overlay)
 
 
 @app.command()
-def benchmark(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+def benchmark(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: OverlayOpt = None, workdir: WorkdirOpt = None,
               no_track: NoTrackOpt = False, json_: JsonOpt = False):
     """Time PyTorch eager and every ONNX variant per execution provider and batch size."""
-    _stage_command("benchmark", recipe, set_, workdir, no_track, json_)
+    _stage_command("benchmark", recipe, set_, workdir, no_track, json_, overlays=overlay)
 
 
 @app.command()
-def register(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+def register(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: OverlayOpt = None, workdir: WorkdirOpt = None,
              json_: JsonOpt = False):
     """Register the fastest variant within budget in MLflow (alias candidate; champion if it passes the gate).
 
     It has no `--no-track`: registering is writing to the MLflow model registry.
     """
-    _stage_command("register", recipe, set_, workdir, False, json_)
+    _stage_command("register", recipe, set_, workdir, False, json_, overlays=overlay)
 
 
 @app.command("import")
@@ -493,7 +496,7 @@ def _print_plan(decisions) -> None:
 
 
 @app.command()
-def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: WorkdirOpt = None,
+def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: OverlayOpt = None, workdir: WorkdirOpt = None,
         no_track: NoTrackOpt = False, json_: JsonOpt = False, device: TrainDeviceOpt = None,
         init_from: InitFromOpt = None,
         stages: Annotated[Optional[list[str]], typer.Argument(
@@ -515,13 +518,13 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
     """
     if stages and not force:
         raise _usage(f"stage names ({' '.join(stages)}) are only taken with --force, e.g. pipeline run --force train")
-    if resume and (set_ or force or explain):
-        raise _usage("--resume continues the recorded recipe and stages; drop --set/--force/--explain")
+    if resume and (set_ or overlay or force or explain):
+        raise _usage("--resume continues the recorded recipe and stages; drop --set/--recipe-overlay/--force/--explain")
     with _errors(USAGE):
         from pipeline.orchestrate import ALL, PipelineFailed, default_rundir, plan, read_state, run_pipeline
         from pipeline.orchestrate import resume as resume_pipeline
 
-        cfg = None if resume and workdir else _load(recipe, None if resume else set_)
+        cfg = None if resume and workdir else _load(recipe, None if resume else set_, None if resume else overlay)
         rundir = _rundir(workdir) or default_rundir(cfg)
     if resume and read_state(rundir) is None:
         raise _usage(f"nothing to resume in {rundir.root}: no pipeline run there yet; start one with `pipeline run`")
@@ -568,6 +571,70 @@ def run(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, workdir: Workdi
                               "`pipeline run --resume` continues from there") from None
             raise failed.error
     _report(rundir, outcomes, json_, "done")
+
+
+# ---------------------------------------------------------------- tune
+
+@app.command()
+def tune(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: OverlayOpt = None,
+         trials: Annotated[Optional[int], typer.Option(
+             show_default="the recipe's tune.trials", help="The study's size: run trials until it holds this many "
+                                                           "(counting earlier runs of the same --study).")] = None,
+         workers: Annotated[int, typer.Option(help="Trial processes on this machine; the cores are divided "
+                                                   "between them.")] = 1,
+         study: Annotated[Optional[str], typer.Option(show_default="the recipe's tune.study, else its name",
+                                                      help="Study name: the same name continues (or, on a shared "
+                                                           "--storage, joins) that study.")] = None,
+         timeout: Annotated[Optional[float], typer.Option(metavar="SECONDS", show_default="the recipe's tune.timeout_s",
+                                                          help="Start no trial after this many seconds (0: no "
+                                                               "limit).")] = None,
+         storage: Annotated[Optional[str], typer.Option(
+             metavar="URI", show_default="the recipe's tune.storage, else optuna.db beside the MLflow store",
+             help="Optuna storage, e.g. postgresql+psycopg2://mlflow@HOST:5433/optuna (the team server's).")] = None,
+         best: Annotated[bool, typer.Option("--best", help="Run nothing: print the study's best trial (or its "
+                                                         "Pareto front) and write it as best.yaml.")] = False,
+         pick: Annotated[Optional[int], typer.Option(metavar="TRIAL", help="With --best: this trial (e.g. another "
+                                                                          "point of the Pareto front).")] = None,
+         workdir: Annotated[Optional[Path], typer.Option("--workdir", "-w", show_default="runs/tune/<study>",
+                                                         help="Study directory: data, plots, best.yaml.")] = None,
+         no_track: NoTrackOpt = False, json_: JsonOpt = False):
+    """Search the recipe's `tune.space` with Optuna, for the validation metric alone or for it and the
+    measured latency, throughput or size of the exported model (a Pareto front); hopeless trials are pruned.
+
+    One parent MLflow run per study, a nested run per trial. `--best` writes the chosen trial as a recipe
+    overlay: `pipeline run --recipe R --recipe-overlay runs/tune/<study>/best.yaml` reproduces it.
+    """
+    if pick is not None and not best:
+        raise _usage("--pick chooses the trial --best writes; pass --best too")
+    with _errors(USAGE):
+        from pipeline import tune as tuning
+
+        cfg = _load(recipe, set_, overlay)
+        if best:
+            summary = tuning.best(cfg, study=study, storage=storage, pick=pick, workdir=workdir, track=not no_track)
+        else:
+            plan = tuning.plan_study(cfg, trials=trials, workers=workers, study=study, timeout_s=timeout,
+                                     storage=storage, track=not no_track, workdir=workdir)
+    if not best:
+        with _errors(FAILED):
+            try:
+                summary = tuning.run_study(plan, workers)
+            except KeyboardInterrupt as e:
+                from pipeline.orchestrate import Terminated
+
+                code = TERMINATED if isinstance(e, Terminated) else INTERRUPTED
+                raise _error(f"interrupted ({e or 'Ctrl-C'}); the running trials are marked failed and their MLflow "
+                             f"runs KILLED; the same `pipeline tune` (same --study) continues the study", code) from None
+    if json_:
+        import dataclasses
+
+        _emit_json(dataclasses.asdict(summary))
+    else:
+        typer.echo(tuning.summary_text(summary))
+    c = summary.counts
+    if not best and c["failed"] and not c["complete"] + c["pruned"]:
+        first = next((r["error"] for r in summary.trials if r.get("error")), "see the log")
+        raise _failed(f"every trial failed; the first: {first}")
 
 
 # ---------------------------------------------------------------- the record: promote, lineage, compare

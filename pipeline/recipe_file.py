@@ -26,22 +26,44 @@ class ConfigError(ValueError):
     """A recipe problem a user can fix; the message says what and how."""
 
 
-def read_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The recipe file as a mapping (``name`` defaulting to the file's stem), overrides applied;
-    ConfigError when the file is missing, not YAML or not a mapping."""
+def read_recipe(path: str | Path, overrides: Sequence[str] = (),
+                overlays: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """The recipe file as a mapping (``name`` defaulting to the file's stem), ``overlays`` (partial
+    recipes, e.g. `pipeline tune --best`'s best.yaml) merged in order, then overrides applied;
+    ConfigError when a file is missing, not YAML or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe file {str(path)!r} not found; pass --recipe with a path such as configs/digits-cnn.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    data = _read_mapping(path, "recipe file")
     data.setdefault("name", path.stem)
+    for overlay in overlays:
+        if not Path(overlay).is_file():
+            raise ConfigError(f"recipe overlay {str(overlay)!r} not found; pass --recipe-overlay with the file "
+                              "`pipeline tune --best` wrote (or any partial recipe)")
+        merge_overlay(data, _read_mapping(Path(overlay), "recipe overlay"))
     for item in overrides:
         apply_override(data, item)
     return data
+
+
+def _read_mapping(path: Path, what: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def merge_overlay(data: dict, overlay: dict) -> None:
+    """Merge a partial recipe into ``data`` in place: mappings merge key by key, anything else (a value,
+    a list) replaces what was there."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            merge_overlay(data[key], value)
+        else:
+            data[key] = value
 
 
 def apply_override(data: dict, item: str) -> None:

@@ -519,6 +519,9 @@ class MlflowTracker:
 
         MlflowClient().set_registered_model_alias(registered_name, alias, version)
 
+    def should_stop(self, epoch, metrics):
+        return False  # a stage run is never cut short from here (pipeline tune's trial tracker prunes)
+
 
 def dataset_source(source: str) -> str:
     """dataset.json's ``source`` as MLflow can resolve it: a user file's ``npz:/path`` (``csv:``, ``idx:``)
@@ -529,10 +532,11 @@ def dataset_source(source: str) -> str:
 
 @contextlib.contextmanager
 def start_run(experiment: str, run_name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None,
-              system_metrics: bool = False) -> Iterator[MlflowTracker]:
+              system_metrics: bool = False, parent_run_id: str | None = None) -> Iterator[MlflowTracker]:
     """An MLflow run that ends FINISHED on success, FAILED on error and KILLED on Ctrl-C or SIGTERM
     (both arrive as KeyboardInterrupt). Each run ends itself, innermost first, so a nested run's
-    status never lands on its parent. ``system_metrics``: sample CPU, memory (and GPU) every second."""
+    status never lands on its parent. ``system_metrics``: sample CPU, memory (and GPU) every second.
+    ``parent_run_id``: nest it under a run of another process (a tuning study's trials)."""
     import mlflow
 
     if not nested:
@@ -545,7 +549,7 @@ def start_run(experiment: str, run_name: str, *, nested: bool = False, tags: Map
         mlflow.set_system_metrics_sampling_interval(1)  # seconds; a tiny training run lasts a few
         mlflow.set_system_metrics_samples_before_logging(1)
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested, tags=dict(tags or {}),
-                           log_system_metrics=system_metrics or None)
+                           log_system_metrics=system_metrics or None, parent_run_id=parent_run_id)
     status = "FINISHED"
     try:
         yield MlflowTracker(run.info.run_id)
@@ -929,6 +933,108 @@ def _mark_killed(run_ids: list[str], reason: str) -> list[str]:
     if marked:
         log.warning("marked %d stale RUNNING run(s) KILLED: %s", len(marked), ", ".join(marked))
     return marked
+
+
+# ---------------------------------------------------------------- the bookkeeping of a tuning study
+
+class StudyRecorder:
+    """`pipeline tune`'s record: one parent MLflow run per study, one nested run per trial.
+
+    The parent run's id is kept in the study (pipeline/tune.py stores it as a study attribute), so every
+    worker process, every machine that joins the study and every resumed `pipeline tune` logs its trials
+    under the same parent. A trial's run names its parent by id (``start_run(parent_run_id=...)``), not by
+    the fluent nesting of one process: its worker is another process, perhaps on another machine. Runs
+    carry ``pipeline.kind`` (tune / trial), ``tune.study`` and ``tune.trial``; a trial's ``tune.state``
+    says complete, pruned or failed.
+    """
+
+    def __init__(self, experiment: str):
+        self.store: str | None = redact(configure())
+        self.experiment = experiment
+
+    def open_parent(self, run_id: str | None, *, study: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
+        """The study's parent run: ``run_id`` reopened (RUNNING again: a resumed or joined study), or a new
+        one when it is None or not in this store. Returns its id."""
+        from mlflow.exceptions import MlflowException
+
+        client = _client()
+        if run_id:
+            try:
+                if client.get_run(run_id).info.lifecycle_stage != "deleted":
+                    client.update_run(run_id, status="RUNNING")
+                    return run_id
+                log.warning("the study's MLflow run %s was deleted; starting a new parent run", run_id)
+            except MlflowException:
+                log.warning("the study's MLflow run %s is not in %s (it was tracked in another store); "
+                            "starting a new parent run", run_id, self.store)
+        run = client.create_run(experiment_id(self.experiment), run_name=f"tune-{study}",
+                                tags={**environment_tags(), "pipeline.kind": "tune", "tune.study": study, **tags})
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+            _client().log_batch(run_id, params=flat[i:i + 100])
+
+    @contextlib.contextmanager
+    def trial(self, parent_run_id: str, study: str, number: int, params: Mapping[str, Any],
+              tags: Mapping[str, str]) -> Iterator[MlflowTracker]:
+        """A trial's run under the study's parent, the active run of this process while the trial trains
+        (the stages log into it). It ends FINISHED, FAILED or KILLED as the block does."""
+        tags = {**environment_tags(), "pipeline.kind": "trial", "tune.study": study, "tune.trial": str(number), **tags}
+        with start_run(self.experiment, f"trial-{number}", tags=tags, parent_run_id=parent_run_id) as tracker:
+            tracker.log_params(params)
+            yield tracker
+
+    def trial_killed(self, run_id: str, reason: str) -> None:
+        """A trial whose worker died (its heartbeat stopped): its run, left RUNNING, is marked KILLED."""
+        if _mark_killed([run_id], reason):
+            _client().set_tag(run_id, "tune.state", "failed")
+
+    def delete_run(self, run_id: str) -> None:
+        """A parent run that lost the race to be the study's (machines joining at once)."""
+        _client().delete_run(run_id)
+
+    def finish_parent(self, run_id: str, *, status: str | None, metrics: Mapping[str, float], tags: Mapping[str, str],
+                      artifacts: Sequence[Path]) -> None:
+        """The study's summary on its parent run, which ends with ``status`` (FINISHED, FAILED or KILLED;
+        None: its status stays as it is)."""
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        client, now = _client(), int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
+                         tags=[RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path="tune")
+        if status is not None:
+            client.set_terminated(run_id, status)
+
+
+class NullStudyRecorder:
+    """Records nothing (`pipeline tune --no-track`): trials report to a NullTracker."""
+
+    store = None
+
+    def open_parent(self, run_id, *, study, tags, params):
+        return None
+
+    @contextlib.contextmanager
+    def trial(self, parent_run_id, study, number, params, tags):
+        yield NullTracker()
+
+    def trial_killed(self, run_id, reason):
+        pass
+
+    def delete_run(self, run_id):
+        pass
+
+    def finish_parent(self, run_id, *, status, metrics, tags, artifacts):
+        pass
 
 
 # ---------------------------------------------------------------- the registry: one resolver, one download

@@ -2,8 +2,9 @@
 
 ``make tracking-server`` runs ``python -m pipeline.tracking_server``: it creates (once) a PostgreSQL
 cluster under ``.tracking/postgres`` with Debian's ``initdb``, starts it on 127.0.0.1, creates the
-``mlflow`` role and database, and runs ``mlflow server`` on 127.0.0.1:5000 with ``--serve-artifacts``
-and ``--artifacts-destination .tracking/artifacts``. Clients then set
+``mlflow`` role and database (and the ``optuna`` database, where `pipeline tune --storage` keeps studies
+the team shares), and runs ``mlflow server`` on 127.0.0.1:5000 with ``--serve-artifacts`` and
+``--artifacts-destination .tracking/artifacts``. Clients then set
 ``MLFLOW_TRACKING_URI=http://127.0.0.1:5000`` and change nothing else; artifacts travel over HTTP,
 so a client needs no access to the server's disk. Ctrl-C stops both servers.
 
@@ -65,6 +66,8 @@ local   all       all                 scram-sha-256
 host    all       all   127.0.0.1/32  scram-sha-256
 host    all       all   ::1/128       scram-sha-256
 """
+# `pipeline tune`'s studies: a database of their own (Optuna and MLflow both keep an alembic_version table).
+OPTUNA_DB_NAME = "optuna"
 
 
 class PostgresMissing(RuntimeError):
@@ -188,6 +191,12 @@ class Postgres:
         return subprocess.run(_as_owner([pg_bin("pg_ctl"), "-D", str(self.data), "status"]), capture_output=True,
                               timeout=30).returncode == 0
 
+    @property
+    def optuna_uri(self) -> str:
+        """`pipeline tune --storage` for studies every machine of the team joins (the MLflow role's
+        password from ``env()``'s PGPASSFILE, as for MLflow)."""
+        return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{self.port}/{OPTUNA_DB_NAME}"
+
     def stop(self) -> None:
         subprocess.run(_as_owner([pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]),
                        capture_output=True, text=True, timeout=60)
@@ -277,10 +286,11 @@ def _ensure_role_and_database(pg: Postgres) -> None:
         verb = "ALTER" if exists else "CREATE"
         cur.execute(sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
                             "PASSWORD %s").format(sql.Identifier(DB_USER)), (verifier,))
-        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,))
-        if cur.fetchone() is None:
-            cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(DB_NAME), sql.Identifier(DB_USER)))
-        cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(DB_NAME)))
+        for name in (DB_NAME, OPTUNA_DB_NAME):  # MLflow's, and `pipeline tune`'s studies
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(DB_USER)))
+            cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
 
 
 def _convert_legacy(pg: Postgres) -> None:
@@ -484,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         with tracking_server(args.root, args.port, args.pg_port, args.host) as uri:
             print(f"MLflow tracking server: {uri}  (PostgreSQL on 127.0.0.1:{args.pg_port}, password authentication; "
                   f"artifacts in {args.root / 'artifacts'})\n  use it with: MLFLOW_TRACKING_URI={uri} make all\n"
+                  f"  tuning studies: PGPASSFILE={Postgres(args.root / 'postgres', args.pg_port).secret_file.resolve()} "
+                  f"pipeline tune --storage postgresql+psycopg2://{DB_USER}@127.0.0.1:{args.pg_port}/{OPTUNA_DB_NAME}\n"
                   "  Ctrl-C stops it.", flush=True)
             while not stop["now"]:
                 time.sleep(0.5)

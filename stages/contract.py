@@ -187,6 +187,12 @@ class Tracker(Protocol):
         nothing); None when nothing is recorded."""
     def set_alias(self, registered_name: str, alias: str, version: str) -> None: ...
 
+    def should_stop(self, epoch: int, metrics: Mapping[str, float]) -> bool:
+        """Asked by train once per epoch, after validation (``metrics``: that epoch's row, e.g. val_accuracy):
+        True ends training there, as early stopping does. A tuner answers True to prune a hopeless trial
+        (under torchrun every rank must answer alike: only the tuner's in-process trials say True)."""
+        ...
+
 
 class NullTracker:
     """Records nothing: for tests of a single stage and for `--no-track`."""
@@ -213,3 +219,6 @@ class NullTracker:
 
     def set_alias(self, registered_name, alias, version):
         pass
+
+    def should_stop(self, epoch, metrics):
+        return False

@@ -636,6 +636,10 @@ def loop(s: Setup, state: State, rundir: "RunDir", tracker: "Tracker") -> int:
         if s.plateau is not None:
             s.plateau.update(row[s.monitor])
         state.early_stop = _early_stop(state.early_stop, row[s.monitor], c.early_stopping, s.monitor)
+        # Stop when the tracker asks (a tuner pruning a hopeless trial: pipeline tune), as early stopping does.
+        if not state.stopped_early and tracker.should_stop(epoch + 1, row):
+            log.info("stopping at epoch %d: the tracker asked to (a tuner pruned this trial)", epoch + 1)
+            state.early_stop = {**state.early_stop, "stopped": True}
 
         last = epoch + 1 == c.epochs or state.stopped_early
         if (epoch + 1) % c.checkpoint_every == 0 or last:
