@@ -282,7 +282,7 @@ def test_errors_found_before_any_trial_exit_2(tmp_path):
         return errors[0]
 
     unread = copy.deepcopy(TUNE)
-    unread["tune"]["space"] = {"register.target_batch_size": {"choices": [1, 8]}}
+    unread["tune"]["space"] = {"register.remeasure_rounds": {"choices": [0, 6]}}
     assert "no stage of a trial reads it" in run(unread)
     assert "cannot be reached" in run(TUNE, "--storage", "postgresql+psycopg2://nobody@127.0.0.1:1/optuna")
     regression = {"name": "tuneregr", "model": {"family": "linear"}, "prepare": {"dataset": "diabetes"},
