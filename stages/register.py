@@ -286,6 +286,8 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     rows = read_json(rundir.benchmark_json, "benchmark")["rows"]
     variants = report["variants"]
     paths = {n: rundir.root / v["file"] if v.get("file") else rundir.variant(n) for n, v in variants.items()}
+    if "fp32" in variants:  # its metadata decides the batch; a file changed since quantize is refused first
+        _check_unchanged(paths["fp32"], variants["fp32"])
     fp32_meta = ModelMeta.read(paths.get("fp32", rundir.onnx))
     requested_objective = config.objective
     fixed = fp32_meta.fixed_batch

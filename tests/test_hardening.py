@@ -102,7 +102,7 @@ def test_register_refuses_a_file_that_changed_since_quantize_measured_it(benchma
     code, _, err = invoke("register", "-r", str(tiny_yaml), "-w", str(rd.root))
     line = one_error_line(err)
     assert code == 2 and "changed since quantize checked and measured it" in line and "so it is not registered" in line
-    assert "rerun `pipeline quantize`" in line
+    assert "rerun `pipeline export`" in line  # model.onnx (fp32) is checked first; export is the stage that rewrites it
     assert len(client.search_model_versions("name = 'tiny'")) == before
 
 

@@ -244,29 +244,14 @@ def test_vendored_schema_accepts_everything_the_installed_tritons_does():
     """stages/serve/triton/model_config_desc.py (from tritonclient 2.73.0) keeps every message, field and enum
     value of the schema in .venv-triton's tritonclient (pinned 2.46.0 for perf_analyzer) with the same number,
     type and label: a config.pbtxt that Triton accepts is never refused here as an unknown field."""
-    from google.protobuf import descriptor_pb2
 
     from stages.serve.triton import model_config_desc, vendor
 
     if not TRITON_SCHEMAS:
         pytest.skip("Triton's model_config_pb2.py not found in .venv-triton; `make test` installs tritonclient there")
 
-    def shape(serialized: bytes) -> dict:
-        proto = descriptor_pb2.FileDescriptorProto.FromString(serialized)
-        found: dict = {}
-
-        def walk(messages, enums, prefix):
-            for enum in enums:
-                found.update({(f"{prefix}{enum.name}", v.name): v.number for v in enum.value})
-            for msg in messages:
-                found.update({(f"{prefix}{msg.name}", f.name): (f.number, f.type, f.label, f.type_name)
-                              for f in msg.field})
-                walk(msg.nested_type, msg.enum_type, f"{prefix}{msg.name}.")
-
-        walk(proto.message_type, proto.enum_type, "")
-        return found
-
-    theirs, ours = shape(vendor.serialized_descriptor(TRITON_SCHEMAS[-1])), shape(model_config_desc.SERIALIZED)
+    theirs = vendor.schema_shape(vendor.serialized_descriptor(TRITON_SCHEMAS[-1]))
+    ours = vendor.schema_shape(model_config_desc.SERIALIZED)
     assert len(theirs) > 100
     assert {k: v for k, v in theirs.items() if ours.get(k) != v} == {}
 

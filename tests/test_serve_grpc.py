@@ -267,7 +267,6 @@ def test_vendored_grpc_service_keeps_every_field_of_the_installed_tritons():
     """stages/serve/triton/grpc_service_desc.py (tritonclient 2.73.0) keeps every message, field, enum value
     and RPC of .venv-triton's tritonclient (2.46.0, the client the tests and perf_analyzer use) with the same
     number, type and label: what that client sends is read here field for field."""
-    from google.protobuf import descriptor_pb2
 
     from stages.serve.triton import grpc_service_desc, vendor
 
@@ -275,22 +274,7 @@ def test_vendored_grpc_service_keeps_every_field_of_the_installed_tritons():
     if not installed:
         pytest.skip("tritonclient's service_pb2.py not found in .venv-triton; `make test` installs tritonclient there")
 
-    def shape(serialized: bytes) -> dict:
-        proto = descriptor_pb2.FileDescriptorProto.FromString(serialized)
-        found = {("rpc", m.name): (m.input_type, m.output_type, m.server_streaming)
-                 for service in proto.service for m in service.method}
-
-        def walk(messages, enums, prefix):
-            for enum in enums:
-                found.update({(f"{prefix}{enum.name}", v.name): v.number for v in enum.value})
-            for msg in messages:
-                found.update({(f"{prefix}{msg.name}", f.name): (f.number, f.type, f.label, f.type_name)
-                              for f in msg.field})
-                walk(msg.nested_type, msg.enum_type, f"{prefix}{msg.name}.")
-
-        walk(proto.message_type, proto.enum_type, "")
-        return found
-
-    theirs, ours = shape(vendor.serialized_descriptor(installed[-1])), shape(grpc_service_desc.SERIALIZED)
+    theirs = vendor.schema_shape(vendor.serialized_descriptor(installed[-1]))
+    ours = vendor.schema_shape(grpc_service_desc.SERIALIZED)
     assert len(theirs) > 100 and ("rpc", "ModelInfer") in theirs
     assert {k: v for k, v in theirs.items() if ours.get(k) != v} == {}

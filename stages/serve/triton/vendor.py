@@ -60,6 +60,26 @@ def serialized_descriptor(pb2: Path) -> bytes:
     return ast.literal_eval(calls[0].args[0])
 
 
+def schema_shape(serialized: bytes) -> dict:
+    """Every RPC, message field and enum value of a serialized FileDescriptorProto, by name: what a
+    vendored copy must keep of an upstream schema (a superset check compares two of these)."""
+    from google.protobuf import descriptor_pb2
+
+    proto = descriptor_pb2.FileDescriptorProto.FromString(serialized)
+    found: dict = {("rpc", m.name): (m.input_type, m.output_type, m.server_streaming)
+                   for service in proto.service for m in service.method}
+
+    def walk(messages, enums, prefix):
+        for enum in enums:
+            found.update({(f"{prefix}{enum.name}", v.name): v.number for v in enum.value})
+        for msg in messages:
+            found.update({(f"{prefix}{msg.name}", f.name): (f.number, f.type, f.label, f.type_name) for f in msg.field})
+            walk(msg.nested_type, msg.enum_type, f"{prefix}{msg.name}.")
+
+    walk(proto.message_type, proto.enum_type, "")
+    return found
+
+
 def module_text(pb2: Path, data: bytes) -> str:
     """The vendored module: license, provenance, and the bytes as a literal of short lines."""
     text = Path(pb2).read_text()
