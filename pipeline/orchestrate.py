@@ -398,6 +398,14 @@ def decide(stage: str, ctx: Context, recorder: Recorder, *, force: Iterable[str]
     return Decision(stage, True, reasons, print_)
 
 
+def _registration(rundir: RunDir) -> dict:
+    """registration.json (name, version, aliases of what register registered); {} when unreadable."""
+    try:
+        return json.loads(rundir.registration.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _declared_outputs(rundir: RunDir, stage: str) -> set[str]:
     names = {_rel(rundir, p) for p in _paths(rundir, IO[stage].writes)}
     stamp = read_stamp(rundir, stage)
@@ -407,6 +415,8 @@ def _declared_outputs(rundir: RunDir, stage: str) -> set[str]:
 def _reusable_from_store(ctx: Context, stage: str, print_: fp.Fingerprint, recorder: Recorder) -> dict | None:
     for run_id, outputs, summary in recorder.earlier_runs(stage, print_.digest):
         if outputs and _outputs_intact(ctx.rundir, outputs) is None:
+            if IO[stage].registers and recorder.registration_missing(_registration(ctx.rundir)) is not None:
+                continue  # its version or an alias it set is gone (a killed registration was cleaned up)
             return {"stage": stage, "run_id": run_id, "fingerprint": print_.digest, "components": print_.components,
                     "outputs": outputs, "summary": summary, "result": {}, "seconds": 0.0, "reused_from_store": True}
     return None

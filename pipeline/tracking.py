@@ -798,10 +798,18 @@ class MlflowRecorder:
         name, version = result.get("name"), result.get("version")
         if not name or not version:
             return "the earlier register run registered nothing in this store"
+        client = _client()
         try:
-            _client().get_model_version(name, str(version))
+            client.get_model_version(name, str(version))
         except MlflowException:
             return f"registered version {name} v{version} is not in this store"
+        # An alias it set that nobody holds any more: the version that last took it was deleted (a
+        # registration killed half-way, cleaned up on resume, takes its aliases with it). Another
+        # version holding it (a later run, `pipeline promote`) is the registry's business, not a reason.
+        held = set(client.get_registered_model(name).aliases or {})
+        gone = [a for a in result.get("aliases", ()) if a not in held]
+        if gone:
+            return f"alias {', '.join(gone)} of {name} (set by the earlier register run) no longer exists"
         return None
 
     def reused(self, stage, source_run_id, digest, summary):

@@ -269,6 +269,23 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_run(chain):
     assert temporaries(chain["rundir"], chain["pids"]) == []
 
 
+def test_a_forced_register_killed_half_way_resumes_to_a_version_with_its_aliases(chain, zygote, chaos_env,
+                                                                                  reference, client):
+    """Found by the long run: a *second* registration of an unchanged run (`--force register`) killed after its
+    new version took candidate and champion and before it was marked complete. The next run deletes that
+    version, and its aliases go with it; register must then run again, not be reused from the earlier run
+    whose fingerprint matches (its version exists, but no version holds candidate any more)."""
+    rundir, logs = chain["rundir"], chaos_env["logs"]
+    kill = kill_inside(zygote, rundir, ["run", "-r", str(chaos_env["recipe"]), "-w", str(rundir), "--force", "register"],
+                       "register", "register.aliased", 0.0, logs)
+    assert kill.code == -signal.SIGKILL
+    code, _, err = zygote.run("run", "--resume", "-w", str(rundir), logs=logs)
+    assert code == 0, err[-3000:]
+    assert "register reused" not in err and "▶ register" in err, err[-3000:]
+    assert result_of(rundir, client) == reference["result"]
+    assert incomplete_versions(client) == [] and running_runs(client) == []
+
+
 @pytest.mark.skipif(LONG_KILLS <= 0, reason="the long chaos run: set ONNX_PIPELINE_CHAOS_KILLS=30")
 def test_long_chaos(chain, zygote, chaos_env, reference, client):
     """N rounds on the chain's finished directory: force a random stage, kill it at a random moment (or a
