@@ -16,8 +16,8 @@ is served, one server at a time, alone on the machine, each in its own process (
   onnxruntime with our server's thread settings (intra-op threads, spinning), dynamic batching on
   with the same max batch size and delay (HTTP and gRPC). Install it outside the repository::
 
-      python3 -m venv /work/venvs/triton-server
-      /work/venvs/triton-server/bin/pip install nvidia-pytriton==0.7.0 onnxruntime==1.31.1
+      python3 -m venv ~/venvs/triton-server         # any directory outside the checkout
+      ~/venvs/triton-server/bin/pip install nvidia-pytriton==0.7.0 onnxruntime==1.31.1
 
   and pass ``--triton-venv`` (or set ``TRITON_SERVER_VENV``); without it the Triton rows are skipped,
   saying so. Its Python stub needs the interpreter's ``libpython`` (found from that venv's python).
