@@ -859,7 +859,7 @@ def serve(
     from stages.common import StageError
     from stages.serve import runtime as serve_runtime
     from stages.serve import workers as serve_workers
-    from stages.serve.repository import load_sources, scan_repository
+    from stages.serve.repository import check_unique, load_sources, scan_repository
 
     try:
         serve_runtime.check_gpu_required(settings.runtime)
@@ -871,7 +871,7 @@ def serve(
             sources += scan_repository(model_repository)
         uris = list(model or ([] if model_repository else [cfg.champion_uri]))
         sources += [_model_source(uri, name) for uri in uris]
-        _check_unique(sources)
+        check_unique(sources)
         n_workers = serve_workers.resolve_workers(settings)
         if n_workers > 1:
             serve_workers.worker_config(settings, n_workers)  # threads divisible: checked before anything starts
@@ -900,19 +900,8 @@ def serve(
             run_server(runtimes, settings, batching)
     except StartupError as e:  # a port taken
         raise _failed(str(e)) from None
-    except ValueError as e:  # two sources with the same name and version
-        raise _usage(str(e)) from None
     finally:
         _remove_downloads()
-
-
-def _check_unique(sources) -> None:
-    """Two sources with the same name and version cannot both be served (ValueError naming them)."""
-    seen = set()
-    for s in sources:
-        if (s.name, s.version) in seen:
-            raise ValueError(f"model {s.name!r} version {s.version!r} is given twice")
-        seen.add((s.name, s.version))
 
 
 # models:/ and runs:/ files fetched for serve: removed when it stops, however it stops (SIGTERM included).

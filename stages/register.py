@@ -286,8 +286,15 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     rows = read_json(rundir.benchmark_json, "benchmark")["rows"]
     variants = report["variants"]
     paths = {n: rundir.root / v["file"] if v.get("file") else rundir.variant(n) for n, v in variants.items()}
+    checked: set[str] = set()
+
+    def check_unchanged(name: str) -> None:  # each file hashed once, however many steps read it
+        if name not in checked:
+            _check_unchanged(paths[name], variants[name])
+            checked.add(name)
+
     if "fp32" in variants:  # its metadata decides the batch; a file changed since quantize is refused first
-        _check_unchanged(paths["fp32"], variants["fp32"])
+        check_unchanged("fp32")
     fp32_meta = ModelMeta.read(paths.get("fp32", rundir.onnx))
     requested_objective = config.objective
     fixed = fp32_meta.fixed_batch
@@ -309,7 +316,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
             and ranked[1]["samples_per_s"] >= ranked[0]["samples_per_s"] * (1 - config.remeasure_margin):
         top = [ranked[0]["variant"], ranked[1]["variant"]]
         for n in top:
-            _check_unchanged(paths[n], variants[n])
+            check_unchanged(n)
         log.info("%s and %s are within %.0f%% (%s): measuring both again, interleaved", *top,
                  config.remeasure_margin * 100, config.objective)
         remeasured = remeasure(top, paths, x_raw, config, serving, batches)
@@ -321,7 +328,7 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, recipe_name: st
     log.info("chose %s: %s", name, why)
 
     path = paths[name]
-    _check_unchanged(path, chosen)
+    check_unchanged(name)
     predictor = OrtPredictor(path, settings=serving)
     meta = OnnxModel(predictor).meta
     feeds = meta.feed(x_raw[:meta.fixed_batch or 2])  # what the file takes (raw when its graph normalizes)

@@ -152,6 +152,15 @@ def _cuda_usable() -> bool:
     return cuda_problem() is None
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_same_model_twice_is_one_usage_error_before_anything_starts(onnx_path, workers):
+    p = subprocess.run(cli("--model", str(onnx_path), "--model", str(onnx_path), "--workers", workers,
+                           "--port", str(free_port()), "--grpc-port", "0"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"model {onnx_path.stem.split('.')[0]!r} version '1' is given twice" in p.stderr and "Traceback" not in p.stderr
+
+
 @pytest.mark.skipif(_cuda_usable(), reason="CUDA is usable here: --require-gpu would rightly start")
 def test_require_gpu_refuses_without_cuda(onnx_path):
     p = subprocess.run(cli("--model", str(onnx_path), "--require-gpu", "--port", str(free_port())), cwd=ROOT,

@@ -36,6 +36,7 @@ from stages.serve.batcher import Batcher, QueueFull
 from stages.serve.config import BatchSettings, ServeConfig
 from stages.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from stages.serve.metrics import ServerMetrics
+from stages.serve.repository import check_unique
 from stages.serve.runtime import ModelRuntime
 from stages.serve.stats import ModelStats, Timing
 
@@ -61,12 +62,10 @@ class ModelRepository:
     def __init__(self, models: Sequence[ModelRuntime]):
         if not models:
             raise ValueError("create_app needs at least one model to serve")
+        check_unique(models)
         self.by_name: dict[str, dict[str, ModelRuntime]] = {}
         for m in models:
-            versions = self.by_name.setdefault(m.name, {})
-            if m.version in versions:
-                raise ValueError(f"model {m.name!r} version {m.version!r} is given twice")
-            versions[m.version] = m
+            self.by_name.setdefault(m.name, {})[m.version] = m
         self.default = {name: max(vs.values(), key=lambda m: (m.version.isdigit(), int(m.version) if m.version.isdigit()
                                                               else 0, m.version))
                         for name, vs in self.by_name.items()}

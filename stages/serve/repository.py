@@ -113,6 +113,17 @@ def _not_honoured(names: list[str]) -> list[str]:
 
 # --- scanning --------------------------------------------------------------------------------
 
+def check_unique(models) -> None:
+    """Two models (sources or runtimes) with the same name and version cannot both be served: a
+    ValueError naming them. One check for the server (``app.ModelRepository``) and for `pipeline serve`,
+    which asks before any worker starts."""
+    seen = set()
+    for m in models:
+        if (m.name, m.version) in seen:
+            raise ValueError(f"model {m.name!r} version {m.version!r} is given twice")
+        seen.add((m.name, m.version))
+
+
 def scan_repository(root: Path | str) -> list[ModelSource]:
     """Every model version the repository asks to serve, in name then version order."""
     root = Path(root)
