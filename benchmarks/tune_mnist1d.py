@@ -83,7 +83,8 @@ def tune(recipe: Path, store: Path, study: str, trials: int, sets: list[str], wo
 def header(args) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; commit "
-          f"{commit.strip() or '?'}; {args.command} {args.recipe} trials {args.trials}; sets: {' '.join(args.set) or 'none'}",
+          f"{commit.strip() or '?'}; {args.command} {args.recipe} trials {args.trials}; sets: {' '.join(args.set) or 'none'}; "
+          f"study sets: {' '.join(args.study_set) or 'none'}",
           flush=True)
 
 
@@ -93,7 +94,7 @@ def counts(summary: dict) -> str:
 
 
 def cmd_tune(args, store: Path, sets: list[str]) -> dict:
-    summary, wall = tune(args.recipe, store, args.study, args.trials, sets)
+    summary, wall = tune(args.recipe, store, args.study, args.trials, [*sets, *args.study_sets])
     best = next(r for r in summary["trials"] if r["number"] == summary["chosen"])
     tuned = run_test(args.recipe, store, store / args.study / "final", summary["overlay"], sets)
     base = run_test(args.recipe, store, store / f"{args.recipe.stem}-committed", None, [])  # as committed
@@ -132,11 +133,11 @@ def time_pair(a: Path, b: Path, recipe: Path, batch: int = 1, rounds: int = 10, 
 
 
 def cmd_front(args, store: Path, sets: list[str]) -> dict:
-    sets = ["--set", f"tune.objectives=[auto, {args.objective}]", *sets]
-    summary, wall = tune(args.recipe, store, args.study, args.trials, sets)
+    summary, wall = tune(args.recipe, store, args.study, args.trials,
+                         ["--set", f"tune.objectives=[auto, {args.objective}]", *sets, *args.study_sets])
     rows = {r["number"]: r for r in summary["trials"]}
     base = run_test(args.recipe, store, store / f"{args.recipe.stem}-committed", None, [])
-    tuned = run_test(args.recipe, store, store / args.study / "final", summary["overlay"], [])
+    tuned = run_test(args.recipe, store, store / args.study / "final", summary["overlay"], sets)
     timed = time_pair(Path(base["workdir"]) / "model.onnx", Path(tuned["workdir"]) / "model.onnx", args.recipe)
     print(f"Pareto front ({' vs '.join(summary['objectives'])}), wall {wall / 60:.0f} min, {counts(summary)}:")
     for n in sorted(summary["best"], key=lambda n: rows[n]["values"][1]):
@@ -158,7 +159,8 @@ def cmd_front(args, store: Path, sets: list[str]) -> dict:
 def cmd_pruning(args, store: Path, sets: list[str]) -> dict:
     out = {}
     for pruner in ("median", "none"):
-        summary, wall = tune(args.recipe, store, f"{args.study}-{pruner}", args.trials, [*sets, "--set", f"tune.pruner={pruner}"])
+        summary, wall = tune(args.recipe, store, f"{args.study}-{pruner}", args.trials,
+                             [*sets, *args.study_sets, "--set", f"tune.pruner={pruner}"])
         best = next(r for r in summary["trials"] if r["number"] == summary["chosen"])
         out[pruner] = {"wall_s": wall, "counts": summary["counts"], "epochs": summary["epochs"],
                        "best_val": best["values"][0], "chosen": summary["chosen"], "params": best["params"]}
@@ -170,7 +172,8 @@ def cmd_pruning(args, store: Path, sets: list[str]) -> dict:
 def cmd_workers(args, store: Path, sets: list[str]) -> dict:
     out = {}
     for workers in (1, 2):
-        summary, wall = tune(args.recipe, store, f"{args.study}-w{workers}", args.trials, sets, workers=workers)
+        summary, wall = tune(args.recipe, store, f"{args.study}-w{workers}", args.trials, [*sets, *args.study_sets],
+                             workers=workers)
         out[workers] = {"wall_s": wall, "counts": summary["counts"]}
         print(f"| {workers} | {args.trials} | {counts(summary)} | {wall:.0f} s |", flush=True)
     print(f"wall time, 2 workers / 1 worker: {out[2]['wall_s'] / out[1]['wall_s']:.2f}")
@@ -184,13 +187,18 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--study", help="study name (default: the recipe's name and the command)")
     parser.add_argument("--objective", default="latency_ms", help="front: the second objective")
-    parser.add_argument("--set", action="append", default=[], help="recipe override for the studies, key=value")
+    parser.add_argument("--set", action="append", default=[], help="recipe override for the studies and the runs "
+                        "that measure their choice, key=value")
+    parser.add_argument("--study-set", action="append", default=[], help="recipe override for the studies only, "
+                        "key=value: e.g. prepare.val_fraction=0.25, a finer validation signal to choose by, while the "
+                        "chosen trial is measured with the recipe's own split")
     parser.add_argument("--store", type=Path, default=ROOT / "runs" / "tune-bench")
     args = parser.parse_args()
     args.recipe = args.recipe.resolve()
     args.study = args.study or f"{args.recipe.stem}-{args.command}"
     args.store.mkdir(parents=True, exist_ok=True)
     sets = [x for s in args.set for x in ("--set", s)]
+    args.study_sets = [x for s in args.study_set for x in ("--set", s)]
     header(args)
     result = {"tune": cmd_tune, "front": cmd_front, "pruning": cmd_pruning, "workers": cmd_workers}[args.command](
         args, args.store, sets)

@@ -131,7 +131,8 @@ class Config:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     distill: Distill = field(default_factory=Distill)
     finetune: Finetune = field(default_factory=Finetune)
-    augment_shift: int = 0  # images: random shifts of up to this many pixels, on the device; 0: off
+    augment_shift: int = 0  # random shifts of up to this many pixels (images) or steps (signals), on the device; 0: off
+    augment_wrap: bool = False  # shifted-out values wrap around (circular shift) instead of edges being replicated
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (else fp16) on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for 2-D inputs on CUDA
@@ -176,8 +177,8 @@ class Config:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing}")
         if self.kl_weight < 0:
             raise ValueError(f"`kl_weight` must be >= 0, got {self.kl_weight}")
-        if not 0 <= self.augment_shift <= 8:
-            raise ValueError(f"`augment_shift` must be between 0 (off) and 8 pixels, got {self.augment_shift}")
+        if not 0 <= self.augment_shift <= 32:
+            raise ValueError(f"`augment_shift` must be between 0 (off) and 32 pixels or steps, got {self.augment_shift}")
         if self.loader_workers < 0:
             raise ValueError(f"`loader_workers` must be >= 0, got {self.loader_workers}")
         if self.checkpoint_every < 1:
@@ -353,9 +354,13 @@ def setup(config: Config, rundir: "RunDir", tracker: "Tracker", *, world: distri
     x_val, y_val = data.split("val")
     labels = list(info.get("label_names") or info.get("target_names") or [])
     image = x_train.ndim == 4
-    if config.augment_shift and not image:
-        raise StageError(f"train.augment_shift needs images (N, C, H, W); this dataset's inputs are "
-                         f"{x_train.shape[1:]}: set train.augment_shift=0")
+    if config.augment_shift:
+        if x_train.ndim not in (3, 4):
+            raise StageError(f"train.augment_shift needs images (N, C, H, W) or signals (N, C, L); this dataset's "
+                             f"inputs are {x_train.shape[1:]}: set train.augment_shift=0")
+        if config.augment_shift >= min(x_train.shape[2:]):
+            raise StageError(f"train.augment_shift ({config.augment_shift}) must be smaller than the inputs' "
+                             f"{tuple(x_train.shape[2:])}: lower it")
     resident = _resident(config.data_path, device, x_train.nbytes + y_train.nbytes + x_val.nbytes)
     # channels_last (NHWC): cuDNN's convolution kernels run without layout transposes.
     channels_last = image and (config.channels_last == "on" or (config.channels_last == "auto" and cuda))
@@ -594,7 +599,7 @@ def loop(s: Setup, state: State, rundir: "RunDir", tracker: "Tracker") -> int:
                 for group in s.opt.param_groups:  # fine-tuning's backbone group runs at a fraction of it
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 if c.augment_shift:
-                    xb = _random_shift(xb, c.augment_shift, s.data.shuffle)
+                    xb = _random_shift(xb, c.augment_shift, s.data.shuffle, c.augment_wrap)
                 xb = xb.contiguous(memory_format=s.memory_format)
                 targets = xb if s.task == "vae" else yb
                 with s.autocast():
@@ -851,18 +856,31 @@ def _validate(s: Setup) -> dict:
                                          if isinstance(v, float) and k != "samples"}}
 
 
-def _random_shift(x, k: int, generator):
-    """Shift each image by a random (dy, dx) in [-k, k] pixels, edges replicated, on x's device."""
+def _random_shift(x, k: int, generator, wrap: bool = False):
+    """Shift each image (N, C, H, W) by a random (dy, dx), or each signal (N, C, L) by a random d, in [-k, k],
+    on x's device: edges replicated, or (wrap) a circular shift."""
     import torch
     import torch.nn.functional as F
 
-    n, c, h, w = x.shape
-    padded = F.pad(x, (k, k, k, k), mode="replicate")
-    offsets = torch.randint(0, 2 * k + 1, (2, n), generator=generator, device=generator.device).to(x.device)
+    n, c, *spatial = x.shape
+    offsets = torch.randint(0, 2 * k + 1, (len(spatial), n), generator=generator, device=generator.device).to(x.device)
+    batch = torch.arange(n, device=x.device)
+    channel = torch.arange(c, device=x.device)
+    if len(spatial) == 1:  # signals
+        (length,) = spatial
+        steps = offsets[0][:, None] + torch.arange(length, device=x.device)  # (n, L), into the padded signal
+        if wrap:
+            return x[batch[:, None, None], channel[None, :, None], ((steps - k) % length)[:, None, :]]
+        padded = F.pad(x, (k, k), mode="replicate")
+        return padded[batch[:, None, None], channel[None, :, None], steps[:, None, :]]
+    h, w = spatial
     rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # (n, h)
     cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # (n, w)
-    return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    if wrap:
+        return x[batch[:, None, None, None], channel[None, :, None, None],
+                 ((rows - k) % h)[:, None, :, None], ((cols - k) % w)[:, None, None, :]]
+    padded = F.pad(x, (k, k, k, k), mode="replicate")
+    return padded[batch[:, None, None, None], channel[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _load_teacher(path: Path, task: str, labels: list[str], info: dict, input_shape, device: str, memory_format):

@@ -165,6 +165,48 @@ def test_the_dataloader_path_trains_like_the_resident_one(tiny_recipe, small, tm
     assert json.loads((tmp_path / "a" / "history.json").read_text()) == json.loads((tmp_path / "b" / "history.json").read_text())
 
 
+@pytest.mark.parametrize("wrap", [False, True])
+def test_random_shifts_move_signals_and_images_by_at_most_k(wrap):
+    gen = torch.Generator().manual_seed(0)
+    signals = torch.arange(64 * 2 * 12, dtype=torch.float32).reshape(64, 2, 12)
+    shifted = train._random_shift(signals, 3, gen, wrap)
+    seen = set()
+    for x, y in zip(signals, shifted):  # each signal, both channels alike, is one shift of d in [-3, 3]
+        matches = [d for d in range(-3, 4) if torch.equal(y, torch.roll(x, -d, dims=-1) if wrap else
+                                                          x[:, (torch.arange(12) + d).clamp(0, 11)])]
+        assert matches, f"{y} is no shift of {x} by at most 3"
+        seen.add(matches[0])
+    assert len(seen) > 3  # the shifts vary from signal to signal
+    images = torch.arange(16 * 1 * 5 * 5, dtype=torch.float32).reshape(16, 1, 5, 5)
+    moved = train._random_shift(images, 1, gen, wrap)
+    for x, y in zip(images, moved):
+        assert any(torch.equal(y, torch.roll(x, (-dy, -dx), dims=(-2, -1)) if wrap else
+                               x[:, (torch.arange(5) + dy).clamp(0, 4)][:, :, (torch.arange(5) + dx).clamp(0, 4)])
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def _signal_copy(prepared: RunDir, dst: Path) -> RunDir:
+    """The digits as 1-D signals (N, 1, 64): each image's rows one after another."""
+    rd = RunDir(dst).ensure()
+    with np.load(prepared.data) as f:
+        arrays = {k: (f[k].reshape(len(f[k]), 1, -1) if k.startswith("x_") else f[k]) for k in f.files}
+    np.savez(rd.data, **arrays)
+    info = json.loads(prepared.dataset.read_text())
+    info.update(sha256="2" * 64)
+    write_json(rd.dataset, info)
+    return rd
+
+
+def test_signals_train_with_shifts_and_a_shift_as_long_as_the_input_is_one_clear_error(tiny_recipe, small, tmp_path):
+    rd = _signal_copy(small, tmp_path / "run")
+    mlp = models.FAMILIES["mlp"].config_class()
+    _train(tiny_recipe, rd, epochs=2, family="mlp", model_config=mlp, augment_shift=3, augment_wrap=True)
+    history = json.loads(rd.history.read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    with pytest.raises(StageError, match=r"train.augment_shift \(8\) must be smaller than the inputs' \(8, 8\)"):
+        _train(tiny_recipe, _data_copy(small, tmp_path / "images"), epochs=2, augment_shift=8)
+
+
 def _regression_copy(prepared: RunDir, dst: Path) -> RunDir:
     """The digits as a regression problem: predict the digit's value (float, one target) from its image."""
     rd = RunDir(dst).ensure()
