@@ -295,6 +295,16 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self._close()
 
+    # A client that sends calls but does not read their answers fills the transport's write buffer:
+    # stop reading its calls until the buffer drains, so memory stays bounded by the buffer's limits.
+    def pause_writing(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
