@@ -1,8 +1,9 @@
 """Fuzzing the protocol against a live server on loopback (Hypothesis): valid-looking and hostile JSON,
 binary-extension bodies with every length field perturbed, shapes at the int64 edges, every datatype,
-odd headers and paths, over HTTP and gRPC ModelInfer. The only promises checked: every answer is 2xx or
-4xx (gRPC: OK or a client-error status), every 4xx has a JSON ``error``, nothing hangs, and afterwards
-the server is healthy and still answers a known request correctly.
+odd headers and paths, over HTTP and gRPC ModelInfer, and random HTTP/2 frames on the gRPC port. The
+only promises checked: every answer is 2xx or 4xx (gRPC: OK or a client-error status), every 4xx has a
+JSON ``error``, nothing hangs (a connection fed random frames still answers a PING, or is closed), and
+afterwards the server is healthy and still answers a known request correctly.
 
 Bounded for `make test`: a fixed seed (derandomized) and ONNX_PIPELINE_FUZZ_EXAMPLES examples (300;
 gRPC a third of it). The long run: ONNX_PIPELINE_FUZZ_EXAMPLES=10000 (prints its tally; with
@@ -37,7 +38,7 @@ FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database
                 suppress_health_check=list(HealthCheck))
 TIMEOUT_S = 20  # no answer within this, and none again when the same request is sent once more: a hang
 # stalls: answers later than TIMEOUT_S that came on the retry (a shared, overloaded machine can stall a process).
-TALLY = {"http_requests": 0, "grpc_requests": 0, "5xx": 0, "hangs": 0, "stalls": 0, "crashes": 0,
+TALLY = {"http_requests": 0, "grpc_requests": 0, "http2_connections": 0, "5xx": 0, "hangs": 0, "stalls": 0, "crashes": 0,
          "slowest_s": 0.0, "statuses": {}}
 
 # --- strategies -----------------------------------------------------------------------------------
@@ -297,4 +298,76 @@ def test_fuzz_grpc_model_infer(server, reference):
         started = time.monotonic()
         one()
         assert time.monotonic() - started < max(60, GRPC_EXAMPLES)  # bounded
+    assert_healthy_and_correct(http, reference)
+
+
+def test_fuzz_raw_http2_frames(server, reference):
+    """Random frames (any type, flags, stream and payload, honest lengths) after a valid preface and
+    SETTINGS, sometimes after a valid call's HEADERS, then a PING: the server answers the PING or closes
+    the connection (GOAWAY, never INTERNAL_ERROR: that is an exception of its own), within TIMEOUT_S;
+    and serves on."""
+    import socket
+
+    import grpc
+    import hpack
+
+    from stages.serve import http2
+
+    http, grpc_port = server
+    block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":authority", "f"),
+                                    (":path", "/inference.GRPCInferenceService/ModelInfer"),
+                                    ("content-type", "application/grpc"), ("grpc-timeout", "5S")])
+    request = triton.message_class("inference.ModelInferRequest")(model_name=MODEL)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    request.raw_input_contents.append(batch(1).tobytes())
+    message = b"\x00" + struct.pack(">I", request.ByteSize()) + request.SerializeToString()
+
+    def frame(kind, flags, stream, payload=b""):
+        return struct.pack(">BHBBL", len(payload) >> 16, len(payload) & 0xFFFF, kind, flags, stream) + payload
+
+    payloads = st.one_of(st.binary(max_size=40), st.binary(min_size=4, max_size=4), st.binary(min_size=8, max_size=8),
+                         st.just(block), st.just(message), st.just(message[:7]), st.just(b"\x00\x04\x00\x00\x00\x00"))
+    frames = st.lists(st.tuples(st.one_of(st.integers(0, 9), st.sampled_from([10, 0xFF])), st.integers(0, 255),
+                                st.sampled_from([0, 1, 1, 2, 3, 5, 2**31 - 1]), payloads), max_size=8)
+
+    @settings(FUZZ, max_examples=GRPC_EXAMPLES)
+    @given(opening=st.booleans(), frames=frames)
+    def one(opening, frames):
+        TALLY["http2_connections"] += 1
+        out = http2.PREFACE + frame(http2.SETTINGS, 0, 0)
+        if opening:
+            out += frame(http2.HEADERS, http2.END_HEADERS, 1, block)
+        out += b"".join(frame(*f) for f in frames) + frame(http2.PING, 0, 0, b"fuzzping")
+        with socket.create_connection(("127.0.0.1", grpc_port), timeout=TIMEOUT_S) as s:
+            s.sendall(out)
+            buf = bytearray()
+            try:
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        return  # closed (after GOAWAY): answered
+                    buf += chunk
+                    while len(buf) >= 9:
+                        high, low, kind, flags, _ = struct.unpack_from(">BHBBL", buf)
+                        end = 9 + (high << 16 | low)
+                        if len(buf) < end:
+                            break
+                        if kind == http2.PING and flags & 1 and buf[9:end] == b"fuzzping":
+                            return  # the PING's answer: the connection is alive
+                        if kind == http2.GOAWAY:  # INTERNAL_ERROR: an exception in the server, not the client's fault
+                            code = struct.unpack_from(">L", buf, 13)[0]
+                            assert code != http2.INTERNAL_ERROR, f"GOAWAY INTERNAL_ERROR: {bytes(buf[17:end])!r}"
+                        del buf[:end]
+            except ConnectionResetError:
+                return
+            except socket.timeout:
+                TALLY["hangs"] += 1
+                raise AssertionError(f"no PING answer and no close within {TIMEOUT_S} s") from None
+
+    one()
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # gRPC still served
+        answer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(message[5:], timeout=TIMEOUT_S)
+    got = np.frombuffer(triton.message_class("inference.ModelInferResponse").FromString(answer).raw_output_contents[0],
+                        np.float32)
+    np.testing.assert_allclose(got.reshape(1, 10), reference(batch(1)), atol=1e-5)
     assert_healthy_and_correct(http, reference)

@@ -15,7 +15,8 @@ runtime owns the sessions, the batcher wraps the runtime's ``run``. The modules:
 - ``metrics``: the Prometheus series; ``stats``: Triton's statistics extension (both transports and the batcher),
 - ``app``: the HTTP routes (``create_app``, a lean ASGI app), the transport-neutral ``App.infer``, and
   ``serve``, which runs uvicorn (``http_protocol``: its header/body timeouts and the shutdown cut),
-- ``grpc_server``: the gRPC transport (``inference.GRPCInferenceService``) on the same event loop.
+- ``grpc_server``: the gRPC transport (``inference.GRPCInferenceService``) on the same event loop,
+  over ``http2``: our own minimal HTTP/2 server for gRPC unary calls (frames, HPACK, flow control).
 
     runtime = load_model("runs/x/model.onnx", "digits")
     serve([runtime], ServeConfig(transport=TransportSettings(port=8000)))   # http://127.0.0.1:8000/v2

@@ -188,7 +188,7 @@ class App:
         when its port cannot be bound)."""
         port = self.config.transport.grpc_port
         if port and self.grpc is None:
-            from stages.serve.grpc_server import GrpcServer  # grpc is imported only when gRPC is on
+            from stages.serve.grpc_server import GrpcServer  # protobuf messages and hpack load only when gRPC is on
 
             self.grpc = GrpcServer(self, reuse_port=self.grpc_reuse_port)
             await self.grpc.start()
