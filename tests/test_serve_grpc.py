@@ -110,6 +110,25 @@ def test_tritons_grpc_client_metadata_config_infer_and_errors(server, reference,
     assert int(stats["inference_stats"]["fail"]["count"]) >= 3
 
 
+
+@needs_triton
+def test_tritons_grpc_client_compressed_requests_get_the_same_answers(server):
+    """tritonclient's compression_algorithm (gzip, deflate): the same outputs as uncompressed."""
+    code = f"""
+import numpy as np, tritonclient.grpc as g
+c = g.InferenceServerClient("127.0.0.1:{server[1]}")
+x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+outs = []
+for algo in (None, "gzip", "deflate"):
+    i = g.InferInput("input", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    outs.append(c.infer("{MODEL}", [i], compression_algorithm=algo).as_numpy("logits"))
+assert all(np.array_equal(outs[0], o) for o in outs[1:]), outs
+print("ok")
+"""
+    p = subprocess.run([str(TRITON_PYTHON), "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
 @needs_triton
 def test_http_config_and_stats_with_tritonclient(server, reference, tmp_path):
     base, _ = server

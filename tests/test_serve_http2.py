@@ -446,11 +446,11 @@ def test_grpc_rules_for_what_is_not_a_proper_call(server):
     assert r.headers[":status"] == "415" and "content-type must be application/grpc" in r.grpc_message
     raw.headers(3, method="GET", end_stream=True)
     assert raw.response(3).headers[":status"] == "405"
-    # A compressed message: UNIMPLEMENTED with grpc-encoding gzip, INTERNAL without an encoding.
-    raw.headers(5, extra=[("grpc-encoding", "gzip")])
+    # A compressed message: UNIMPLEMENTED with an encoding not served, INTERNAL without an encoding.
+    raw.headers(5, extra=[("grpc-encoding", "snappy")])
     raw.send_message(5, b"\x01" + x[1:])
     r = raw.response(5)
-    assert r.grpc_status == 12 and "grpc-encoding gzip is not served" in r.grpc_message
+    assert r.grpc_status == 12 and "grpc-encoding snappy is not served" in r.grpc_message
     raw.headers(7)
     raw.send_message(7, b"\x01" + x[1:])
     assert raw.response(7).grpc_status == 13
@@ -634,3 +634,36 @@ def test_stop_sends_goaway_and_lets_calls_in_flight_finish(onnx_path, reference,
         np.testing.assert_allclose(output(data[5:], (1, 10)), reference(x), atol=1e-5)
     else:
         assert "graceful_shutdown_s ran out" in headers[-1]["grpc-message"]
+
+
+
+def test_gzip_and_deflate_messages_are_inflated_within_the_size_limit(server):
+    import zlib
+
+    raw = Raw(server[1])
+    message = infer_message(batch(2))
+    raw.headers(1)
+    raw.send_message(1, framed(message))
+    plain = raw.response(1).message
+    gzip_ = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    for sid, encoding, packed in ((3, "gzip", gzip_.compress(message) + gzip_.flush()),
+                                  (5, "deflate", zlib.compress(message))):
+        raw.headers(sid, extra=[("grpc-encoding", encoding)])
+        raw.send_message(sid, framed(packed, compressed=True))
+        r = raw.response(sid)
+        assert r.grpc_status == 0, r.grpc_message
+        assert r.message == plain  # the same answer as the uncompressed call's
+    raw.headers(7, extra=[("grpc-encoding", "gzip")])
+    raw.send_message(7, framed(b"not gzip", compressed=True))
+    r = raw.response(7)
+    assert r.grpc_status == 13 and "not valid gzip" in r.grpc_message
+    # A small message that inflates past max_request_mb: refused, not inflated whole.
+    bomb = zlib.compress(b"\0" * (65 * 2**20), 9)
+    assert len(bomb) < 2**20
+    raw.headers(9, extra=[("grpc-encoding", "deflate")])
+    raw.send_message(9, framed(bomb, compressed=True))
+    r = raw.response(9)
+    assert r.grpc_status == 8 and "once inflated" in r.grpc_message
+    raw.headers(11)  # the connection still serves
+    raw.send_message(11, framed(message))
+    assert raw.response(11).grpc_status == 0

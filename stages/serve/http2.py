@@ -29,7 +29,8 @@ a malformed frame, an HPACK error) gets GOAWAY with the error code and is closed
 gRPC rules (the gRPC over HTTP/2 spec): a ``content-type`` other than ``application/grpc*`` is
 answered HTTP 415; a method other than POST HTTP 405; a message above ``max_message_bytes``
 RESOURCE_EXHAUSTED as soon as its prefix says so; no message, a truncated one or more than one
-INVALID_ARGUMENT; a compressed message UNIMPLEMENTED (only ``identity`` is served); ``grpc-timeout``
+INVALID_ARGUMENT; a compressed message is inflated (gzip, deflate; bounded by ``max_message_bytes``),
+any other ``grpc-encoding`` UNIMPLEMENTED, answers go uncompressed; ``grpc-timeout``
 is honoured (DEADLINE_EXCEEDED, the call cancelled); ``grpc-message`` is percent-encoded.
 Stopping is graceful: ``begin_stop`` closes the listener and sends GOAWAY, calls already received
 finish (``stop``'s grace period), then the rest are answered UNAVAILABLE and the connections closed.
@@ -40,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import zlib
 
 import hpack
 
@@ -57,6 +59,9 @@ S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_S
     S_MAX_HEADER_LIST_SIZE = range(1, 7)
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65535  # every window's size until SETTINGS or WINDOW_UPDATE change it
+# grpc-encoding -> zlib's wbits: gzip's header, or deflate as gRPC means it (zlib's format, RFC 1950).
+_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+INLINE_INFLATE_BYTES = 65536  # compressed messages above this are inflated on a thread, not the event loop
 DEFAULT_FRAME = 16384  # the largest frame a peer takes until its SETTINGS say more
 
 # What we advertise. Streams: more than any client here opens at once (grpc.aio set no limit; a
@@ -95,6 +100,23 @@ class _ConnectionError(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code = code
+
+
+def _inflate(data: bytes, wbits: int, encoding: bytes, limit: int) -> tuple[bytes | None, tuple | None]:
+    """(message, None) or (None, (code, message)): at most ``limit`` bytes inflated, so a small message
+    that inflates past the limit is RESOURCE_EXHAUSTED as a large one is, without inflating it whole."""
+    inflate = zlib.decompressobj(wbits)
+    name = encoding.decode("latin-1")
+    try:
+        message = inflate.decompress(data, limit + 1)
+    except zlib.error as e:
+        return None, (INTERNAL, f"the message is not valid {name} ({e})")
+    if len(message) > limit:
+        return None, (RESOURCE_EXHAUSTED, f"SERVER: Received message larger than max ({len(message)}+ vs. {limit}) "
+                                          "once inflated")
+    if not inflate.eof:
+        return None, (INTERNAL, f"the message is not valid {name} (truncated)")
+    return message, None
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -615,17 +637,33 @@ class _Connection(asyncio.Protocol):
             self._answer(stream, INVALID_ARGUMENT, f"the request's message is cut short: its prefix says "
                                                    f"{stream.declared} bytes, {len(body) - 5} came")
             return
-        if body[0]:
-            encoding = stream.head.encoding
-            if encoding is None or encoding == b"identity":
-                self._answer(stream, INTERNAL, "the message is flagged compressed but grpc-encoding names no compression")
-            else:
-                self._answer(stream, UNIMPLEMENTED, f"grpc-encoding {encoding.decode('latin-1')} is not served: "
-                                                    "send messages uncompressed (identity)")
-            return
         with memoryview(body) as view:
             message = view[5:].tobytes()
+        if body[0]:
+            encoding = stream.head.encoding
+            wbits = _WBITS.get(encoding)
+            if wbits is None:
+                if encoding is None or encoding == b"identity":
+                    self._answer(stream, INTERNAL, "the message is flagged compressed but grpc-encoding names no "
+                                                   "compression")
+                else:
+                    self._answer(stream, UNIMPLEMENTED, f"grpc-encoding {encoding.decode('latin-1')} is not served: "
+                                                        "send messages uncompressed (identity), gzip or deflate")
+                return
+            stream.task = self.loop.create_task(self._inflate_and_call(stream, message, wbits, encoding))
+            return
         stream.task = self.loop.create_task(self._call(stream, message))
+
+    async def _inflate_and_call(self, stream: _Stream, data: bytes, wbits: int, encoding: bytes) -> None:
+        """A gzip or deflate message inflated (off the event loop when large), then called."""
+        if len(data) > INLINE_INFLATE_BYTES:
+            message, error = await self.loop.run_in_executor(None, _inflate, data, wbits, encoding, self.max_message)
+        else:
+            message, error = _inflate(data, wbits, encoding, self.max_message)
+        if error is not None:
+            self._answer(stream, *error)
+        else:
+            await self._call(stream, message)
 
     async def _call(self, stream: _Stream, message: bytes) -> None:
         try:
