@@ -1,8 +1,14 @@
-"""The HTTP transport: KServe v2 / Open Inference Protocol REST routes, as a lean ASGI app.
+"""The HTTP transport's routes: KServe v2 / Open Inference Protocol REST, as ``App.handle``.
+
+``App.handle(method, path, headers, read_body) -> (status, headers, body)`` is every route, whichever
+wire brings the request: ``http_protocol.HttpProtocol`` (our HTTP/1.1 protocol on httptools, which
+``serve`` runs inside uvicorn's server) calls it directly; ``App`` is also an ASGI app, whose HTTP
+side is a thin adapter over ``handle`` (uvicorn's h11 protocol uses it when httptools is missing) and
+whose lifespan starts the batchers and gRPC.
 
 Routes only translate HTTP: read the body (bounded), hand it to ``App.infer`` (the transport-neutral
 path the gRPC transport shares: ``protocol`` decodes, the model's ``ModelRuntime`` checks, its
-``Batcher`` runs, ``stats`` records), and write the answer back. Status codes: 400 for a request
+``Batcher`` runs, ``stats`` records), and return the answer. Status codes: 400 for a request
 that breaks the protocol or does not fit the model (the JSON ``error`` names the field), 404 for an
 unknown model, version or route, 405 for a wrong method, 408 for a client too slow to send its
 headers or body (``header_timeout_s``, ``body_timeout_s``), 413 for a body above ``max_request_mb``,
@@ -15,11 +21,12 @@ Routes: ``/v2``, ``/v2/health/live|ready``, ``/v2/models/NAME[/versions/V]`` (me
 With ``transport.grpc_port`` set, the lifespan also starts the gRPC transport (``grpc_server``) on
 this event loop, sharing the models, batchers, metrics and statistics.
 
-Why a bare ASGI callable and not FastAPI routing: on the infer hot path, FastAPI's dependency
-injection, Starlette's Request object and a thread-pool hop cost more than decoding a one-sample
-request. Here a request costs a dict lookup to route; small bodies are decoded on the event loop
-(tens of microseconds) and only bodies above ``INLINE_DECODE_BYTES`` go to a thread so a large
-request cannot stall the others; inference waits on the batcher's own thread.
+Why a plain method and not FastAPI routing (or ASGI messages per request): on the infer hot path,
+FastAPI's dependency injection, Starlette's Request object and a thread-pool hop cost more than
+decoding a one-sample request, and so did uvicorn's ASGI machinery (see ``http_protocol``). Here a
+request costs a dict lookup to route; small bodies are decoded on the event loop (tens of
+microseconds) and only bodies above ``INLINE_DECODE_BYTES`` go to a thread so a large request cannot
+stall the others; inference waits on the batcher's own thread.
 """
 
 from __future__ import annotations
@@ -112,8 +119,9 @@ class _Served:
 
 
 class App:
-    """The ASGI application (HTTP + lifespan). Batchers start on lifespan startup (or on the first
-    request when the server runs without lifespan) and drain on shutdown."""
+    """The served models and their routes (``handle``), and the ASGI application (lifespan, and HTTP through
+    ``handle``). Batchers start on lifespan startup (or on the first request when the server runs without
+    lifespan) and drain on shutdown."""
 
     def __init__(self, models: Sequence[ModelRuntime], config: ServeConfig,
                  batching: dict[tuple[str, str], BatchSettings] | None = None):
@@ -448,7 +456,7 @@ async def _receive_body(receive, max_bytes: int) -> bytes:
 
 def create_app(models: Sequence[ModelRuntime], config: ServeConfig,
                batching: dict[tuple[str, str], BatchSettings] | None = None) -> App:
-    """The ASGI app serving ``models`` (already loaded and warm) over the v2 REST API."""
+    """The app serving ``models`` (already loaded and warm) over the v2 REST API (``handle``, and as ASGI)."""
     return App(models, config, batching)
 
 
