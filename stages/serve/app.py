@@ -310,7 +310,8 @@ class App:
                                                        "(graceful_shutdown_s ran out); retry it"})
         if json_length is None:
             return 200, None, payload
-        return 200, [(b"content-type", b"application/octet-stream"), (_HEADER_LENGTH, str(json_length).encode())], payload
+        return 200, [(b"content-type", b"application/octet-stream"),
+                     (_HEADER_LENGTH, str(json_length).encode())], payload
 
     # --- the transport-neutral infer path (HTTP and gRPC) ------------------------------------------
 

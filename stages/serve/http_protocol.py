@@ -218,16 +218,16 @@ class HttpProtocol(asyncio.Protocol):
             # WebSocket or h2c: not served. The request is answered as plain HTTP/1.1, then the connection closes.
             self._stop_parsing(None)
         except httptools.HttpParserError as e:
-            cause = e.__context__
+            cause, status = e.__context__, 400
             if isinstance(cause, _BadRequest):
                 message = str(cause)
             elif cause is not None:  # a bug in a callback here: it costs this connection, never the server
                 log.error("HTTP connection from %s: unexpected error in the parser's callback", self._peer(),
                           exc_info=cause)
-                message = f"internal error: {type(cause).__name__}"
+                message, status = f"internal error: {type(cause).__name__}", 500
             else:
                 message = f"invalid HTTP request: {e}"
-            self._stop_parsing(message)
+            self._stop_parsing(message, status)
             return
         phase = self.phase
         if phase == _IDLE:
@@ -247,6 +247,7 @@ class HttpProtocol(asyncio.Protocol):
         self.update_reading()
         if self.active is None and self.queue and not self.transport.is_closing():
             self._start(self.queue.popleft())
+            self.update_reading()
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: close idle connections now, the others after their answer; cut a
@@ -360,8 +361,8 @@ class HttpProtocol(asyncio.Protocol):
         if transport.is_closing():
             return  # the client left, or a timeout or shutdown cut the connection and answered it
         # The connection ends after this answer when the client asked, at shutdown, when its body is
-        # unusable, after the last answer once the parser gave up, and when it expected 100 Continue and never got it (it may never send the body, and
-        # the parser would take the next request for it).
+        # unusable, after the last answer once the parser gave up, and when it expected 100 Continue and
+        # never got it (it may never send the body, and the parser would take the next request for it).
         keep = request.keep_alive and not self.closing and request.error is None and \
             not (self.broken and not self.queue) and not (request.expect_continue and not request.complete)
         parts = [STATUS_LINES[status], _default_headers(self.server_state.default_headers)]
@@ -389,8 +390,8 @@ class HttpProtocol(asyncio.Protocol):
             if self.timer is None:
                 self._arm(_KEEP_ALIVE, self.keep_alive_s)
 
-    def _stop_parsing(self, message: str | None) -> None:
-        """The parser can go no further: a malformed request (``message``: answered 400 in its turn) or an
+    def _stop_parsing(self, message: str | None, status: int = 400) -> None:
+        """The parser can go no further: a malformed request (``message``: answered ``status`` in its turn) or an
         Upgrade (``None``: the request is answered as it is). The connection closes after the answers."""
         self.broken = True
         self.update_reading()
@@ -401,7 +402,7 @@ class HttpProtocol(asyncio.Protocol):
         if message is not None and not dispatched:
             # A malformed head: the 400 takes the request's place in the order of answers.
             request = request or _Request(self)
-            request.answer = _error(400, message)
+            request.answer = _error(status, message)
             request.complete = True
             if self.active is None:
                 self._start(request)
