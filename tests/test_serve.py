@@ -86,14 +86,23 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(models, config, batching=None):
-    """uvicorn (as `pipeline serve` configures it) on a loopback port in a thread; yields the base URL
-    and the app. Stops it (graceful shutdown: batchers drain) on exit."""
-    from stages.serve.app import create_app, uvicorn_config
+    """uvicorn (as `pipeline serve` configures it) on a loopback port in a thread; yields the base URL.
+    Stops it (graceful shutdown: batchers drain) on exit."""
+    with running_uvicorn(models, config, batching) as (base, _):
+        yield base
 
-    from stages.serve.app import uvicorn_server
+
+@contextlib.contextmanager
+def running_uvicorn(models, config, batching=None, http=None):
+    """``running_server``, yielding the base URL and uvicorn's Server (its ``server_state.connections``
+    are our protocol's connections); ``http`` replaces the HTTP protocol (say, "h11")."""
+    from stages.serve.app import create_app, uvicorn_config, uvicorn_server
 
     app = create_app(models, config, batching)
-    server = uvicorn_server(app, uvicorn_config(app, config, log_level="warning"))
+    uconfig = uvicorn_config(app, config, log_level="warning")
+    if http is not None:
+        uconfig.http = http
+    server = uvicorn_server(app, uconfig)
     server.config.install_signal_handlers = False  # not the main thread
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -102,7 +111,7 @@ def running_server(models, config, batching=None):
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{config.transport.port}"
+        yield f"http://127.0.0.1:{config.transport.port}", server
     finally:
         server.should_exit = True
         thread.join(timeout=15)

@@ -13,8 +13,10 @@ runtime owns the sessions, the batcher wraps the runtime's ``run``. The modules:
 - ``repository``: Triton-layout model repositories and their config.pbtxt,
 - ``triton``: Triton's own protobuf schemas (vendored), for config.pbtxt,
 - ``metrics``: the Prometheus series; ``stats``: Triton's statistics extension (both transports and the batcher),
-- ``app``: the HTTP routes (``create_app``, a lean ASGI app), the transport-neutral ``App.infer``, and
-  ``serve``, which runs uvicorn (``http_protocol``: its header/body timeouts and the shutdown cut),
+- ``app``: the HTTP routes (``create_app``, ``App.handle``; also an ASGI app), the transport-neutral
+  ``App.infer``, and ``serve``, which runs uvicorn's server with our HTTP/1.1 protocol,
+- ``http_protocol``: that protocol, on httptools' parser: one write per answer, pipelining,
+  header/body/keep-alive timeouts, the shutdown cut, backpressure,
 - ``grpc_server``: the gRPC transport (``inference.GRPCInferenceService``) on the same event loop,
   over ``http2``: our own minimal HTTP/2 server for gRPC unary calls (frames, HPACK, flow control).
 

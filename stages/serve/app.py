@@ -1,8 +1,14 @@
-"""The HTTP transport: KServe v2 / Open Inference Protocol REST routes, as a lean ASGI app.
+"""The HTTP transport's routes: KServe v2 / Open Inference Protocol REST, as ``App.handle``.
+
+``App.handle(method, path, headers, read_body) -> (status, headers, body)`` is every route, whichever
+wire brings the request: ``http_protocol.HttpProtocol`` (our HTTP/1.1 protocol on httptools, which
+``serve`` runs inside uvicorn's server) calls it directly; ``App`` is also an ASGI app, whose HTTP
+side is a thin adapter over ``handle`` (uvicorn's h11 protocol uses it when httptools is missing) and
+whose lifespan starts the batchers and gRPC.
 
 Routes only translate HTTP: read the body (bounded), hand it to ``App.infer`` (the transport-neutral
 path the gRPC transport shares: ``protocol`` decodes, the model's ``ModelRuntime`` checks, its
-``Batcher`` runs, ``stats`` records), and write the answer back. Status codes: 400 for a request
+``Batcher`` runs, ``stats`` records), and return the answer. Status codes: 400 for a request
 that breaks the protocol or does not fit the model (the JSON ``error`` names the field), 404 for an
 unknown model, version or route, 405 for a wrong method, 408 for a client too slow to send its
 headers or body (``header_timeout_s``, ``body_timeout_s``), 413 for a body above ``max_request_mb``,
@@ -15,11 +21,12 @@ Routes: ``/v2``, ``/v2/health/live|ready``, ``/v2/models/NAME[/versions/V]`` (me
 With ``transport.grpc_port`` set, the lifespan also starts the gRPC transport (``grpc_server``) on
 this event loop, sharing the models, batchers, metrics and statistics.
 
-Why a bare ASGI callable and not FastAPI routing: on the infer hot path, FastAPI's dependency
-injection, Starlette's Request object and a thread-pool hop cost more than decoding a one-sample
-request. Here a request costs a dict lookup to route; small bodies are decoded on the event loop
-(tens of microseconds) and only bodies above ``INLINE_DECODE_BYTES`` go to a thread so a large
-request cannot stall the others; inference waits on the batcher's own thread.
+Why a plain method and not FastAPI routing (or ASGI messages per request): on the infer hot path,
+FastAPI's dependency injection, Starlette's Request object and a thread-pool hop cost more than
+decoding a one-sample request, and so did uvicorn's ASGI machinery (see ``http_protocol``). Here a
+request costs a dict lookup to route; small bodies are decoded on the event loop (tens of
+microseconds) and only bodies above ``INLINE_DECODE_BYTES`` go to a thread so a large request cannot
+stall the others; inference waits on the batcher's own thread.
 """
 
 from __future__ import annotations
@@ -46,7 +53,11 @@ SERVER_NAME = "onnx-pipeline"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]  # Triton names; perf_analyzer reads "statistics"
 INLINE_DECODE_BYTES = 256 * 1024  # larger bodies are decoded (and answers encoded) in a worker thread
 _JSON = [(b"content-type", b"application/json")]
+_METRICS = [(b"content-type", METRICS_CONTENT_TYPE.encode())]
 _HEADER_LENGTH = b"inference-header-content-length"
+
+
+Answer = tuple  # (status: int, headers: list[(bytes, bytes)] | None (JSON), body: bytes): what a route returns
 
 
 class HttpError(Exception):
@@ -108,8 +119,9 @@ class _Served:
 
 
 class App:
-    """The ASGI application (HTTP + lifespan). Batchers start on lifespan startup (or on the first
-    request when the server runs without lifespan) and drain on shutdown."""
+    """The served models and their routes (``handle``), and the ASGI application (lifespan, and HTTP through
+    ``handle``). Batchers start on lifespan startup (or on the first request when the server runs without
+    lifespan) and drain on shutdown."""
 
     def __init__(self, models: Sequence[ModelRuntime], config: ServeConfig,
                  batching: dict[tuple[str, str], BatchSettings] | None = None):
@@ -205,23 +217,35 @@ class App:
             self.grpc = None
 
     async def _http(self, scope, receive, send) -> None:
+        """The ASGI adapter over ``handle`` (for an ASGI server other than ours: uvicorn's h11 fallback)."""
+        status, headers, body = await self.handle(scope["method"], scope["path"], scope["headers"],
+                                                  lambda: _receive_body(receive, self.max_bytes))
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*(headers or _JSON), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    # --- the routes (transport-neutral: http_protocol and the ASGI adapter call this) ----------------
+
+    async def handle(self, method: str, path: str, headers: list[tuple[bytes, bytes]], read_body) -> Answer:
+        """One HTTP request -> ``(status, headers, body)``; ``headers`` None means ``content-type:
+        application/json`` (the transport adds Content-Length). ``path`` is percent-decoded, ``headers``
+        have lower-case names, ``read_body()`` returns the body (HttpError 413 above ``max_bytes``, 400
+        if the client left); it is called only by the routes that take a body, after their 404 and 413
+        checks."""
         if not self._started:
             self.start()
-        path = scope["path"]
-        method = scope["method"]
         try:
             static = self._static.get(path)
             if static is not None:
                 _allow(method, "GET")
-                return await _send(send, 200, static)
+                return 200, None, static
             if path == "/v2/health/ready":
                 _allow(method, "GET")
                 ok = self.ready
-                return await _send(send, 200 if ok else 503, b'{"ready":true}' if ok else b'{"ready":false}')
+                return (200, None, b'{"ready":true}') if ok else (503, None, b'{"ready":false}')
             if path == "/metrics":
                 _allow(method, "GET")
-                return await _send(send, 200, self.metrics.render(),
-                                   [(b"content-type", METRICS_CONTENT_TYPE.encode())])
+                return 200, _METRICS, self.metrics.render()
             parts = path.split("/")
             # ["", "v2", "models", name, ("versions", v), (action)]
             if len(parts) < 4 or parts[1] != "v2" or parts[2] != "models" or not parts[3]:
@@ -229,45 +253,45 @@ class App:
                                      "[/ready|/infer|/config|/stats], /v2/models/stats, /metrics")
             if len(parts) == 4 and parts[3] == "stats":  # every model's statistics (Triton's route)
                 _allow(method, "GET")
-                return await _send(send, 200, protocol.dumps(self.statistics()))
+                return 200, None, protocol.dumps(self.statistics())
             name, rest, version = unquote(parts[3]), parts[4:], None
             if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
                 version, rest = unquote(rest[1]), rest[2:]
             if rest == ["infer"]:
                 _allow(method, "POST")
-                return await self._infer(scope, receive, send, name, version)
+                return await self._infer(headers, read_body, name, version)
             model = self.repo.get(name, version)
             if not rest:
                 _allow(method, "GET")
                 doc = {**model.metadata(), "versions": list(self.repo.by_name[name])}
-                return await _send(send, 200, protocol.dumps(doc))
+                return 200, None, protocol.dumps(doc)
             if rest == ["ready"]:
                 _allow(method, "GET")
                 ok = model.ready and self.served[id(model)].batcher.alive
-                return await _send(send, 200 if ok else 503, protocol.dumps(
-                    {"name": model.name, "version": model.version, "ready": ok}))
+                return 200 if ok else 503, None, protocol.dumps({"name": model.name, "version": model.version,
+                                                                 "ready": ok})
             if rest == ["config"]:
                 _allow(method, "GET")
                 from stages.serve import triton
 
-                return await _send(send, 200, protocol.dumps(triton.to_json(self.served[id(model)].config())))
+                return 200, None, protocol.dumps(triton.to_json(self.served[id(model)].config()))
             if rest == ["stats"]:
                 _allow(method, "GET")
-                return await _send(send, 200, protocol.dumps(self.statistics(name, version)))
+                return 200, None, protocol.dumps(self.statistics(name, version))
             raise HttpError(404, f"no route {path}")
         except HttpError as e:
-            await _send(send, e.status, protocol.dumps({"error": str(e)}))
+            return e.status, None, protocol.dumps({"error": str(e)})
 
-    async def _infer(self, scope, receive, send, name: str, version: str | None) -> None:
+    async def _infer(self, headers, read_body, name: str, version: str | None) -> Answer:
         start = time.perf_counter_ns()
         served = self.served[id(self.repo.get(name, version))]  # 404 before reading the body
         model = served.runtime
         try:
-            body = await _read_body(scope, receive, self.max_bytes)
-            header_length = _header_length(scope)
+            header_length = _check_headers(headers, self.max_bytes)
+            body = await read_body()
         except (HttpError, protocol.ProtocolError) as e:
             self.failed(served, start)
-            return await _send(send, getattr(e, "status", 400), protocol.dumps({"error": str(e)}))
+            return getattr(e, "status", 400), None, protocol.dumps({"error": str(e)})
 
         def encode(parsed, tensors):
             binary = [parsed.wants_binary(t.name) for t in tensors]
@@ -278,19 +302,16 @@ class App:
                 served, lambda: protocol.parse_infer_request(body, header_length), encode,
                 offload=len(body) > INLINE_DECODE_BYTES, start_ns=start)
         except HttpError as e:
-            headers = [*_JSON, *e.headers] if e.headers else None
-            return await _send(send, e.status, protocol.dumps({"error": str(e)}), headers)
+            return e.status, [*_JSON, *e.headers] if e.headers else None, protocol.dumps({"error": str(e)})
         except asyncio.CancelledError:
             # Shutdown's grace period ran out with this request still running: answer 503 (retry
-            # elsewhere), not uvicorn's 500 with a CancelledError traceback.
-            await _send(send, 503, protocol.dumps({"error": "the server shut down before this request finished "
-                                                            "(graceful_shutdown_s ran out); retry it"}))
-            return
+            # elsewhere), not a 500 with a CancelledError traceback.
+            return 503, None, protocol.dumps({"error": "the server shut down before this request finished "
+                                                       "(graceful_shutdown_s ran out); retry it"})
         if json_length is None:
-            await _send(send, 200, payload)
-        else:
-            await _send(send, 200, payload, [(b"content-type", b"application/octet-stream"),
-                                             (_HEADER_LENGTH, str(json_length).encode())])
+            return 200, None, payload
+        return 200, [(b"content-type", b"application/octet-stream"),
+                     (_HEADER_LENGTH, str(json_length).encode())], payload
 
     # --- the transport-neutral infer path (HTTP and gRPC) ------------------------------------------
 
@@ -391,70 +412,72 @@ def _allow(method: str, allowed: str) -> None:
         raise HttpError(405, f"method {method} not allowed here; use {allowed}")
 
 
-def _header_length(scope) -> int | None:
-    for key, value in scope["headers"]:
-        if key == _HEADER_LENGTH:
-            try:
-                return int(value)
-            except ValueError:
-                raise protocol.ProtocolError(f"Inference-Header-Content-Length: expected an integer byte count, "
-                                             f"got {value.decode('latin-1')!r}") from None
-    return None
+def _check_headers(headers, max_bytes: int) -> int | None:
+    """An infer request's headers: 413 when Content-Length is above ``max_bytes`` (before the body is
+    read); the binary extension's Inference-Header-Content-Length (ProtocolError when not an integer)."""
+    length = header_length = None
+    for key, value in headers:
+        if key == b"content-length":
+            length = value
+        elif key == _HEADER_LENGTH:
+            header_length = value
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise body_too_large(max_bytes, f"Content-Length is {int(length)} bytes")
+    if header_length is None:
+        return None
+    try:
+        return int(header_length)
+    except ValueError:
+        raise protocol.ProtocolError(f"Inference-Header-Content-Length: expected an integer byte count, "
+                                     f"got {header_length.decode('latin-1')!r}") from None
 
 
-async def _read_body(scope, receive, max_bytes: int) -> bytes:
-    """The body, refused as soon as it is known to exceed ``max_bytes`` (before reading it when the
-    client sends Content-Length, else while it streams in)."""
-    too_large = f"request body exceeds max_request_mb ({max_bytes / 2**20:g} MiB)"
-    for key, value in scope["headers"]:
-        if key == b"content-length" and value.isdigit() and int(value) > max_bytes:
-            raise HttpError(413, f"{too_large}: Content-Length is {int(value)} bytes")
+def body_too_large(max_bytes: int, detail: str = "") -> HttpError:
+    """The 413 of a request body above ``max_request_mb`` (the transports raise it while reading)."""
+    return HttpError(413, f"request body exceeds max_request_mb ({max_bytes / 2**20:g} MiB)" +
+                     (f": {detail}" if detail else ""))
+
+
+async def _receive_body(receive, max_bytes: int) -> bytes:
+    """An ASGI request's body, refused (413) as soon as it is known to exceed ``max_bytes``."""
     message = await receive()
-    body = message.get("body", b"")
-    if not message.get("more_body"):
-        if len(body) > max_bytes:
-            raise HttpError(413, too_large)
-        return body
-    chunks, size = [body], len(body)
-    while message.get("more_body"):
-        message = await receive()
+    chunks, size = [message.get("body", b"")], len(message.get("body", b""))
+    while True:
         if message["type"] == "http.disconnect":
             raise HttpError(400, "client disconnected before the body was complete")
+        if size > max_bytes:
+            raise body_too_large(max_bytes)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+        message = await receive()
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > max_bytes:
-            raise HttpError(413, too_large)
         chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _send(send, status: int, body: bytes, headers: list | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*(headers or _JSON), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(models: Sequence[ModelRuntime], config: ServeConfig,
                batching: dict[tuple[str, str], BatchSettings] | None = None) -> App:
-    """The ASGI app serving ``models`` (already loaded and warm) over the v2 REST API."""
+    """The app serving ``models`` (already loaded and warm) over the v2 REST API (``handle``, and as ASGI)."""
     return App(models, config, batching)
 
 
 def uvicorn_config(app: App, config: ServeConfig, log_level: str = "info"):
-    """uvicorn settings for serving: uvloop where installed, httptools with the header/body timeouts and
-    the shutdown cut of ``http_protocol``, no access log (a log line per request costs as much as a
-    small inference), keep-alive and graceful shutdown bounded."""
+    """uvicorn settings for serving: uvloop where installed, our HTTP/1.1 protocol (``http_protocol``:
+    httptools' parser calling ``App.handle``, with the header/body timeouts and the shutdown cut), no
+    access log (a log line per request costs as much as a small inference), keep-alive and graceful
+    shutdown bounded. uvicorn runs the server around the protocol: sockets, lifespan, signals, shutdown."""
     import importlib.util
 
     import uvicorn
 
     transport = config.transport
     if importlib.util.find_spec("httptools") is not None:  # a declared dependency; h11 only as a last resort
-        from stages.serve.http_protocol import TimedHttpToolsProtocol
+        from stages.serve.http_protocol import HttpProtocol
 
-        http = TimedHttpToolsProtocol
+        http = HttpProtocol
     else:
-        log.warning("httptools is not installed: serving with h11, without header and body timeouts")
+        log.warning("httptools is not installed: serving with uvicorn's h11 protocol (the ASGI adapter), slower "
+                    "and without header and body timeouts")
         http = "h11"
     uconfig = uvicorn.Config(app, host=transport.host, port=transport.port, log_level=log_level, access_log=False,
                              loop="uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio",
@@ -462,7 +485,8 @@ def uvicorn_config(app: App, config: ServeConfig, log_level: str = "info"):
                              proxy_headers=False,  # nothing here reads the client address; saves a wrapper per request
                              timeout_keep_alive=transport.keep_alive_s,
                              timeout_graceful_shutdown=transport.graceful_shutdown_s)
-    uconfig.header_timeout_s = transport.header_timeout_s  # read by TimedHttpToolsProtocol
+    uconfig.serve_app = app  # read by HttpProtocol (uvicorn's loaded_app may be a wrapper)
+    uconfig.header_timeout_s = transport.header_timeout_s
     uconfig.body_timeout_s = transport.body_timeout_s
     return uconfig
 

@@ -12,7 +12,7 @@ the message in DATA frames, trailers HEADERS (``grpc-status``, ``grpc-message``)
 
 Why not ``grpc.aio``: its server costs ~500 us of CPU per single-sample call on the development
 machine (a poller thread, cross-thread wake-ups, per-call bookkeeping), against ~130 us for the whole
-HTTP request through uvicorn (``benchmarks/serve_cpu.py``). The pure-Python ``h2`` library alone
+HTTP request through uvicorn's protocol then (``benchmarks/serve_cpu.py``). The pure-Python ``h2`` library alone
 costs ~216 us per request. This module does only what a gRPC unary server needs, and its hot path is
 a few dozen lines: decoded header blocks are cached by their raw bytes (HPACK decoding costs ~20 us
 a block; see ``_Connection._head``), response header blocks are encoded once.
