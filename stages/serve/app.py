@@ -402,7 +402,7 @@ def _decode(served: _Served, decode):
         problems.append(str(e))
     if problems:
         raise protocol.ProtocolError("; ".join(problems))
-    if not served.allow_non_finite:
+    if not served.allow_non_finite and not parsed.finite:
         protocol.refuse_non_finite(parsed.inputs, " (serve.inputs.allow_non_finite is false for it)")
     return parsed, feeds, names
 

@@ -208,6 +208,7 @@ class InferRequest:
     parameters: Parameters | None = None
     binary_outputs: dict[str, bool] | None = None  # per requested output; absent: binary_output_default
     binary_output_default: bool = False
+    finite: bool = False  # True: every float input is known to hold no NaN or Infinity (no need to look)
 
     def wants_binary(self, output_name: str) -> bool:
         if self.binary_outputs and output_name in self.binary_outputs:
@@ -222,9 +223,123 @@ def parse_infer_request(body: bytes | str, header_length: int | None = None) -> 
 
     ``header_length`` (the ``Inference-Header-Content-Length`` header) says the JSON stops there
     and binary tensor data follows; None means the whole body is JSON.
+
+    The common request (all JSON, flat numeric ``data`` that fits its integer or FP32/FP64 datatype)
+    takes ``_parse_fast``; everything else, and every request with a problem, the full path
+    (``_parse_full``), which alone writes the error messages.
     """
     if isinstance(body, str):
         body = body.encode("utf-8")
+    if header_length is None:
+        parsed = _parse_fast(body)
+        if parsed is not None:
+            return parsed
+    return _parse_full(body, header_length)
+
+
+# The datatypes _parse_fast decodes; the rest (BOOL, BYTES, FP16) take the full path.
+_FAST_INT = {d.name: (d.numpy, int(np.iinfo(d.numpy).min), int(np.iinfo(d.numpy).max))
+             for d in DATATYPES.values() if d.numpy.kind in "iu"}
+_FAST_FLOAT = {"FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64)}
+_FAST_FLOAT_MAX = {name: float(np.finfo(d).max) for name, d in _FAST_FLOAT.items()}
+_REQUEST_KEYS = frozenset(InferRequestBody.model_fields)
+_INPUT_KEYS = frozenset(RequestInput.model_fields)
+_OUTPUT_KEYS = frozenset(RequestOutput.model_fields)
+
+
+def _parse_fast(body: bytes) -> InferRequest | None:
+    """The plainly well-formed all-JSON request, decoded without pydantic; None at the first doubt (an
+    unusual shape of document, any problem, any value the full path might treat otherwise), and then
+    the full path decides. Returns exactly what ``_parse_full`` would, arrays included; every float
+    array it returns is finite (``InferRequest.finite``)."""
+    try:
+        doc = orjson.loads(body)  # refuses NaN/Infinity tokens and integers beyond 64 bits: full path
+    except orjson.JSONDecodeError:
+        return None
+    if type(doc) is not dict or not doc.keys() <= _REQUEST_KEYS:
+        return None
+    inputs, id_, parameters, outputs = doc.get("inputs"), doc.get("id"), doc.get("parameters"), doc.get("outputs")
+    if type(inputs) is not list or not inputs or (id_ is not None and type(id_) is not str):
+        return None
+    default_binary = False
+    if parameters is not None:
+        if type(parameters) is not dict:
+            return None
+        default_binary = parameters.get("binary_data_output", False)
+        if type(default_binary) is not bool:
+            return None
+    tensors: list[Tensor] = []
+    seen: set[str] = set()
+    for inp in inputs:
+        if type(inp) is not dict or not inp.keys() <= _INPUT_KEYS:
+            return None
+        name, shape, datatype, data = inp.get("name"), inp.get("shape"), inp.get("datatype"), inp.get("data")
+        if type(name) is not str or name in seen or type(shape) is not list or type(data) is not list:
+            return None
+        seen.add(name)
+        params = inp.get("parameters")
+        if params is not None and (type(params) is not dict or "binary_data_size" in params):
+            return None
+        if not 0 < len(shape) <= MAX_RANK:
+            return None
+        needed = 1
+        for d in shape:
+            if type(d) is not int or not 0 < d <= MAX_ELEMENTS:
+                return None
+            needed *= d
+        if needed > MAX_ELEMENTS or len(data) != needed:  # also: a nested list has fewer items than needed
+            return None
+        try:
+            raw = np.asarray(data)
+        except (ValueError, OverflowError):
+            return None
+        if raw.ndim != 1:
+            return None
+        kind = raw.dtype.kind
+        target = _FAST_FLOAT.get(datatype)
+        if target is not None:
+            if kind not in "iuf":
+                return None
+            # orjson reads no NaN or Infinity; a number beyond FP32 (even one the cast would round to its
+            # largest) is the full path's to refuse. Written so that a NaN, too, would fall back.
+            if kind == "f" and not np.abs(raw).max() <= _FAST_FLOAT_MAX[datatype]:
+                return None
+            array = raw.astype(target, copy=False)
+        else:
+            spec = _FAST_INT.get(datatype)
+            if spec is None or kind not in "iu":
+                return None
+            target, lo, hi = spec
+            if raw.dtype != target and (raw.min() < lo or raw.max() > hi):
+                return None
+            array = raw.astype(target, copy=False)
+        tensors.append(Tensor(name, array.reshape(shape)))
+    names = binary_outputs = None
+    if outputs is not None:
+        if type(outputs) is not list:
+            return None
+        names, binary_outputs = [], {}
+        for o in outputs:
+            if type(o) is not dict or not o.keys() <= _OUTPUT_KEYS:
+                return None
+            name, params = o.get("name"), o.get("parameters")
+            if type(name) is not str or name in names:
+                return None
+            names.append(name)
+            if params is not None:
+                if type(params) is not dict:
+                    return None
+                flag = params.get("binary_data")
+                if flag is not None:
+                    if type(flag) is not bool:
+                        return None
+                    binary_outputs[name] = flag
+    return InferRequest(inputs=tensors, outputs=names, id=id_, parameters=parameters,
+                        binary_outputs=binary_outputs, binary_output_default=default_binary, finite=True)
+
+
+def _parse_full(body: bytes, header_length: int | None = None) -> InferRequest:
+    """``parse_infer_request`` for every request: pydantic's schema, then each input decoded and checked."""
     binary = memoryview(b"")
     if header_length is not None:
         if not 0 < header_length <= len(body):
