@@ -688,12 +688,7 @@ class _Connection(asyncio.Protocol):
         if stream.answered or self.closed:
             return
         stream.answered = True
-        if stream.timer is not None:
-            stream.timer.cancel()
-            stream.timer = None
-        task = stream.task
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
+        self._settle(stream)
         sid = stream.id
         if response is None:
             out = _header_frames(sid, END_STREAM, _status_block(code, message, http_status), self.peer_max_frame)
@@ -754,16 +749,21 @@ class _Connection(asyncio.Protocol):
         stream.answered = True
         self._forget(stream)
 
-    def _forget(self, stream: _Stream) -> None:
-        self.streams.pop(stream.id, None)
-        self.blocked.pop(stream.id, None)
-        stream.pending = b""
+    @staticmethod
+    def _settle(stream: _Stream) -> None:
+        """The call's deadline timer stopped and its task cancelled (unless it is the caller)."""
         if stream.timer is not None:
             stream.timer.cancel()
             stream.timer = None
         task = stream.task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
+
+    def _forget(self, stream: _Stream) -> None:
+        self.streams.pop(stream.id, None)
+        self.blocked.pop(stream.id, None)
+        stream.pending = b""
+        self._settle(stream)
         if (self.goaway_sent or self.peer_goaway) and not self.streams and not self.parsing:
             self._close()
 
