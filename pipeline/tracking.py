@@ -997,10 +997,22 @@ class StudyRecorder:
             tracker.log_params(params)
             yield tracker
 
-    def trial_killed(self, run_id: str, reason: str) -> None:
-        """A trial whose worker died (its heartbeat stopped): its run, left RUNNING, is marked KILLED."""
-        if _mark_killed([run_id], reason):
-            _client().set_tag(run_id, "tune.state", "failed")
+    def trial_killed(self, run_id: str | None, reason: str, *, parent_run_id: str | None = None,
+                     number: int | None = None) -> None:
+        """A trial whose worker died (its heartbeat stopped): its run, left RUNNING, is marked KILLED. Without
+        ``run_id`` (the worker died after creating the run but before the study recorded its id), the
+        RUNNING run tagged with the trial's ``number`` under ``parent_run_id`` is found and marked."""
+        if run_id:
+            run_ids = [run_id]
+        elif parent_run_id and number is not None:
+            run_ids = [r.info.run_id for r in _client().search_runs(
+                [experiment_id(self.experiment)],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`tune.trial` = '{number}' "
+                              "and attributes.status = 'RUNNING'")]
+        else:
+            return
+        for marked in _mark_killed(run_ids, reason):
+            _client().set_tag(marked, "tune.state", "failed")
 
     def delete_run(self, run_id: str) -> None:
         """A parent run that lost the race to be the study's (machines joining at once)."""
@@ -1035,7 +1047,7 @@ class NullStudyRecorder:
     def trial(self, parent_run_id, study, number, params, tags):
         yield NullTracker()
 
-    def trial_killed(self, run_id, reason):
+    def trial_killed(self, run_id, reason, *, parent_run_id=None, number=None):
         pass
 
     def delete_run(self, run_id):

@@ -681,10 +681,10 @@ def _stale_callback(plan: Plan, recorder):
     def on_stale(study, trial) -> None:
         log.warning("trial %d's worker (%s) stopped beating: marked failed%s", trial.number,
                     trial.user_attrs.get("worker", "?"), ", to run again" if plan.config.retry_stale else "")
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
-            with contextlib.suppress(Exception):  # the record is a courtesy here; the study must go on
-                recorder.trial_killed(run_id, f"worker {trial.user_attrs.get('worker', '?')} died (no heartbeat)")
+        with contextlib.suppress(Exception):  # the record is a courtesy here; the study must go on
+            recorder.trial_killed(trial.user_attrs.get("mlflow_run_id"),
+                                  f"worker {trial.user_attrs.get('worker', '?')} died (no heartbeat)",
+                                  parent_run_id=plan.parent_run_id, number=trial.number)
         if plan.config.retry_stale:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -304,3 +304,23 @@ def test_an_overlay_is_validated_like_the_recipe(tmp_path):
     assert r.train.lr == 0.03 and r.model.config.channels == (8, 16) and r.train.epochs == 2
     with pytest.raises(ConfigError, match="recipe overlay .* not found"):
         load_recipe(recipe_file, [], [tmp_path / "nope.yaml"])
+
+
+def test_a_trial_killed_before_its_run_id_was_recorded_is_found_by_its_number():
+    """A worker can die between creating its trial's MLflow run and recording the run's id in the study:
+    the stale-trial handler finds that RUNNING run by the trial's number under the parent and marks it
+    KILLED, leaving the other trials' runs alone."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    client, recorder = MlflowClient(), tracking.StudyRecorder("tune-killed-early")
+    exp = tracking.experiment_id("tune-killed-early")
+    parent = client.create_run(exp).info.run_id
+    child, other = (client.create_run(exp, tags={"mlflow.parentRunId": parent, "tune.trial": n}).info.run_id
+                    for n in ("7", "8"))
+    recorder.trial_killed(None, "worker w died (no heartbeat)", parent_run_id=parent, number=7)
+    killed = client.get_run(child)
+    assert killed.info.status == "KILLED" and killed.data.tags["tune.state"] == "failed"
+    assert killed.data.tags["pipeline.killed_reason"] == "worker w died (no heartbeat)"
+    assert client.get_run(other).info.status == "RUNNING"
