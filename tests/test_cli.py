@@ -216,21 +216,30 @@ def test_benchmark_and_run_json(benchmarked, copy_of):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_run_exits_130_or_143(prepared, copy_of, tiny_yaml, sig, code):
     rd = copy_of(prepared)
+    # SIGINT at its default in the child, as in a terminal: a shell without job control starts its
+    # `cmd &` jobs (a `make test &` in a script, say) with SIGINT ignored, which every child inherits,
+    # and Python then installs no KeyboardInterrupt handler at all (Ctrl-C cannot reach such a job).
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-r", str(tiny_yaml), "-w", str(rd.root),
                              "--no-track", "--set", "train.epochs=100000"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(rd.state.read_text()).get("current_stage") == "train":
-                break
-        except (OSError, json.JSONDecodeError):
-            pass
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.communicate()
-    time.sleep(0.5)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if json.loads(rd.state.read_text()).get("current_stage") == "train":
+                    break
+            except (OSError, json.JSONDecodeError):
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # it did not stop: do not leave it training for ever
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == code, err[-2000:]
     assert "error: interrupted" in err and "pipeline run --resume" in err and "Traceback" not in err
 
