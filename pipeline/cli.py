@@ -179,7 +179,7 @@ def _store_failure(error: BaseException) -> str | None:
 def _interrupted(e: KeyboardInterrupt) -> typer.Exit:
     orchestrate = sys.modules.get("pipeline.orchestrate")  # loaded if a stage was running
     terminated = orchestrate is not None and isinstance(e, orchestrate.Terminated)
-    return _error(f"interrupted ({e or 'Ctrl-C'}); any MLflow runs are marked KILLED; `pipeline run --resume` "
+    return _error(f"interrupted ({str(e) or 'Ctrl-C'}); any MLflow runs are marked KILLED; `pipeline run --resume` "
                   "continues from the unfinished stage", TERMINATED if terminated else INTERRUPTED)
 
 
