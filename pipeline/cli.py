@@ -25,6 +25,7 @@ import contextlib
 import enum
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -1083,7 +1084,20 @@ def _package_split(rundir):
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        if e.code in (INTERRUPTED, TERMINATED):
+            # Exit with the code we promise. A Ctrl-C that lands while C code runs Python (during an
+            # import, say) leaves CPython's "unhandled KeyboardInterrupt" flag set even though we handled
+            # it, and the interpreter would then end itself by SIGINT (-2) on the way out: measured in
+            # 2 of 3 clean-clone test runs. The exit functions still run; then the process ends here.
+            atexit._run_exitfuncs()
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code)
+        raise
 
 
 if __name__ == "__main__":
