@@ -130,6 +130,14 @@ def test_pipelined_requests_are_answered_in_order(served, reference):
     c.close()
 
 
+def answers_with_logits(c, x, reference) -> None:
+    """The connection's next answer is a 200 with ``x``'s logits; then it is closed."""
+    status, _, body = c.response()
+    assert status == 200
+    np.testing.assert_allclose(logits(body), reference(x), atol=1e-5)
+    c.close()
+
+
 def test_a_request_split_byte_by_byte(served, reference):
     base, _ = served
     x = batch(1, seed=3)
@@ -137,10 +145,7 @@ def test_a_request_split_byte_by_byte(served, reference):
     for b in post(INFER, json.dumps(request_body(x)).encode()):
         c.send(bytes([b]))
         time.sleep(0.0005)  # separate segments, so separate reads on the server
-    status, _, body = c.response()
-    assert status == 200
-    np.testing.assert_allclose(logits(body), reference(x), atol=1e-5)
-    c.close()
+    answers_with_logits(c, x, reference)
 
 
 def test_chunked_request_body(served, reference):
@@ -153,10 +158,7 @@ def test_chunked_request_body(served, reference):
         chunk = body[i:i + 700]
         c.send(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
     c.send(b"0\r\n\r\n")
-    status, _, answer = c.response()
-    assert status == 200
-    np.testing.assert_allclose(logits(answer), reference(x), atol=1e-5)
-    c.close()
+    answers_with_logits(c, x, reference)
 
 
 def test_expect_100_continue(served, reference):
