@@ -1,10 +1,10 @@
-"""train: one readable loop over the prepared split -> the best-on-validation checkpoint.
+"""train: one readable loop over the prepared split -> the best-on-validation (or last) checkpoint.
 
 Per step: set the learning rate, forward under autocast, loss, backward, clip, optimizer step. Per
-epoch: validate, log, keep the best checkpoint, save the resumable state every ``checkpoint_every``
-epochs, stop early when the monitored metric stalls. ``setup`` builds what the loop reads (a frozen
-``Setup``: data, model, optimizer, loss) and what it changes (``State``: fresh, or restored from
-train_state.pt); ``loop`` is the epochs. Optimizers and schedules are tables in stages/optim.py;
+epoch: validate, log, keep the best (or, train.keep: last, the final) checkpoint, save the resumable
+state every ``checkpoint_every`` epochs, stop early when the monitored metric stalls. ``setup`` builds
+what the loop reads (a frozen ``Setup``: data, model, optimizer, loss) and what it changes (``State``:
+fresh, or restored from train_state.pt); ``loop`` is the epochs. Optimizers and schedules are tables in stages/optim.py;
 torchrun data parallelism lives in stages/distributed.py; checkpoint formats in stages/checkpoint.py.
 
 Fine-tuning (``train.finetune``, or ``--init-from``): the model starts from other weights (a checkpoint,
@@ -133,6 +133,11 @@ class Config:
     finetune: Finetune = field(default_factory=Finetune)
     augment_shift: int = 0  # random shifts of up to this many pixels (images) or steps (signals), on the device; 0: off
     augment_wrap: bool = False  # shifted-out values wrap around (circular shift) instead of edges being replicated
+    # The weights the run keeps (checkpoint.pt, exported and scored): best, the epoch with the best primary
+    # validation metric (ties: lower val_loss); last, the final epoch's (with a schedule that decays to ~0 the
+    # converged model, not a one-epoch spike of a small validation split; early stopping's or a pruner's stop
+    # epoch when they stop the run).
+    keep: Literal["best", "last"] = "best"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (else fp16) on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for 2-D inputs on CUDA
@@ -577,8 +582,8 @@ def _resume(s: Setup, path: Path, tracker: "Tracker") -> State:
 
 def loop(s: Setup, state: State, rundir: "RunDir", tracker: "Tracker") -> int:
     """The epochs, top to bottom. Per step: set the learning rate, forward under autocast, loss,
-    backward, clip, optimizer step. Per epoch: validate, log, keep the best checkpoint, save the
-    resumable state, stop early. Returns the samples trained on (all processes)."""
+    backward, clip, optimizer step. Per epoch: validate, log, keep the best (or last) checkpoint, save
+    the resumable state, stop early. Returns the samples trained on (all processes)."""
     import torch
 
     c, world = s.config, s.world
@@ -631,12 +636,6 @@ def loop(s: Setup, state: State, rundir: "RunDir", tracker: "Tracker") -> int:
         log.info("epoch %3d/%d  lr %.2e  %s", epoch + 1, c.epochs, lr,
                  "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "lr"))
 
-        if _better(row, state.best, s.primary):
-            state.best = {"epoch": epoch + 1, "value": row[s.primary], "val_loss": row["val_loss"]}
-            if world.is_main:
-                scores = {"epoch": epoch + 1, s.primary: row[s.primary], "val_loss": row["val_loss"]}
-                checkpoint.save(rundir.checkpoint, s.model, {**s.checkpoint_meta, **scores},
-                                json_path=rundir.checkpoint_json)
         # Reduce-on-plateau and early stopping watch the monitored metric.
         if s.plateau is not None:
             s.plateau.update(row[s.monitor])
@@ -647,6 +646,12 @@ def loop(s: Setup, state: State, rundir: "RunDir", tracker: "Tracker") -> int:
             state.early_stop = {**state.early_stop, "stopped": True}
 
         last = epoch + 1 == c.epochs or state.stopped_early
+        if last if c.keep == "last" else _better(row, state.best, s.primary):
+            state.best = {"epoch": epoch + 1, "value": row[s.primary], "val_loss": row["val_loss"]}
+            if world.is_main:
+                scores = {"epoch": epoch + 1, s.primary: row[s.primary], "val_loss": row["val_loss"]}
+                checkpoint.save(rundir.checkpoint, s.model, {**s.checkpoint_meta, **scores},
+                                json_path=rundir.checkpoint_json)
         if (epoch + 1) % c.checkpoint_every == 0 or last:
             _save_state(s, state, epoch + 1, last, rundir, tracker)
     return samples_seen

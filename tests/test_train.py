@@ -139,6 +139,33 @@ def test_early_stopping_stops_when_the_metric_stalls(tiny_recipe, small, tmp_pat
     assert "stopped early at 3" in result.summary()
 
 
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_keep_chooses_the_checkpoints_epoch_and_last_holds_the_final_weights(tiny_recipe, small, tmp_path, keep):
+    rd = _data_copy(small, tmp_path / "run")
+    # Early stopping ends the run at epoch 3 of 10 (no epoch can gain a whole point): `last` keeps that epoch.
+    result = _train(tiny_recipe, rd, epochs=10, keep=keep, early_stopping=train.EarlyStopping(patience=2, min_delta=1.0))
+    history = json.loads(rd.history.read_text())
+    assert len(history) == 3
+    best = max(history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
+    kept = history[-1] if keep == "last" else best
+    meta = json.loads(rd.checkpoint_json.read_text())
+    assert meta["epoch"] == result.best_epoch == kept["epoch"]
+    assert result.value == meta["val_accuracy"] == kept["val_accuracy"] and result.val_loss == kept["val_loss"]
+    saved = checkpoint.read(rd.checkpoint)["state_dict"]
+    final = checkpoint.load_state(rd.train_state)["model"]
+    same = all(torch.equal(saved[k], final[k]) for k in final)
+    assert same == (kept["epoch"] == 3)  # the checkpoint holds the final weights only when it kept the final epoch
+
+
+def test_a_keep_other_than_best_or_last_is_refused_by_name():
+    from pipeline.config import ConfigError, recipe_from_dict
+
+    from tests.conftest import TINY
+
+    with pytest.raises(ConfigError, match="`train.keep` must be one of best, last; got 'final'"):
+        recipe_from_dict({**TINY, "train": {"keep": "final"}})
+
+
 def test_early_stopping_on_an_unknown_metric_is_one_clear_error(tiny_recipe, small, tmp_path):
     rd = _data_copy(small, tmp_path / "run")
     with pytest.raises(StageError, match="`val_r2` is not a validation metric of this classification run"):
