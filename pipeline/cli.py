@@ -614,8 +614,12 @@ def tune(recipe: RecipeOpt = DEFAULT_RECIPE, set_: SetOpt = None, overlay: Overl
         if best:
             summary = tuning.best(cfg, study=study, storage=storage, pick=pick, workdir=workdir, track=not no_track)
         else:
+            import shlex
+
+            changes = [w for f in overlay or [] for w in ("--recipe-overlay", shlex.quote(str(f)))] + [
+                w for item in set_ or [] if not item.strip().startswith("tune.") for w in ("--set", shlex.quote(item))]
             plan = tuning.plan_study(cfg, trials=trials, workers=workers, study=study, timeout_s=timeout,
-                                     storage=storage, track=not no_track, workdir=workdir)
+                                     storage=storage, track=not no_track, workdir=workdir, overrides=changes)
     if not best:
         with _errors(FAILED):
             try:

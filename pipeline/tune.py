@@ -112,6 +112,9 @@ class Plan:
     deadline: float | None  # time.time() after which no trial starts
     threads: int = 0  # torch threads per worker; 0: torch's default
     seed_offset: int = 0  # trials in the study when this invocation began (the samplers' seeds move on)
+    # This invocation's changes to the recipe file outside tune.* (``--recipe-overlay F``, ``--set K=V``), as
+    # command-line words: each trial records them, and best.yaml names them, since it holds only the trial's keys.
+    overrides: tuple[str, ...] = ()
 
     @property
     def config(self):
@@ -132,7 +135,7 @@ class Plan:
 
 def plan_study(recipe: Recipe, *, trials: int | None = None, workers: int = 1, study: str | None = None,
                timeout_s: float | None = None, storage: str | None = None, track: bool = True,
-               workdir: Path | None = None) -> Plan:
+               workdir: Path | None = None, overrides: Sequence[str] = ()) -> Plan:
     """Check everything before a trial runs, prepare the data once, create or load the study and open its
     parent MLflow run. Raises ConfigError / StageError (a usage error: exit 2) naming what to fix."""
     cfg = recipe.tune
@@ -181,7 +184,8 @@ def plan_study(recipe: Recipe, *, trials: int | None = None, workers: int = 1, s
                     speed)
     return Plan(recipe=recipe.to_dict(), study=name, storage=uri, objectives=objectives, directions=directions,
                 task=task, workdir=str(workdir), trials=trials, track=track, parent_run_id=parent,
-                deadline=time.time() + timeout_s if timeout_s else None, threads=threads, seed_offset=held)
+                deadline=time.time() + timeout_s if timeout_s else None, threads=threads, seed_offset=held,
+                overrides=tuple(overrides))
 
 
 def _parent_run(study, recorder, name: str, uri: str, objectives, trials: int, cfg) -> str | None:
@@ -492,6 +496,7 @@ def _objective(trial, plan: Plan, recorder, worker: int, slot: "_Slot") -> float
     cfg = base.tune
     values = {p.key: suggest(trial, p) for p in cfg.space}
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}:{worker}")
+    trial.set_user_attr("overrides", list(plan.overrides))
     speed = plan.speed_objective
     metric = plan.objectives[0]
     prune = pruner_kind(cfg) != "none" and not speed
@@ -889,7 +894,7 @@ def _rows(study, space: Sequence[SearchParam], epochs: int) -> list[dict]:
                      "seconds": t.user_attrs.get("seconds"), "worker": t.user_attrs.get("worker"),
                      "speed": t.user_attrs.get("speed"), "error": t.user_attrs.get("error"),
                      "retry_of": t.system_attrs.get("failed_trial"), "retried": t.number in retried,
-                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "overrides": t.user_attrs.get("overrides", [])})
     return rows
 
 
@@ -969,9 +974,13 @@ def write_overlay(path: Path, values: Mapping[str, Any], summary: Summary, numbe
         node[last] = list(value) if isinstance(value, tuple) else value
     row = summary.row(number)
     scores = ", ".join(f"{o} {v:.6g}" for o, v in zip(summary.objectives, row["values"] or []))
+    also = " ".join(row.get("overrides") or ())
     header = (f"# Trial {number} of study {summary.study} ({summary.storage}): {scores}.\n"
               f"# Written by `pipeline tune --best`; reproduce it with\n"
-              f"#   pipeline run --recipe RECIPE --recipe-overlay {path}\n")
+              f"#   pipeline run --recipe RECIPE --recipe-overlay {path}{' ' + also if also else ''}\n")
+    if also:
+        header += ("# (the trial ran with those recipe changes too; this file holds only the searched keys: drop the\n"
+                   "# ones that were for the study alone, such as a larger validation split)\n")
     return write_text(path, header + yaml.dump(nested, Dumper=_FlowLists, sort_keys=False, default_flow_style=False))
 
 

@@ -78,7 +78,8 @@ def recorded(tmp_path_factory):
     data["train"]["epochs"] = 3
     data["tune"].update({"pruner": "median", "pruner_startup_trials": 3, "pruner_warmup_epochs": 2})
     data["tune"]["space"]["train.lr"]["low"] = 1e-6
-    plan = tune.plan_study(recipe_from_dict(data), trials=4, study="recorded", workdir=tmp_path_factory.mktemp("study"))
+    plan = tune.plan_study(recipe_from_dict(data), trials=4, study="recorded", workdir=tmp_path_factory.mktemp("study"),
+                           overrides=("--set", "train.epochs=3"))  # as `pipeline tune --set train.epochs=3` records it
     study = study_of("recorded")
     for lr, channels in ((0.05, [4, 8]), (0.03, [8, 16]), (0.08, [4, 8]), (1e-6, [4, 8])):
         study.enqueue_trial({"train.lr": lr, "model.channels": yaml.safe_dump(channels, default_flow_style=True).strip()})
@@ -135,7 +136,10 @@ def test_the_best_overlay_reproduces_its_trial_through_pipeline_run(recorded, tm
     best = tune.best(recipe_from_dict(data), study="recorded", workdir=Path(plan.workdir))
     trial = best.row(best.chosen)
     overlay = yaml.safe_load(Path(best.overlay).read_text())
-    assert overlay["train"]["lr"] == trial["params"]["train.lr"]
+    assert overlay["train"]["lr"] == trial["params"]["train.lr"] and "epochs" not in overlay["train"]
+    # the study's own recipe change is not in the overlay, but its reproduce line names it
+    assert f"#   pipeline run --recipe RECIPE --recipe-overlay {best.overlay} --set train.epochs=3\n" in Path(
+        best.overlay).read_text()
     recipe_file = tmp_path / "tunetiny.yaml"
     recipe_file.write_text(yaml.safe_dump(data))
     rundir = tmp_path / "run"
@@ -183,7 +187,8 @@ def test_two_workers_share_a_multi_objective_study_that_resumes_after_a_kill(tmp
     recipe_file.write_text(yaml.safe_dump(data))
     workdir = tmp_path / "study"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tune", "--recipe", str(recipe_file), "--study",
-                             "multi", "--workers", "2", "--workdir", str(workdir)], cwd=ROOT, start_new_session=True,
+                             "multi", "--workers", "2", "--workdir", str(workdir), "--set", "train.batch_size=32",
+                             "--set", "tune.timing_seconds=0.05"], cwd=ROOT, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -207,6 +212,8 @@ def test_two_workers_share_a_multi_objective_study_that_resumes_after_a_kill(tmp
     killed = study_of("multi").trials
     assert len({t.number for t in killed}) == len(killed)  # no duplicate trial numbers
     assert len({t.user_attrs["worker"] for t in killed}) == 2
+    # each worker process recorded the invocation's recipe changes, tune.* ones left out
+    assert all(t.user_attrs["overrides"] == ["--set", "train.batch_size=32"] for t in killed)
     running = [t.number for t in killed if t.state.name == "RUNNING"]
     assert running, [t.state.name for t in killed]
     parent = study_of("multi").user_attrs["mlflow_parent_run_id"]
