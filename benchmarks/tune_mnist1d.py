@@ -90,7 +90,7 @@ def header(args) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; commit "
           f"{commit.strip() or '?'}; {args.command} {args.recipe} trials {args.trials}; sets: {' '.join(args.set) or 'none'}; "
           f"study sets: {' '.join(args.study_set) or 'none'}; space from: {args.space_from or 'the recipe'}; "
-          f"distill: {getattr(args, 'distill', False)}; within: {args.within}",
+          f"distill: {args.distill}; within: {args.within}",
           flush=True)
 
 
@@ -153,7 +153,7 @@ def reference(recipe: Path, store: Path, study_sets: list[str]) -> dict:
 def cmd_front(args, store: Path, sets: list[str]) -> dict:
     ref = reference(args.recipe, store, args.study_sets)
     study_sets, final_sets = list(args.study_sets), list(sets)
-    if args.distill:  # trials learn from the committed recipe trained on their split; the final run from the committed run
+    if args.distill:  # trials: the reference as teacher; the final run: the committed run
         study_sets += ["--set", f"train.distill.teacher={ref['checkpoint']}"]
         final_sets += ["--set", f"train.distill.teacher={store / f'{args.recipe.stem}-committed' / 'checkpoint.pt'}"]
     study_args = ["--set", f"tune.objectives=[auto, {args.objective}]", *sets, *study_sets]
@@ -162,16 +162,22 @@ def cmd_front(args, store: Path, sets: list[str]) -> dict:
     # The goal's rule: the best front point on the speed objective among those within --within validation
     # points of the committed recipe on the same split (pipeline tune's own rule measures from the front's best).
     near = [n for n in summary["best"] if rows[n]["values"][0] >= ref["val"] - args.within]
-    chosen = min(near, key=lambda n: rows[n]["values"][1]) if near else summary["chosen"]
+    sign = 1 if summary["directions"][1] == "minimize" else -1  # latency_ms, size_kb; samples_per_s is maximized
+    chosen = min(near, key=lambda n: sign * rows[n]["values"][1]) if near else summary["chosen"]
+    if not near:
+        print(f"no front point within {args.within:g} of the committed recipe's validation {ref['val']:.4f}: "
+              f"measuring pipeline tune's own choice, trial {chosen}", flush=True)
     overlay = summary["overlay"]
     if chosen != summary["chosen"]:
         overlay = pipeline(["tune", "-r", str(args.recipe), "--study", args.study, "-w", str(store / args.study),
-                            "--best", "--pick", str(chosen), *study_args], store, log=store / f"{args.study}.log")["overlay"]
+                            "--best", "--pick", str(chosen), *study_args], store,
+                           log=store / f"{args.study}.log")["overlay"]
     base = run_test(args.recipe, store, store / f"{args.recipe.stem}-committed", None, [])
     tuned = run_test(args.recipe, store, store / args.study / "final", overlay, final_sets)
     timed = time_pair(Path(base["workdir"]) / "model.onnx", Path(tuned["workdir"]) / "model.onnx", args.recipe)
     print(f"Pareto front ({' vs '.join(summary['objectives'])}), wall {wall / 60:.0f} min, {counts(summary)}; the "
-          f"committed recipe on the study's split: validation {ref['val']:.4f}; * chosen (within {args.within:g} of it), "
+          f"committed recipe on the study's split: validation {ref['val']:.4f}; * chosen (within {args.within:g} "
+          f"of it), "
           f"+ pipeline tune's own choice (within tune.pick_within of the front's best):")
     for n in sorted(summary["best"], key=lambda n: rows[n]["values"][1]):
         r = rows[n]

@@ -646,7 +646,8 @@ def loop(s: Setup, state: State, rundir: "RunDir", tracker: "Tracker") -> int:
             state.early_stop = {**state.early_stop, "stopped": True}
 
         last = epoch + 1 == c.epochs or state.stopped_early
-        if last if c.keep == "last" else _better(row, state.best, s.primary):
+        kept = last if c.keep == "last" else _better(row, state.best, s.primary)
+        if kept:
             state.best = {"epoch": epoch + 1, "value": row[s.primary], "val_loss": row["val_loss"]}
             if world.is_main:
                 scores = {"epoch": epoch + 1, s.primary: row[s.primary], "val_loss": row["val_loss"]}
