@@ -236,15 +236,17 @@ def run(config: Config, rundir: "RunDir", tracker: "Tracker", *, family: str, mo
     if device == "cuda" and world.distributed:
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)
-    created = distributed.init(world, device)
+    created, finished = distributed.init(world, device), False
     try:
         s, state = setup(config, rundir, tracker, world=world, device=device, family=family,
                          model_config=model_config, recipe=recipe, resume=resume, init_from=init_from, teacher=teacher)
         t0 = time.perf_counter()
         samples_seen = loop(s, state, rundir, tracker)
-        return _finish(s, state, rundir, tracker, seconds=time.perf_counter() - t0, samples_seen=samples_seen)
+        result = _finish(s, state, rundir, tracker, seconds=time.perf_counter() - t0, samples_seen=samples_seen)
+        finished = True
+        return result
     finally:
-        distributed.shutdown(created)
+        distributed.shutdown(created, finished)
 
 
 # ---------------------------------------------------------------- what the loop reads and changes
